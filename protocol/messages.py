@@ -1,0 +1,212 @@
+"""Every message that crosses a process boundary, as tagged msgspec structs.
+
+User data (params, step results, event payloads, outputs) travels as JSON bytes so its type never
+drifts between peers; the supervisor validates it and stores it as-is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from protocol.limits import MAX_CODE_BYTES, MAX_ERROR_CHARS, MAX_NAME_CHARS
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+Tenant = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+InstanceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")]
+Json = bytes  # UTF-8 JSON text; validated by the receiver
+Code = Annotated[bytes, msgspec.Meta(max_length=MAX_CODE_BYTES)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+
+Status = Literal["queued", "running", "paused", "waiting", "errored", "terminated", "complete"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"errored", "terminated", "complete"})
+ControlOp = Literal["pause", "resume", "terminate", "restart", "delete"]
+Backoff = Literal["constant", "linear", "exponential"]
+
+
+class Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):
+    pass
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A failure as users see it: exception type, message, tenant traceback, optional code."""
+
+    type: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+    message: Text
+    traceback: Text = ""
+    code: str | None = None
+
+
+# ---------------------------------------------------------------- client → supervisor
+
+
+class Deploy(Base, frozen=True, tag="deploy"):
+    rid: int
+    tenant: Tenant
+    filename: Name
+    source: Code | None = None  # UTF-8 Python source defining @workflow functions
+    pickled: Code | None = None  # cloudpickle bytes of one @workflow function
+
+
+class BatchItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: InstanceId
+    params: Json = b"null"
+
+
+class Create(Base, frozen=True, tag="create"):
+    rid: int
+    tenant: Tenant
+    workflow: Name
+    id: InstanceId | None = None
+    params: Json = b"null"
+
+
+class CreateBatch(Base, frozen=True, tag="create_batch"):
+    rid: int
+    tenant: Tenant
+    workflow: Name
+    items: list[BatchItem]
+
+
+class GetStatus(Base, frozen=True, tag="status"):
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+
+
+class ListInstances(Base, frozen=True, tag="list"):
+    rid: int
+    tenant: Tenant
+    status: Status | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+
+
+class SendEvent(Base, frozen=True, tag="event"):
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+    type: Name
+    payload: Json = b"null"
+
+
+class Control(Base, frozen=True, tag="control"):
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+    op: ControlOp
+
+
+class GetHistory(Base, frozen=True, tag="history"):
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+
+
+class Ping(Base, frozen=True, tag="ping"):
+    rid: int
+
+
+Request = Deploy | Create | CreateBatch | GetStatus | ListInstances | SendEvent | Control | GetHistory | Ping
+
+
+class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The answer to one request. `result` is plain data (dicts, lists, strings, numbers)."""
+
+    rid: int
+    ok: bool
+    result: object = None
+    error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------- activation ↔ supervisor
+
+
+class JournalEntry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What replay needs of one journaled command."""
+
+    seq: int
+    kind: Literal["step", "sleep", "wait_event"]
+    name: str
+    status: str  # step: ok|error|retry|running; sleep: sleeping; wait_event: ok|waiting|timeout
+    attempts: int = 0
+    result: Json | None = None
+    error: ErrorInfo | None = None
+    until: float | None = None  # sleep end or event deadline, epoch seconds UTC
+
+
+class Hello(Base, frozen=True, tag="hello"):
+    token: str
+    pid: int
+    protocol_version: int
+
+
+class Activate(Base, frozen=True, tag="activate"):
+    mode: Literal["run", "inspect"]
+    tenant: str
+    filename: str
+    code_kind: Literal["source", "pickle"]
+    code: bytes
+    instance: str = ""
+    workflow: str = ""
+    params: Json = b"null"
+    created_at: float = 0.0
+    journal: list[JournalEntry] = []
+    now: float = 0.0
+    max_timeout_s: float = 600.0
+
+
+class StepStarted(Base, frozen=True, tag="step_started"):
+    seq: Seq
+    name: Name
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    retry_limit: Annotated[int, msgspec.Meta(ge=0, le=10_000)]
+    retry_delay_s: Annotated[float, msgspec.Meta(ge=0)]
+    backoff: Backoff
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)]
+
+
+class StepResult(Base, frozen=True, tag="step_result"):
+    seq: Seq
+    ok: bool
+    value: Json | None = None
+    error: ErrorInfo | None = None
+    retryable: bool = True
+    duration_ms: float = 0.0
+
+
+class SleepCmd(Base, frozen=True, tag="sleep"):
+    seq: Seq
+    name: Name
+    until: float
+
+
+class WaitEventCmd(Base, frozen=True, tag="wait_event"):
+    seq: Seq
+    name: Name
+    type: Name
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)]
+
+
+class CompleteCmd(Base, frozen=True, tag="complete"):
+    output: Json
+
+
+class FailCmd(Base, frozen=True, tag="fail"):
+    error: ErrorInfo
+
+
+class Inspected(Base, frozen=True, tag="inspected"):
+    workflows: list[Name]
+
+
+class Ack(Base, frozen=True, tag="ack"):
+    ok: bool = True
+    error: ErrorInfo | None = None
+
+
+FromActivation = (
+    Hello | StepStarted | StepResult | SleepCmd | WaitEventCmd | CompleteCmd | FailCmd | Inspected
+)
+ToActivation = Activate | Ack

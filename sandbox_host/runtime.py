@@ -1,0 +1,361 @@
+"""Replay a workflow against its journal and execute exactly one new command.
+
+Every `step.*` call is answered from the journal in order. The first call with no finished entry is
+the new command: it is sent to the supervisor, acknowledged after commit, and the process exits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import linecache
+import os
+import re
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import cloudpickle
+
+from protocol.codec import dump_json, load_json
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import (
+    Activate,
+    CompleteCmd,
+    ErrorInfo,
+    FailCmd,
+    Inspected,
+    JournalEntry,
+    SleepCmd,
+    StepResult,
+    StepStarted,
+    WaitEventCmd,
+)
+from sandbox_host.channel import Channel
+from stepvisor.sdk import WORKFLOW_ATTR, NonRetryableError, StepFailed, WaitTimeout
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RETRIES = {"limit": 5, "delay": 10.0, "backoff": "exponential"}
+DEFAULT_STEP_TIMEOUT_S = 600.0
+DEFAULT_EVENT_TIMEOUT_S = 86_400.0
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(second|minute|hour|day|week)s?\s*$")
+
+
+class _Stop(BaseException):
+    """Unwinds tenant code without being caught by `except Exception`."""
+
+
+class _Nondeterminism(_Stop):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a workflow function receives as its first argument."""
+
+    payload: Any
+    instance_id: str
+    timestamp: dt.datetime
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Passed to a step callable that takes one argument."""
+
+    attempt: int
+    step: str
+
+
+def duration_s(value: object, what: str) -> float:
+    """Seconds from a number or a string such as "10 seconds" or "2 hours"."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number of seconds or a string like '5 minutes'")
+    if isinstance(value, int | float):
+        if value < 0 or value != value:
+            raise ValueError(f"{what} must not be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise TypeError(f"{what} must be a number of seconds or a string like '5 minutes'")
+
+
+def _retry_policy(retries: object) -> tuple[int, float, str]:
+    policy = dict(DEFAULT_RETRIES)
+    if retries is not None:
+        if not isinstance(retries, dict) or set(retries) - {"limit", "delay", "backoff"}:
+            raise TypeError("retries must be a dict with keys limit, delay, backoff")
+        policy.update(retries)
+    limit, backoff = policy["limit"], policy["backoff"]
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 10_000:
+        raise ValueError("retries['limit'] must be an integer from 0 to 10000")
+    if backoff not in ("constant", "linear", "exponential"):
+        raise ValueError("retries['backoff'] must be 'constant', 'linear' or 'exponential'")
+    return limit, duration_s(policy["delay"], "retries['delay']"), str(backoff)
+
+
+def tenant_traceback(exc: BaseException) -> str:
+    """The exception's traceback with the runtime's own frames left out."""
+    te = traceback.TracebackException.from_exception(exc)
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not f.filename.startswith(_HERE)]
+    )
+    return "".join(te.format())
+
+
+def error_info(exc: BaseException, code: str | None = None) -> ErrorInfo:
+    return ErrorInfo(
+        type=type(exc).__name__, message=str(exc)[:16_000],
+        traceback=tenant_traceback(exc)[-48_000:], code=code,
+    )
+
+
+class Output:
+    """Silence stdout/stderr at the fd level while replaying, so each line is emitted once."""
+
+    def __init__(self) -> None:
+        self._saved: tuple[int, int] | None = None
+
+    def mute(self) -> None:
+        if self._saved is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._saved = (os.dup(1), os.dup(2))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
+
+    def unmute(self) -> None:
+        if self._saved is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(self._saved[0], 1)
+            os.dup2(self._saved[1], 2)
+            os.close(self._saved[0])
+            os.close(self._saved[1])
+            self._saved = None
+
+
+def load_workflows(act: Activate) -> dict[str, Callable[..., Any]]:
+    """Execute the tenant's code and return its `@workflow` functions by name."""
+    if act.code_kind == "pickle":
+        fn = cloudpickle.loads(act.code)
+        name = getattr(fn, WORKFLOW_ATTR, None)
+        if not callable(fn) or not isinstance(name, str):
+            raise TypeError("the deployed object is not a function decorated with @workflow")
+        return {name: fn}
+    filename = f"<{act.tenant}>/{act.filename}"
+    source = act.code.decode("utf-8")
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType("tenant_workflows")
+    module.__file__ = filename
+    sys.modules[module.__name__] = module
+    exec(compile(source, filename, "exec"), module.__dict__)
+    found: dict[str, Callable[..., Any]] = {}
+    for value in list(module.__dict__.values()):
+        name = getattr(value, WORKFLOW_ATTR, None)
+        if callable(value) and isinstance(name, str):
+            found[name] = value
+    return found
+
+
+class Step:
+    """The `step` argument of a workflow: every durable operation goes through it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def do(self, name: str, fn: Callable[..., Any], *, retries: dict[str, Any] | None = None,
+           timeout: float | str | None = None) -> Any:
+        """Run `fn` once, durably: its JSON result is journaled and never recomputed."""
+        if not callable(fn):
+            raise TypeError("step.do needs a callable")
+        entry = self._rt.claim("step", name)
+        if entry is not None and entry.status == "ok":
+            return load_json(entry.result or b"null")
+        if entry is not None and entry.status == "error":
+            err = entry.error or ErrorInfo(type="Error", message="")
+            raise StepFailed(name, err.type, err.message, err.traceback)
+        limit, delay_s, backoff = _retry_policy(retries)
+        timeout_s = DEFAULT_STEP_TIMEOUT_S if timeout is None else duration_s(timeout, "timeout")
+        timeout_s = max(0.001, min(timeout_s, self._rt.act.max_timeout_s))
+        self._rt.run_step(name, fn, (entry.attempts if entry else 0) + 1, limit, delay_s, backoff,
+                          timeout_s)
+
+    def sleep(self, name: str, seconds: float | str) -> None:
+        """Sleep durably; no process exists while the instance sleeps."""
+        entry = self._rt.claim("sleep", name)
+        if entry is None:
+            until = self._rt.act.now + duration_s(seconds, "seconds")
+        else:
+            until = entry.until or 0.0
+        if until <= self._rt.act.now and entry is not None:
+            return
+        self._rt.finish(SleepCmd(seq=self._rt.cursor - 1, name=name, until=until))
+
+    def sleep_until(self, name: str, when: dt.datetime | float) -> None:
+        """Sleep durably until `when` (an aware datetime, a naive one taken as UTC, or epoch s)."""
+        entry = self._rt.claim("sleep", name)
+        if entry is None:
+            if isinstance(when, dt.datetime):
+                aware = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+                until = aware.timestamp()
+            elif isinstance(when, int | float) and not isinstance(when, bool):
+                until = float(when)
+            else:
+                raise TypeError("sleep_until needs a datetime or epoch seconds")
+        else:
+            until = entry.until or 0.0
+            if until <= self._rt.act.now:
+                return
+        self._rt.finish(SleepCmd(seq=self._rt.cursor - 1, name=name, until=until))
+
+    def wait_for_event(self, name: str, *, type: str,
+                       timeout: float | str = DEFAULT_EVENT_TIMEOUT_S) -> dict[str, Any]:
+        """Wait durably for an event of `type`; returns {"type", "payload", "timestamp"}."""
+        if not isinstance(type, str) or not 0 < len(type) <= 256:
+            raise TypeError("type must be a non-empty string of at most 256 characters")
+        entry = self._rt.claim("wait_event", name)
+        if entry is not None and entry.status == "ok":
+            result: dict[str, Any] = load_json(entry.result or b"null")
+            return result
+        if entry is not None and entry.status == "timeout":
+            raise WaitTimeout(name, type)
+        timeout_s = max(0.001, duration_s(timeout, "timeout"))
+        self._rt.finish(WaitEventCmd(seq=self._rt.cursor - 1, name=name, type=type,
+                                     timeout_s=timeout_s))
+        raise AssertionError("unreachable")
+
+
+class Runtime:
+    """One activation's view of one instance."""
+
+    def __init__(self, act: Activate, channel: Channel) -> None:
+        self.act = act
+        self.channel = channel
+        self.journal: list[JournalEntry] = act.journal
+        self.cursor = 0
+        self.output = Output()
+
+    # -- replay bookkeeping
+
+    def claim(self, kind: str, name: str) -> JournalEntry | None:
+        """Take the next sequence number; return its journal entry, checking it matches."""
+        if not isinstance(name, str) or not 0 < len(name) <= 256:
+            raise TypeError("step name must be a non-empty string of at most 256 characters")
+        seq = self.cursor
+        self.cursor += 1
+        if seq >= len(self.journal):
+            self.output.unmute()
+            return None
+        entry = self.journal[seq]
+        if entry.kind != kind or entry.name != name:
+            raise _Nondeterminism(
+                f"replay asked for {kind} {name!r} at seq {seq}, but the journal holds "
+                f"{entry.kind} {entry.name!r}: the workflow's code outside steps is not "
+                "deterministic"
+            )
+        if seq == len(self.journal) - 1:
+            self.output.unmute()
+        return entry
+
+    # -- the one new command
+
+    def finish(self, msg: object) -> NoReturn:
+        self.output.unmute()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.channel.send(msg)
+        self.channel.wait_ack()
+        raise _Stop
+
+    def run_step(self, name: str, fn: Callable[..., Any], attempt: int, limit: int,
+                 delay_s: float, backoff: str, timeout_s: float) -> NoReturn:
+        seq = self.cursor - 1
+        self.channel.send(StepStarted(seq=seq, name=name, attempt=attempt, retry_limit=limit,
+                                      retry_delay_s=delay_s, backoff=backoff, timeout_s=timeout_s))  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        try:
+            value = fn(StepContext(attempt=attempt, step=name)) if _wants_ctx(fn) else fn()
+            data = dump_json(value, what=f"the result of step {name!r}")
+        except ProtocolError as exc:
+            result = StepResult(seq=seq, ok=False, retryable=False, duration_ms=_ms(t0),
+                                error=ErrorInfo(type="StepResultError", message=exc.message))
+        except NonRetryableError as exc:
+            result = StepResult(seq=seq, ok=False, retryable=False, duration_ms=_ms(t0),
+                                error=error_info(exc))
+        except _Stop:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any tenant failure is a failed attempt
+            result = StepResult(seq=seq, ok=False, retryable=True, duration_ms=_ms(t0),
+                                error=error_info(exc))
+        else:
+            result = StepResult(seq=seq, ok=True, value=data, duration_ms=_ms(t0))
+        self.finish(result)
+
+    # -- entry points
+
+    def inspect(self) -> NoReturn:
+        try:
+            names = sorted(load_workflows(self.act))
+        except BaseException as exc:  # noqa: BLE001 - report any load failure to the deployer
+            self.finish(FailCmd(error=error_info(exc, ErrorCode.DEPLOY_FAILED)))
+        if not names:
+            self.finish(FailCmd(error=ErrorInfo(
+                type="NoWorkflows", code=ErrorCode.DEPLOY_FAILED,
+                message=f"{self.act.filename} defines no function decorated with @workflow")))
+        self.finish(Inspected(workflows=names))
+
+    def run(self) -> NoReturn:
+        if self.journal:
+            self.output.mute()
+        try:
+            workflows = load_workflows(self.act)
+            fn = workflows.get(self.act.workflow)
+            if fn is None:
+                raise LookupError(f"workflow {self.act.workflow!r} is not in the pinned code")
+            event = Event(
+                payload=load_json(self.act.params), instance_id=self.act.instance,
+                timestamp=dt.datetime.fromtimestamp(self.act.created_at, dt.UTC),
+            )
+            value = fn(event, Step(self))
+        except _Nondeterminism as exc:
+            self.finish(FailCmd(error=ErrorInfo(type="NondeterminismError", message=exc.message,
+                                                code=ErrorCode.NONDETERMINISM)))
+        except _Stop:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - an uncaught tenant error fails the instance
+            self.finish(FailCmd(error=error_info(exc)))
+        if self.cursor < len(self.journal):
+            self.finish(FailCmd(error=ErrorInfo(
+                type="NondeterminismError", code=ErrorCode.NONDETERMINISM,
+                message=f"the workflow returned after {self.cursor} steps, but the journal holds "
+                        f"{len(self.journal)}")))
+        try:
+            output = dump_json(value, what="the workflow's return value")
+        except ProtocolError as exc:
+            self.finish(FailCmd(error=ErrorInfo(type="OutputError", message=exc.message)))
+        self.finish(CompleteCmd(output=output))
+
+
+def _wants_ctx(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) >= 1 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)

@@ -1,0 +1,178 @@
+"""The `stepvisor` command. Errors print `error CODE: sentence` to stderr and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from protocol.codec import load_json
+from protocol.errors import ProtocolError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return load_json(text.encode(), what="argument")
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepvisor", description=__doc__)
+    p.add_argument("--socket", help="API endpoint (ipc://PATH or a path); default "
+                   "$STEPVISOR_SOCKET or the embedded default's socket")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the supervisor in the foreground")
+    s.add_argument("--config", help="stepvisor.toml (default: the embedded default)")
+    s.add_argument("--state-dir", help="override [server] state_dir")
+    s.add_argument("--runtime-dir", help="override [server] runtime_dir")
+
+    s = sub.add_parser("deploy", help="deploy every @workflow in a Python file")
+    s.add_argument("tenant")
+    s.add_argument("file")
+
+    s = sub.add_parser("run", help="create an instance of a deployed workflow")
+    s.add_argument("tenant")
+    s.add_argument("workflow")
+    s.add_argument("--id")
+    s.add_argument("--params", type=_json_arg, default=None, help="JSON")
+    s.add_argument("--wait", action="store_true", help="wait for a terminal status")
+    s.add_argument("--wait-timeout", type=float, default=3600.0)
+
+    s = sub.add_parser("status", help="an instance's status")
+    s.add_argument("tenant")
+    s.add_argument("id")
+
+    s = sub.add_parser("list", help="a tenant's instances")
+    s.add_argument("tenant")
+    s.add_argument("--status")
+    s.add_argument("--limit", type=int, default=1000)
+
+    s = sub.add_parser("history", help="an instance's journal and activations")
+    s.add_argument("tenant")
+    s.add_argument("id")
+
+    s = sub.add_parser("event", help="send an event to an instance")
+    s.add_argument("tenant")
+    s.add_argument("id")
+    s.add_argument("type")
+    s.add_argument("--payload", type=_json_arg, default=None, help="JSON")
+
+    for op in ("pause", "resume", "terminate", "restart", "delete"):
+        s = sub.add_parser(op, help=f"{op} an instance")
+        s.add_argument("tenant")
+        s.add_argument("id")
+
+    s = sub.add_parser("demo", help="start a supervisor, run the example workflows of two "
+                       "tenants, print their histories, stop")
+    s.add_argument("--keep", action="store_true", help="keep the demo's state directory")
+    return p
+
+
+def _print(args: argparse.Namespace, value: Any, human: str | None = None) -> None:
+    if args.json or human is None:
+        print(json.dumps(value, indent=None if args.json else 2, default=str))
+    else:
+        print(human)
+
+
+def format_history(h: dict[str, Any]) -> str:
+    inst = h["instance"]
+    lines = [f"{inst['tenant']}/{inst['id']}  workflow={inst['workflow']}  "
+             f"version={inst['version']}  status={inst['status']}  "
+             f"activations={inst['activations']}"]
+    lines.append(f"  {'seq':>3}  {'kind':<10} {'name':<22} {'status':<9} {'att':>3}  result / error")
+    for e in h["entries"]:
+        detail = json.dumps(e["result"]) if e["error"] is None or e["status"] == "ok" else \
+            f"{e['error']['type']}: {e['error']['message']}"
+        if e["kind"] == "sleep":
+            detail = f"until {e['until']}"
+        lines.append(f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
+                     f"{e['attempts']:>3}  {detail[:70]}")
+    if inst["status"] == "complete":
+        lines.append(f"  output: {json.dumps(inst['output'])[:200]}")
+    if inst["error"]:
+        lines.append(f"  error: {inst['error']['type']}: {inst['error']['message']}")
+    colds = [a["cold_start_ms"] for a in h["activations"] if a["cold_start_ms"] is not None]
+    if colds:
+        colds.sort()
+        lines.append(f"  cold start ms: min {colds[0]:.1f}  median {colds[len(colds) // 2]:.1f}  "
+                     f"max {colds[-1]:.1f}  over {len(colds)} activations")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "serve":
+        from supervisor.daemon import serve
+
+        return serve(args.config, args.state_dir, args.runtime_dir)
+    if args.cmd == "demo":
+        from stepvisor.demo import main as demo
+
+        return demo(keep=args.keep)
+
+    from stepvisor.client import Client
+
+    endpoint = None
+    if args.socket:
+        endpoint = args.socket if "://" in args.socket else f"ipc://{args.socket}"
+    with Client(endpoint, timeout_s=args.timeout) as c:
+        if args.cmd == "deploy":
+            r = c.deploy(args.tenant, args.file)
+            _print(args, r, f"deployed {', '.join(r['workflows'])} for {r['tenant']} "
+                   f"as version {r['version']}")
+        elif args.cmd == "run":
+            r = c.create(args.tenant, args.workflow, args.params, id=args.id)
+            if args.wait:
+                _print(args, c.wait(args.tenant, r["id"], timeout_s=args.wait_timeout))
+            else:
+                _print(args, r, r["id"])
+        elif args.cmd == "status":
+            _print(args, c.status(args.tenant, args.id))
+        elif args.cmd == "list":
+            rows = c.list(args.tenant, args.status, args.limit)
+            human = "\n".join(f"{r['id']:<24} {r['workflow']:<20} {r['status']:<10} "
+                              f"steps={r['steps']:<4} {r['updated_at']}" for r in rows)
+            _print(args, rows, human)
+        elif args.cmd == "history":
+            h = c.history(args.tenant, args.id)
+            _print(args, h, format_history(h))
+        elif args.cmd == "event":
+            r = c.send_event(args.tenant, args.id, args.type, args.payload)
+            _print(args, r, f"event {r['event']} stored"
+                   + (" and delivered" if r["delivered"] else ""))
+        else:
+            r = c.control(args.tenant, args.id, args.cmd)
+            _print(args, r, f"{args.tenant}/{args.id}: "
+                   + ("deleted" if r.get("deleted") else r["status"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stepvisor.client import StepVisorError
+
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except StepVisorError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except ProtocolError as exc:
+        print(f"error {exc.code.value}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"error IO: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The stepvisor daemon: config, journal, scheduler, launcher, reaper, API server and main loop."""

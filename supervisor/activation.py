@@ -1,0 +1,58 @@
+"""What the supervisor remembers about one running activation: in memory only, gone at reap."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.config import Limits
+
+LAUNCHED = "launched"  # process started, no Hello yet
+CONNECTED = "connected"  # Hello received, Activate sent; replaying
+IN_STEP = "step"  # StepStarted committed; the step's callable is running
+SETTLED = "settled"  # fate decided; any further message with this token is dropped
+
+
+@dataclass
+class DeployRequest:
+    """A deploy waiting on its inspection activation for the reply."""
+
+    identity: bytes
+    rid: int
+    kind: str
+    filename: str
+    code: bytes
+    version: str
+
+
+@dataclass
+class Activation:
+    aid: int
+    token: str
+    tenant: str
+    kind: str  # run | inspect
+    instance: str | None
+    limits: Limits
+    scratch: Path
+    launched_at: float  # wall clock, for the record
+    launched_mono: float
+    deadline_mono: float
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    state: str = LAUNCHED
+    hello_mono: float | None = None
+    settled_mono: float | None = None
+    expected_seq: int = 0
+    seq: int | None = None
+    step: str | None = None
+    outcome: str | None = None
+    detail: str = ""
+    deploy: DeployRequest | None = None
+    partial: dict[int, bytes] = field(default_factory=dict)  # unterminated output per fd
+    stderr_tail: bytes = b""
+    output_bytes: int = 0
+
+    @property
+    def identity(self) -> bytes:
+        return self.token.encode()

@@ -1,0 +1,270 @@
+"""Client requests, one handler each, dispatched from a table. Every call is scoped to one tenant.
+
+A handler returns the reply's result, raises ProtocolError for a typed error, or returns DEFERRED
+when the reply comes later (a deploy waits for its inspection activation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from protocol.codec import load_json
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.limits import MAX_BATCH_ITEMS
+from protocol.messages import (
+    TERMINAL_STATUSES,
+    Control,
+    Create,
+    CreateBatch,
+    Deploy,
+    GetHistory,
+    GetStatus,
+    ListInstances,
+    Ping,
+    SendEvent,
+)
+from supervisor import engine
+from supervisor import journal as j
+from supervisor.config import Config
+
+DEFERRED = object()
+
+
+class Host(Protocol):
+    """What handlers need of the supervisor beyond the database."""
+
+    conn: sqlite3.Connection
+    cfg: Config
+
+    def launch_inspection(self, identity: bytes, rid: int, tenant: str, kind: str,
+                          filename: str, code: bytes, version: str) -> None: ...
+
+    def kill_instance_activation(self, tenant: str, instance: str, outcome: str) -> None: ...
+
+
+def status_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "tenant": row["tenant"],
+        "id": row["id"],
+        "workflow": row["workflow"],
+        "version": row["version"],
+        "status": row["status"],
+        "output": None if row["output"] is None else load_json(row["output"]),
+        "error": _error_view(row["error"]),
+        "created_at": engine.iso(row["created_at"]),
+        "updated_at": engine.iso(row["updated_at"]),
+        "wake_at": engine.iso(row["wake_at"]),
+        "steps": row["steps"],
+        "activations": row["activations"],
+    }
+
+
+def _error_view(text: str | None) -> dict[str, Any] | None:
+    err = j.decode_error(text)
+    if err is None:
+        return None
+    return {"type": err.type, "message": err.message, "traceback": err.traceback,
+            "code": err.code}
+
+
+def _tenant(host: Host, tenant: str) -> None:
+    if not j.tenant_exists(host.conn, tenant):
+        raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} has deployed no code")
+
+
+def _instance(host: Host, tenant: str, instance: str) -> sqlite3.Row:
+    _tenant(host, tenant)
+    row = j.get_instance(host.conn, tenant, instance)
+    if row is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no instance {instance!r} for tenant {tenant!r}")
+    return row
+
+
+def _params(data: bytes, what: str) -> bytes:
+    load_json(data, what=what)  # validates JSON and size
+    return data
+
+
+def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
+    if host.cfg.server.require_declared_tenants and req.tenant not in host.cfg.tenants:
+        raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {req.tenant!r} is not declared")
+    if (req.source is None) == (req.pickled is None):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "deploy needs exactly one of source, pickled")
+    kind, code = ("source", req.source) if req.source is not None else ("pickle", req.pickled)
+    assert code is not None
+    if kind == "source":
+        try:
+            code.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "source is not UTF-8") from None
+    version = hashlib.sha256(kind.encode() + b"\0" + code).hexdigest()[:16]
+    existing = j.get_code(host.conn, req.tenant, version)
+    if existing is not None:
+        workflows = existing["workflows"].split(",")
+        for name in workflows:
+            j.set_deployment(host.conn, req.tenant, name, version, now)
+        return {"tenant": req.tenant, "version": version, "workflows": workflows}
+    host.launch_inspection(identity, req.rid, req.tenant, kind, req.filename, code, version)
+    return DEFERRED
+
+
+def _create_one(host: Host, tenant: str, workflow: str, version: str, instance: str | None,
+                params: bytes, now: float) -> tuple[sqlite3.Row, bool]:
+    params = _params(params, "params")
+    instance = instance or secrets.token_hex(8)
+    if j.insert_instance(host.conn, tenant, instance, workflow, version, params, now):
+        row = j.get_instance(host.conn, tenant, instance)
+        assert row is not None
+        return row, True
+    row = j.get_instance(host.conn, tenant, instance)
+    assert row is not None
+    if row["workflow"] != workflow or bytes(row["params"]) != params:
+        raise ProtocolError(ErrorCode.ALREADY_EXISTS,
+                            f"instance {instance!r} exists with another workflow or params")
+    return row, False  # same id, same request: idempotent
+
+
+def _deployed(host: Host, tenant: str, workflow: str) -> str:
+    _tenant(host, tenant)
+    version = j.get_deployment(host.conn, tenant, workflow)
+    if version is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_WORKFLOW,
+                            f"tenant {tenant!r} has no workflow {workflow!r} deployed")
+    return version
+
+
+def _room(host: Host, tenant: str, adding: int) -> None:
+    limit = host.cfg.limits_for(tenant).max_instances
+    if j.count_live_instances(host.conn, tenant) + adding > limit:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                            f"tenant {tenant!r} may have at most {limit} live instances")
+
+
+def create(host: Host, req: Create, identity: bytes, now: float) -> object:
+    version = _deployed(host, req.tenant, req.workflow)
+    _room(host, req.tenant, 1)
+    row, created = _create_one(host, req.tenant, req.workflow, version, req.id, req.params, now)
+    return dict(status_view(row), created=created)
+
+
+def create_batch(host: Host, req: CreateBatch, identity: bytes, now: float) -> object:
+    if len(req.items) > MAX_BATCH_ITEMS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_BATCH_ITEMS} items per batch")
+    version = _deployed(host, req.tenant, req.workflow)
+    _room(host, req.tenant, len(req.items))
+    out = []
+    for item in req.items:
+        row, created = _create_one(host, req.tenant, req.workflow, version, item.id,
+                                   item.params, now)
+        out.append({"id": row["id"], "created": created, "status": row["status"]})
+    return out
+
+
+def status(host: Host, req: GetStatus, identity: bytes, now: float) -> object:
+    return status_view(_instance(host, req.tenant, req.id))
+
+
+def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object:
+    _tenant(host, req.tenant)
+    return [status_view(r) for r in j.list_instances(host.conn, req.tenant, req.status, req.limit)]
+
+
+def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
+    inst = _instance(host, req.tenant, req.id)
+    entries = [
+        {
+            "seq": r["seq"], "kind": r["kind"], "name": r["name"], "status": r["status"],
+            "attempts": r["attempts"],
+            "result": None if r["result"] is None else load_json(r["result"]),
+            "error": _error_view(r["error"]),
+            "event_type": r["event_type"], "until": engine.iso(r["until"]),
+            "started_at": engine.iso(r["started_at"]),
+            "finished_at": engine.iso(r["finished_at"]), "duration_ms": r["duration_ms"],
+        }
+        for r in j.journal_rows(host.conn, req.tenant, req.id)
+    ]
+    activations = [
+        {
+            "id": a["id"], "seq": a["seq"], "step": a["step"], "outcome": a["outcome"],
+            "detail": a["detail"], "launched_at": engine.iso(a["launched_at"]),
+            "cold_start_ms": a["cold_start_ms"], "exec_ms": a["exec_ms"],
+            "total_ms": a["total_ms"], "cpu_ms": a["cpu_ms"], "max_rss_kib": a["max_rss_kib"],
+        }
+        for a in j.instance_activations(host.conn, req.tenant, req.id)
+    ]
+    return {"instance": status_view(inst), "entries": entries, "activations": activations}
+
+
+def send_event(host: Host, req: SendEvent, identity: bytes, now: float) -> object:
+    inst = _instance(host, req.tenant, req.id)
+    if inst["status"] in TERMINAL_STATUSES:
+        raise ProtocolError(ErrorCode.INVALID_STATE,
+                            f"instance {req.id!r} is {inst['status']}; it takes no events")
+    payload = _params(req.payload, "event payload")
+    event_id = j.add_event(host.conn, req.tenant, req.id, req.type, payload, now)
+    delivered = engine.deliver_event(host.conn, inst, req.type, now)
+    return {"event": event_id, "delivered": delivered}
+
+
+def control(host: Host, req: Control, identity: bytes, now: float) -> object:
+    inst = _instance(host, req.tenant, req.id)
+    state, leased = inst["status"], inst["lease"] is not None
+    tenant, iid = req.tenant, req.id
+    if req.op == "pause":
+        if state in TERMINAL_STATUSES:
+            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot pause a {state} instance")
+        if leased:
+            j.update_instance(host.conn, tenant, iid, pause_requested=1, updated_at=now)
+        elif state != "paused":
+            j.update_instance(host.conn, tenant, iid, status="paused", wake_at=None,
+                              updated_at=now)
+    elif req.op == "resume":
+        if leased and inst["pause_requested"]:
+            j.update_instance(host.conn, tenant, iid, pause_requested=0, updated_at=now)
+        elif state != "paused":
+            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot resume a {state} instance")
+        else:
+            resumed = "running" if inst["steps"] or inst["activations"] else "queued"
+            j.update_instance(host.conn, tenant, iid, status=resumed, wake_at=now,
+                              updated_at=now)
+    elif req.op == "terminate":
+        if state in TERMINAL_STATUSES:
+            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot terminate a {state} instance")
+        if leased:
+            host.kill_instance_activation(tenant, iid, "killed_by_operator")
+        j.update_instance(host.conn, tenant, iid, status="terminated", wake_at=None, lease=None,
+                          pause_requested=0, updated_at=now)
+    elif req.op == "restart":
+        if leased:
+            host.kill_instance_activation(tenant, iid, "killed_by_operator")
+        j.reset_instance(host.conn, tenant, iid, now)
+    elif req.op == "delete":
+        if leased:
+            host.kill_instance_activation(tenant, iid, "killed_by_operator")
+        j.delete_instance(host.conn, tenant, iid)
+        return {"tenant": tenant, "id": iid, "deleted": True}
+    row = j.get_instance(host.conn, tenant, iid)
+    assert row is not None
+    return status_view(row)
+
+
+def ping(host: Host, req: Ping, identity: bytes, now: float) -> object:
+    return {"pong": True}
+
+
+Handler = Callable[[Host, Any, bytes, float], object]
+HANDLERS: dict[type, Handler] = {
+    Deploy: deploy,
+    Create: create,
+    CreateBatch: create_batch,
+    GetStatus: status,
+    ListInstances: list_,
+    GetHistory: history,
+    SendEvent: send_event,
+    Control: control,
+    Ping: ping,
+}

@@ -1,0 +1,153 @@
+"""`stepvisor.toml`, parsed once into frozen, validated types. Errors name the key path."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from protocol.limits import TENANT_RE
+
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+IPC_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or invalid; the message names the key."""
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-tenant limits. Every activation of the tenant runs under these."""
+
+    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 512  # address-space rlimit
+    cpu_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 60  # CPU time per activation
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0  # wall-clock cap per step
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 4  # running activations
+    max_instances: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000  # non-terminal instances
+    max_activation_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+
+
+class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
+    cpu_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_activation_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+
+
+class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    state_dir: str = ""  # empty: the user's state dir
+    runtime_dir: str = ""  # empty: the user's runtime dir; holds the ipc sockets
+    api_endpoint: str = ""  # empty: ipc://<runtime_dir>/api.sock
+    sandbox_endpoint: str = ""  # empty: ipc://<runtime_dir>/sandbox.sock
+    launch_mode: Literal["spawn"] = "spawn"
+    python: str = ""  # interpreter for activations; empty: the supervisor's own sys.executable
+    max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
+    hello_timeout_s: PosFloat = 10.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    require_declared_tenants: bool = False  # only [tenants.NAME] may deploy
+    synchronous: Literal["full", "normal"] = "full"
+    log_file: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    server: Server = Server()
+    defaults: Limits = Limits()
+    tenants: dict[str, TenantOverrides] = {}
+
+    def limits_for(self, tenant: str) -> Limits:
+        """The tenant's limits: its overrides on top of `[defaults]`."""
+        over = self.tenants.get(tenant)
+        if over is None:
+            return self.defaults
+        changes = {f: v for f in over.__struct_fields__ if (v := getattr(over, f)) is not None}
+        return msgspec.structs.replace(self.defaults, **changes)
+
+
+class Paths(msgspec.Struct, frozen=True):
+    """Where things live, resolved from `[server]` and the environment."""
+
+    state_dir: Path
+    runtime_dir: Path
+    db: Path
+    api_endpoint: str
+    sandbox_endpoint: str
+    python: str
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/stepvisor")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "stepvisor"
+
+
+def default_runtime_dir() -> Path:
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "stepvisor"
+    if os.geteuid() == 0:
+        return Path("/run/stepvisor")
+    return Path(tempfile.gettempdir()) / f"stepvisor-{os.getuid()}"
+
+
+def default_api_endpoint() -> str:
+    return f"ipc://{default_runtime_dir() / 'api.sock'}"
+
+
+def resolve_paths(cfg: Config) -> Paths:
+    state = Path(cfg.server.state_dir) if cfg.server.state_dir else default_state_dir()
+    runtime = Path(cfg.server.runtime_dir) if cfg.server.runtime_dir else default_runtime_dir()
+    api = cfg.server.api_endpoint or f"ipc://{runtime / 'api.sock'}"
+    sandbox = cfg.server.sandbox_endpoint or f"ipc://{runtime / 'sandbox.sock'}"
+    for key, ep in (("server.api_endpoint", api), ("server.sandbox_endpoint", sandbox)):
+        if not ep.startswith("ipc://"):
+            raise ConfigError(f"{key}: only ipc:// endpoints are supported, got {ep!r}")
+        if len(ep) - len("ipc://") > IPC_PATH_MAX:
+            raise ConfigError(f"{key}: socket path longer than {IPC_PATH_MAX} characters: {ep!r}")
+    return Paths(
+        state_dir=state,
+        runtime_dir=runtime,
+        db=state / "stepvisor.db",
+        api_endpoint=api,
+        sandbox_endpoint=sandbox,
+        python=cfg.server.python or sys.executable,
+    )
+
+
+def parse(text: str, *, source: str = "<config>") -> Config:
+    """Parse and validate TOML text. Raises ConfigError naming the offending key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.tenants.acme.memory_mib`"; keep that path, drop the `$.`
+        raise ConfigError(f"{source}: {str(exc).replace('`$.', '`')}") from None
+    for name in cfg.tenants:
+        if not TENANT_RE.match(name):
+            raise ConfigError(f"{source}: `tenants.{name}`: invalid tenant name")
+    if cfg.server.python and not os.access(cfg.server.python, os.X_OK):
+        raise ConfigError(f"{source}: `server.python`: {cfg.server.python!r} is not executable")
+    resolve_paths(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load the config file at `path`, or the embedded default when `path` is None."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse(text, source=str(path))

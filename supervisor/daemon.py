@@ -1,0 +1,769 @@
+"""The supervisor's single-threaded loop: sockets, pipes, signals, timers, scheduling, reaping.
+
+One thread owns all state. Each loop iteration handles everything that is ready inside one
+`BEGIN IMMEDIATE` transaction (group commit) and sends replies and acks only after it commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+
+from protocol.codec import decode_from_activation, decode_request, encode, load_json
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.limits import PROTOCOL_VERSION
+from protocol.messages import (
+    Ack,
+    Activate,
+    CompleteCmd,
+    ErrorInfo,
+    FailCmd,
+    Hello,
+    Inspected,
+    Reply,
+    SleepCmd,
+    StepResult,
+    StepStarted,
+    WaitEventCmd,
+)
+from supervisor import api, engine, launcher, logs, outcome, sdnotify
+from supervisor import journal as j
+from supervisor.activation import (
+    CONNECTED,
+    IN_STEP,
+    LAUNCHED,
+    SETTLED,
+    Activation,
+    DeployRequest,
+)
+from supervisor.config import Config, ConfigError, Paths, load, resolve_paths
+
+MAX_MESSAGES_PER_TICK = 1000
+MAX_LAUNCHES_PER_TICK = 32
+MAX_OUTPUT_BYTES = 1 << 20  # tenant output logged per activation; the rest is counted, not logged
+SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
+MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
+_CRASH_TYPES = {
+    outcome.OOM: "OutOfMemory",
+    outcome.CPU_LIMIT: "CpuLimitExceeded",
+    outcome.WALL_TIMEOUT: "StepTimeout",
+}
+
+
+class StartupError(Exception):
+    """The supervisor cannot start; the message says why."""
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, paths: Paths, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.paths = paths
+        self.config_path = config_path
+        self.log = logs.get(component="supervisor")
+        self.running: dict[str, Activation] = {}  # token → activation
+        self.by_pid: dict[int, Activation] = {}
+        self.by_fd: dict[int, Activation] = {}
+        self.per_tenant: dict[str, int] = {}
+        self.tenants: list[str] = []
+        self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        self.bad_peers: dict[bytes, int] = {}
+        self.signals: list[int] = []
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.rr = 0
+        self.more_due = False
+        self.last_watchdog = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._lock = open(self.paths.state_dir / "supervisor.lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(
+                f"another supervisor is running on state dir {self.paths.state_dir}"
+            ) from None
+        self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
+        self._recover()
+        self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.client = self._bind(self.paths.api_endpoint, 0o660)
+        self.sandbox = self._bind(self.paths.sandbox_endpoint, 0o660)
+        self.poller = zmq.Poller()
+        self.poller.register(self.client, zmq.POLLIN)
+        self.poller.register(self.sandbox, zmq.POLLIN)
+        self.wake_r, self.wake_w = socket.socketpair()
+        for s in (self.wake_r, self.wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        self.tenants = j.tenant_names(self.conn)
+        self.log.info("supervisor.ready", api=self.paths.api_endpoint,
+                      sandbox=self.paths.sandbox_endpoint, state_dir=str(self.paths.state_dir),
+                      db=str(self.paths.db), python=self.paths.python, pid=os.getpid())
+        sdnotify.notify("READY=1")
+
+    def _bind(self, endpoint: str, mode: int) -> zmq.Socket[bytes]:
+        sock = self.zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 32 << 20)  # hard cap below the codec's own checks
+        path = Path(endpoint.removeprefix("ipc://"))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale socket of a dead supervisor; the state-dir lock is held
+        sock.bind(endpoint)
+        path.chmod(mode)
+        return sock
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)  # the loop does the work; the wake-up fd wakes it
+
+    def run(self) -> int:
+        self.start()
+        try:
+            while True:
+                ready = dict(self.poller.poll(self._poll_timeout_ms()))
+                self._tick(ready)
+                if self.draining and (not self.running or time.monotonic() > self.drain_deadline):
+                    self._stop_remaining()
+                    break
+        finally:
+            self._close()
+        self.log.info("supervisor.stopped")
+        return 0
+
+    def _close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sock in (self.client, self.sandbox):
+            sock.close(linger=0)
+        self.zctx.term()
+        for ep in (self.paths.api_endpoint, self.paths.sandbox_endpoint):
+            with contextlib.suppress(OSError):
+                Path(ep.removeprefix("ipc://")).unlink()
+        self.conn.close()
+        self._lock.close()
+
+    # ------------------------------------------------------------------ one iteration
+
+    def _tick(self, ready: dict[Any, int]) -> None:
+        now, mono = time.time(), time.monotonic()
+        with j.transaction(self.conn):
+            if self.wake_r.fileno() in ready:
+                self._drain_wakeups()
+            self._handle_signals(mono)
+            if self.client in ready:
+                self._drain_clients(now)
+            if self.sandbox in ready:
+                self._drain_sandbox(now, mono)
+            for fd in [fd for fd in ready if isinstance(fd, int) and fd in self.by_fd]:
+                self._read_output(fd)
+            self._reap(now, mono)
+            self._check_deadlines(now, mono)
+            if not self.draining:
+                self._schedule(now, mono)
+        self._flush()
+        if mono - self.last_watchdog >= 1.0:
+            self.last_watchdog = mono
+            sdnotify.notify("WATCHDOG=1")
+
+    def _poll_timeout_ms(self) -> int:
+        if self.more_due:
+            return 0
+        mono, now = time.monotonic(), time.time()
+        wait = 1.0
+        for act in self.running.values():
+            limit = act.settled_mono + SETTLED_GRACE_S if act.settled_mono else act.deadline_mono
+            wait = min(wait, limit - mono)
+        if not self.draining:
+            nxt = j.next_wake(self.conn)
+            # A due instance blocked by concurrency waits for a reap, which wakes the poll.
+            if nxt is not None and nxt > now:
+                wait = min(wait, nxt - now)
+        return max(0, int(wait * 1000) + 1)
+
+    def _flush(self) -> None:
+        for sock, frames in self.outbox:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.log.warning("send.dropped", error=str(exc))
+        self.outbox.clear()
+
+    # ------------------------------------------------------------------ signals
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.wake_r.recv(4096):
+                pass
+
+    def _handle_signals(self, mono: float) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT) and not self.draining:
+                self.draining = True
+                self.drain_deadline = mono + self.cfg.server.drain_timeout_s
+                sdnotify.notify("STOPPING=1")
+                self.log.info("supervisor.draining", running=len(self.running),
+                              deadline_s=self.cfg.server.drain_timeout_s)
+            elif signum == signal.SIGHUP:
+                self._reload()
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            self.log.info("config.reload_skipped", reason="running on the embedded default")
+            return
+        try:
+            new = load(self.config_path)
+            if resolve_paths(new) != self.paths:
+                raise ConfigError("endpoints, directories and interpreter need a restart")
+        except ConfigError as exc:
+            self.log.error("config.reload_rejected", error=str(exc))
+            return
+        self.cfg = new
+        self.log.info("config.reloaded", path=self.config_path)
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Kill what a dead supervisor left running; re-run interrupted steps, never journaled ones."""
+        now = time.time()
+        with j.transaction(self.conn):
+            leftovers = j.open_activations(self.conn)
+            groups = {int(a["pid"]) for a in leftovers if a["pid"]}
+            if groups:
+                for proc in psutil.process_iter(["pid"]):
+                    with contextlib.suppress(ProcessLookupError, psutil.Error):
+                        if os.getpgid(proc.pid) in groups and proc.pid != os.getpid():
+                            proc.kill()
+            for a in leftovers:
+                j.update_activation(self.conn, a["id"], finished_at=now,
+                                    outcome=a["outcome"] or outcome.INTERRUPTED,
+                                    detail=a["detail"] or "the supervisor stopped while it ran")
+            for inst in j.leased_instances(self.conn):
+                engine.interrupted(self.conn, inst["tenant"], inst["id"], now)
+                self.log.info("recovery.requeued", tenant=inst["tenant"], instance=inst["id"])
+        if leftovers:
+            self.log.info("recovery.done", interrupted=len(leftovers))
+
+    # ------------------------------------------------------------------ client API
+
+    def _drain_clients(self, now: float) -> None:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            try:
+                frames = self.client.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            if self.bad_peers.get(identity, 0) >= MAX_BAD_FRAMES:
+                continue
+            if len(frames) != 2:
+                self._bad_client(identity, 0, ProtocolError(ErrorCode.MALFORMED,
+                                                            "expected one frame per request"))
+                continue
+            try:
+                req = decode_request(frames[1])
+            except ProtocolError as exc:
+                self._bad_client(identity, 0, exc)
+                continue
+            self._dispatch(identity, req, now)
+
+    def _bad_client(self, identity: bytes, rid: int, exc: ProtocolError) -> None:
+        if len(self.bad_peers) > 10_000:
+            self.bad_peers.clear()
+        self.bad_peers[identity] = self.bad_peers.get(identity, 0) + 1
+        self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
+        self._reply(identity, rid, error=exc)
+
+    def _reply(self, identity: bytes, rid: int, result: object = None,
+               error: ProtocolError | None = None) -> None:
+        info = None if error is None else ErrorInfo(type=error.code.value, code=error.code.value,
+                                                    message=error.message[:60_000])
+        reply = Reply(rid=rid, ok=error is None, result=result, error=info)
+        self.outbox.append((self.client, [identity, encode(reply)]))
+
+    def _dispatch(self, identity: bytes, req: Any, now: float) -> None:
+        handler = api.HANDLERS[type(req)]
+        # A savepoint per request: a request that fails changes nothing, the others still commit.
+        self.conn.execute("SAVEPOINT request")
+        try:
+            result = handler(self, req, identity, now)
+        except ProtocolError as exc:
+            self.conn.execute("ROLLBACK TO request")
+            self._reply(identity, req.rid, error=exc)
+        except Exception as exc:
+            self.conn.execute("ROLLBACK TO request")
+            self.log.exception("api.internal_error", request=type(req).__name__)
+            self._reply(identity, req.rid,
+                        error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"))
+        else:
+            if getattr(req, "tenant", None) and req.tenant not in self.tenants:
+                if j.tenant_exists(self.conn, req.tenant):
+                    self.tenants.append(req.tenant)
+            if result is not api.DEFERRED:
+                self._reply(identity, req.rid, result)
+        finally:
+            self.conn.execute("RELEASE request")
+
+    # Host protocol for api handlers ----------------------------------------------------
+
+    def launch_inspection(self, identity: bytes, rid: int, tenant: str, kind: str,
+                          filename: str, code: bytes, version: str) -> None:
+        request = DeployRequest(identity, rid, kind, filename, code, version)
+        self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
+
+    def kill_instance_activation(self, tenant: str, instance: str, why: str) -> None:
+        for act in list(self.running.values()):
+            if act.tenant == tenant and act.instance == instance and act.state != SETTLED:
+                launcher.kill_group(act.pid)
+                self._settle(act, why, "stopped by an operator request", time.monotonic())
+
+    # ------------------------------------------------------------------ scheduling & launch
+
+    def _schedule(self, now: float, mono: float) -> None:
+        nxt = j.next_wake(self.conn)
+        self.more_due = False
+        if nxt is None or nxt > now:
+            return
+        launched = 0
+        order = self.tenants[self.rr % max(1, len(self.tenants)):] + self.tenants[
+            : self.rr % max(1, len(self.tenants))]
+        self.rr += 1
+        progress = True
+        while progress:
+            progress = False
+            for tenant in order:
+                if len(self.running) >= self.cfg.server.max_activations:
+                    return
+                if launched >= MAX_LAUNCHES_PER_TICK:
+                    self.more_due = True
+                    return
+                if self.per_tenant.get(tenant, 0) >= self.cfg.limits_for(tenant).max_concurrent:
+                    continue
+                due = j.due_instances(self.conn, tenant, now, 1)
+                if due:
+                    self._launch(tenant, due[0], "run", now, mono)
+                    launched += 1
+                    progress = True
+
+    def _launch(self, tenant: str, instance: str | None, kind: str, now: float, mono: float,
+                deploy: DeployRequest | None = None) -> None:
+        limits = self.cfg.limits_for(tenant)
+        aid = j.insert_activation(self.conn, tenant, instance, kind, now)
+        if instance is not None:
+            row = j.get_instance(self.conn, tenant, instance)
+            assert row is not None
+            j.update_instance(self.conn, tenant, instance, lease=aid, status="running",
+                              activations=row["activations"] + 1, updated_at=now)
+        token = secrets.token_hex(16)
+        act = Activation(
+            aid=aid, token=token, tenant=tenant, kind=kind, instance=instance, limits=limits,
+            scratch=launcher.make_scratch(self.paths, aid), launched_at=now, launched_mono=mono,
+            deadline_mono=mono + self.cfg.server.hello_timeout_s, deploy=deploy,
+        )
+        self.running[token] = act
+        self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
+        try:
+            act.proc = launcher.spawn(self.paths, limits, token, act.scratch)
+        except OSError as exc:
+            self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
+            self._forget(act)
+            return
+        act.pid = act.proc.pid
+        self.by_pid[act.pid] = act
+        for stream in (act.proc.stdout, act.proc.stderr):
+            assert stream is not None
+            self.by_fd[stream.fileno()] = act
+            self.poller.register(stream.fileno(), zmq.POLLIN)
+        j.update_activation(self.conn, aid, pid=act.pid, pid_started=now)
+
+    # ------------------------------------------------------------------ activation messages
+
+    def _drain_sandbox(self, now: float, mono: float) -> None:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            try:
+                frames = self.sandbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            act = self.running.get(identity.decode("ascii", "replace"))
+            if act is None:
+                if self.bad_peers.get(identity, 0) < MAX_BAD_FRAMES:
+                    self.bad_peers[identity] = self.bad_peers.get(identity, 0) + 1
+                    self.log.warning("sandbox.unknown_token", token=identity[:64].hex())
+                continue
+            if act.state == SETTLED:
+                self.log.warning("sandbox.late_message", activation=act.aid, tenant=act.tenant,
+                                 instance=act.instance, outcome=act.outcome)
+                continue
+            if len(frames) != 2:
+                self._protocol_error(act, "expected one frame per message", mono)
+                continue
+            try:
+                msg = decode_from_activation(frames[1])
+            except ProtocolError as exc:
+                self._protocol_error(act, exc.message, mono)
+                continue
+            self.conn.execute("SAVEPOINT message")
+            try:
+                self._on_message(act, msg, now, mono)
+            except Exception as exc:
+                self.conn.execute("ROLLBACK TO message")
+                self.log.exception("sandbox.internal_error", activation=act.aid)
+                self._protocol_error(act, f"internal error handling {type(msg).__name__}: {exc!r}",
+                                     mono)
+            finally:
+                self.conn.execute("RELEASE message")
+
+    def _protocol_error(self, act: Activation, why: str, mono: float) -> None:
+        launcher.kill_group(act.pid)
+        self._settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
+
+    def _ack(self, act: Activation) -> None:
+        self.outbox.append((self.sandbox, [act.identity, encode(Ack())]))
+
+    def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(act, msg, now, mono)
+            return
+        if act.state == LAUNCHED:
+            self._protocol_error(act, f"{type(msg).__name__} before Hello", mono)
+            return
+        if act.kind == "inspect":
+            self._on_inspect_result(act, msg, now, mono)
+            return
+        tenant, instance = act.tenant, act.instance
+        assert instance is not None
+        if isinstance(msg, StepStarted) and act.state == CONNECTED:
+            if msg.seq != act.expected_seq:
+                self._protocol_error(act, f"step at seq {msg.seq}, expected {act.expected_seq}",
+                                     mono)
+                return
+            engine.step_started(self.conn, tenant, instance, msg, now)
+            act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
+            act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
+            j.update_activation(self.conn, act.aid, seq=msg.seq, step=msg.name)
+        elif isinstance(msg, StepResult) and act.state == IN_STEP:
+            if msg.seq != act.seq:
+                self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
+                return
+            if msg.ok:
+                try:
+                    load_json(msg.value or b"", what="step result")
+                except ProtocolError as exc:
+                    msg = StepResult(seq=msg.seq, ok=False, retryable=False,
+                                     duration_ms=msg.duration_ms,
+                                     error=ErrorInfo(type="StepResultError", message=exc.message))
+            engine.step_result(self.conn, tenant, instance, msg, now)
+            self._settle(act, self._result_outcome(msg), "", mono, committed=True)
+            self._ack(act)
+        elif isinstance(msg, SleepCmd | WaitEventCmd) and act.state == CONNECTED:
+            if msg.seq != act.expected_seq:
+                self._protocol_error(act, f"command at seq {msg.seq}, expected "
+                                     f"{act.expected_seq}", mono)
+                return
+            act.seq, act.step = msg.seq, msg.name
+            if isinstance(msg, SleepCmd):
+                engine.sleep(self.conn, tenant, instance, msg, now)
+            else:
+                engine.wait_event(self.conn, tenant, instance, msg, now)
+            self._settle(act, outcome.OK, "", mono, committed=True)
+            self._ack(act)
+        elif isinstance(msg, CompleteCmd) and act.state == CONNECTED:
+            try:
+                load_json(msg.output, what="workflow output")
+            except ProtocolError as exc:
+                engine.fail(self.conn, tenant, instance,
+                            ErrorInfo(type="OutputError", message=exc.message), now)
+            else:
+                engine.complete(self.conn, tenant, instance, msg.output, now)
+            self._settle(act, outcome.OK, "", mono, committed=True)
+            self._ack(act)
+        elif isinstance(msg, FailCmd) and act.state == CONNECTED:
+            engine.fail(self.conn, tenant, instance, msg.error, now)
+            self._settle(act, outcome.ERROR, f"{msg.error.type}: {msg.error.message}"[:500], mono,
+                         committed=True)
+            self._ack(act)
+        else:
+            self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}",
+                                 mono)
+
+    @staticmethod
+    def _result_outcome(msg: StepResult) -> str:
+        if msg.ok:
+            return outcome.OK
+        if msg.error is not None and msg.error.type == "MemoryError":
+            return outcome.OOM
+        return outcome.ERROR
+
+    def _on_hello(self, act: Activation, msg: Hello, now: float, mono: float) -> None:
+        if act.state != LAUNCHED or msg.token != act.token:
+            self._protocol_error(act, "unexpected or forged Hello", mono)
+            return
+        if msg.protocol_version != PROTOCOL_VERSION:
+            self._protocol_error(act, f"protocol version {msg.protocol_version}, "
+                                 f"expected {PROTOCOL_VERSION}", mono)
+            return
+        act.state, act.hello_mono = CONNECTED, mono
+        # Replaying and loading code gets the tenant's wall-clock cap too.
+        act.deadline_mono = mono + act.limits.timeout_s
+        if act.kind == "inspect":
+            d = act.deploy
+            assert d is not None
+            activate = Activate(mode="inspect", tenant=act.tenant, filename=d.filename,
+                                code_kind=d.kind, code=d.code, now=now)  # type: ignore[arg-type]
+        else:
+            assert act.instance is not None
+            inst = j.get_instance(self.conn, act.tenant, act.instance)
+            if inst is None or inst["lease"] != act.aid:
+                self._protocol_error(act, "the instance is no longer leased to it", mono)
+                return
+            act.expected_seq = engine.prepare_replay(self.conn, act.tenant, act.instance, now)
+            code = j.get_code(self.conn, act.tenant, inst["version"])
+            assert code is not None
+            activate = engine.build_activate(self.conn, inst, code, act.limits, now)
+        self.outbox.append((self.sandbox, [act.identity, encode(activate)]))
+
+    def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:
+        d = act.deploy
+        assert d is not None
+        if isinstance(msg, Inspected) and act.state == CONNECTED:
+            j.ensure_tenant(self.conn, act.tenant, now)
+            j.put_code(self.conn, act.tenant, d.version, d.kind, d.filename, d.code,
+                       msg.workflows, now)
+            for name in msg.workflows:
+                j.set_deployment(self.conn, act.tenant, name, d.version, now)
+            if act.tenant not in self.tenants:
+                self.tenants.append(act.tenant)
+            self._reply(d.identity, d.rid, {"tenant": act.tenant, "version": d.version,
+                                            "workflows": msg.workflows})
+            self.log.info("code.deployed", tenant=act.tenant, version=d.version,
+                          workflows=msg.workflows, filename=d.filename)
+            self._settle(act, outcome.OK, "", mono, committed=True)
+            self._ack(act)
+        elif isinstance(msg, FailCmd) and act.state == CONNECTED:
+            err = msg.error
+            text = f"{d.filename} failed to load: {err.type}: {err.message}"
+            if err.traceback:
+                text += "\n" + err.traceback
+            self._reply(d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text))
+            self._settle(act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono,
+                         committed=True)
+            self._ack(act)
+        else:
+            self._protocol_error(act, f"unexpected {type(msg).__name__} from an inspection", mono)
+
+    # ------------------------------------------------------------------ fate of an activation
+
+    def _settle(self, act: Activation, how: str, detail: str, mono: float, *,
+                committed: bool = False) -> None:
+        """Decide an activation's fate once.
+
+        `committed`: the caller already journaled the result (and replied to a deployer); only the
+        record changes. Otherwise this is a failure and its consequence is journaled here.
+        """
+        if act.state == SETTLED:
+            return
+        was_step = act.state == IN_STEP
+        act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
+        now = time.time()
+        j.update_activation(self.conn, act.aid, outcome=how, detail=detail or None,
+                            seq=act.seq, step=act.step)
+        if committed:
+            return
+        if act.kind == "inspect":
+            if act.deploy is not None:
+                why = outcome.failure_message(how, detail)
+                tail = act.stderr_tail.decode("utf-8", "replace").strip()
+                self._reply(act.deploy.identity, act.deploy.rid, error=ProtocolError(
+                    ErrorCode.DEPLOY_FAILED, f"{why}\n{tail}".strip()))
+            return
+        instance = act.instance
+        assert instance is not None
+        if how == outcome.KILLED_BY_OPERATOR:
+            return  # the control operation sets the instance's next state
+        if how == outcome.INTERRUPTED:
+            engine.interrupted(self.conn, act.tenant, instance, now)
+            return
+        err = ErrorInfo(
+            type=_CRASH_TYPES.get(how, "ActivationCrashed"),
+            message=outcome.failure_message(how, detail),
+            traceback=act.stderr_tail.decode("utf-8", "replace")[-8000:],
+            code=None,
+        )
+        if was_step and act.seq is not None:
+            result = engine.step_failed(self.conn, act.tenant, instance, act.seq, err, now,
+                                        retryable=True)
+        else:
+            result = engine.activation_failed(self.conn, act.tenant, instance, act.limits, err,
+                                              now)
+        self.log.warning("activation.failed", tenant=act.tenant, instance=instance,
+                         activation=act.aid, outcome=how, detail=detail, seq=act.seq,
+                         step=act.step, next=result)
+
+    def _check_deadlines(self, now: float, mono: float) -> None:
+        for act in list(self.running.values()):
+            if act.state == SETTLED:
+                if act.settled_mono is not None and mono > act.settled_mono + SETTLED_GRACE_S:
+                    launcher.kill_group(act.pid)
+                continue
+            if mono <= act.deadline_mono:
+                continue
+            launcher.kill_group(act.pid)
+            if act.state == LAUNCHED:
+                self._settle(act, outcome.NEVER_CONNECTED,
+                             f"no Hello within {self.cfg.server.hello_timeout_s:g} s", mono)
+            else:
+                limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
+                self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s",
+                             mono)
+
+    def _reap(self, now: float, mono: float) -> None:
+        for pid, act in list(self.by_pid.items()):
+            try:
+                got, status, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status, usage = pid, 0, None
+            if got == 0:
+                continue
+            if act.proc is not None:
+                act.proc.returncode = os.waitstatus_to_exitcode(status)
+            for fd in [fd for fd, a in self.by_fd.items() if a is act]:
+                self._read_output(fd, final=True)
+            cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
+            if act.state != SETTLED:
+                how, detail = outcome.classify_exit(status, cpu_s, act.limits.cpu_seconds)
+                self._settle(act, how, detail, mono)
+            self._finish_record(act, status, usage, now, mono)
+            self._forget(act)
+
+    def _finish_record(self, act: Activation, status: int, usage: Any, now: float,
+                       mono: float) -> None:
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 3)
+
+        record = {
+            "cold_start_ms": ms(act.launched_mono, act.hello_mono),
+            "exec_ms": ms(act.hello_mono, act.settled_mono),
+            "total_ms": ms(act.launched_mono, mono),
+            "cpu_ms": round((usage.ru_utime + usage.ru_stime) * 1000, 3) if usage else None,
+            "max_rss_kib": int(usage.ru_maxrss) if usage else None,
+        }
+        j.update_activation(self.conn, act.aid, finished_at=now,
+                            exit_code=os.waitstatus_to_exitcode(status), **record)
+        self.log.info("activation.finished", tenant=act.tenant, instance=act.instance,
+                      activation=act.aid, kind=act.kind, seq=act.seq, step=act.step,
+                      outcome=act.outcome, detail=act.detail or None, **record)
+
+    def _forget(self, act: Activation) -> None:
+        for fd in [fd for fd, a in self.by_fd.items() if a is act]:
+            self.poller.unregister(fd)
+            del self.by_fd[fd]
+        if act.proc is not None:
+            for stream in (act.proc.stdout, act.proc.stderr):
+                if stream is not None:
+                    stream.close()
+        self.by_pid.pop(act.pid, None)
+        self.running.pop(act.token, None)
+        self.per_tenant[act.tenant] = self.per_tenant.get(act.tenant, 1) - 1
+        launcher.remove_scratch(act.scratch)
+
+    # ------------------------------------------------------------------ tenant output
+
+    def _read_output(self, fd: int, final: bool = False) -> None:
+        act = self.by_fd.get(fd)
+        if act is None:
+            return
+        stream = "stdout" if act.proc is not None and act.proc.stdout is not None and \
+            act.proc.stdout.fileno() == fd else "stderr"
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                chunk = b""
+            if chunk is None:
+                break
+            if not chunk:  # EOF: flush what is left and stop watching this fd
+                rest = act.partial.pop(fd, b"")
+                if rest:
+                    self._log_output(act, stream, rest)
+                self.poller.unregister(fd)
+                del self.by_fd[fd]
+                return
+            if stream == "stderr":
+                act.stderr_tail = (act.stderr_tail + chunk)[-8192:]
+            data = act.partial.pop(fd, b"") + chunk
+            *lines, rest = data.split(b"\n")
+            for line in lines:
+                self._log_output(act, stream, line)
+            if rest:
+                act.partial[fd] = rest[-65536:]
+            if not final:
+                break
+
+    def _log_output(self, act: Activation, stream: str, line: bytes) -> None:
+        act.output_bytes += len(line)
+        if act.output_bytes > MAX_OUTPUT_BYTES:
+            return
+        self.log.info("tenant.output", tenant=act.tenant, instance=act.instance,
+                      activation=act.aid, seq=act.seq, step=act.step, stream=stream,
+                      line=line.decode("utf-8", "replace"))
+
+    # ------------------------------------------------------------------ drain
+
+    def _stop_remaining(self) -> None:
+        """Drain deadline passed: kill what still runs; its steps re-run after restart."""
+        mono = time.monotonic()
+        with j.transaction(self.conn):
+            for act in list(self.running.values()):
+                launcher.kill_group(act.pid)
+                self._settle(act, outcome.INTERRUPTED, "the supervisor was stopped", mono)
+        deadline = mono + 5.0
+        while self.by_pid and time.monotonic() < deadline:
+            with j.transaction(self.conn):
+                self._reap(time.time(), time.monotonic())
+            if self.by_pid:
+                time.sleep(0.01)  # bounded: waiting for killed children to become reapable
+        self.log.info("supervisor.drained")
+
+
+def serve(config_path: str | None, state_dir: str | None = None,
+          runtime_dir: str | None = None) -> int:
+    """`stepvisor serve`: validate config, recover, bind, loop until SIGTERM."""
+    import msgspec
+
+    try:
+        cfg = load(config_path)
+        if state_dir or runtime_dir:
+            server = msgspec.structs.replace(
+                cfg.server, state_dir=state_dir or cfg.server.state_dir,
+                runtime_dir=runtime_dir or cfg.server.runtime_dir)
+            cfg = msgspec.structs.replace(cfg, server=server)
+        paths = resolve_paths(cfg)
+    except ConfigError as exc:
+        print(f"error CONFIG: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(cfg.server.log_level, cfg.server.log_file)
+    if config_path is None:
+        logs.get().info("config.embedded_default", state_dir=str(paths.state_dir),
+                        api=paths.api_endpoint)
+    try:
+        return Supervisor(cfg, paths, config_path).run()
+    except StartupError as exc:
+        print(f"error STARTUP: {exc}", file=sys.stderr)
+        return 1

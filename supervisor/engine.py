@@ -1,0 +1,225 @@
+"""The durable state machine: how each activation message, crash or timeout changes the journal.
+
+Every function runs inside the loop's open transaction and is idempotent where a replayed activation
+may repeat a command (a re-sent sleep or wait keeps its original deadline).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from typing import Any
+
+from protocol.messages import (
+    Activate,
+    ErrorInfo,
+    SleepCmd,
+    StepResult,
+    StepStarted,
+    WaitEventCmd,
+)
+from supervisor import journal as j
+from supervisor.config import Limits
+
+PENDING_STEP = frozenset({"retry", "running"})
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
+    """Delay before the retry that follows failed attempt number `attempt` (1-based)."""
+    if backoff == "constant":
+        return delay_s
+    if backoff == "linear":
+        return delay_s * attempt
+    return delay_s * 2 ** min(attempt - 1, 40)
+
+
+def release(conn: sqlite3.Connection, tenant: str, instance: str, now: float, *, status: str,
+            wake_at: float | None, **fields: Any) -> None:
+    """End the instance's lease and set its next state, honouring a pause requested meanwhile."""
+    row = j.get_instance(conn, tenant, instance)
+    if row is None:
+        return
+    if row["pause_requested"] and status not in ("complete", "errored", "terminated"):
+        status, wake_at = "paused", None
+    j.update_instance(
+        conn, tenant, instance, status=status, wake_at=wake_at, lease=None, pause_requested=0,
+        steps=j.journal_length(conn, tenant, instance), updated_at=now, **fields,
+    )
+
+
+def prepare_replay(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> int:
+    """Settle elapsed sleeps and expired waits; return the seq the next command must carry."""
+    rows = j.journal_rows(conn, tenant, instance)
+    if not rows:
+        return 0
+    last = rows[-1]
+    seq = int(last["seq"])
+    if last["kind"] == "sleep" and last["status"] == "sleeping":
+        if last["until"] <= now:
+            j.upsert_entry(conn, tenant, instance, seq, status="ok", finished_at=now)
+            return seq + 1
+        return seq
+    if last["kind"] == "wait_event" and last["status"] == "waiting":
+        if last["until"] <= now:
+            err = ErrorInfo(type="WaitTimeout", message=f"no {last['event_type']!r} event arrived")
+            j.upsert_entry(conn, tenant, instance, seq, status="timeout", finished_at=now,
+                           error=j.encode_error(err))
+            return seq + 1
+        return seq
+    if last["kind"] == "step" and last["status"] in PENDING_STEP:
+        return seq
+    return seq + 1
+
+
+def build_activate(conn: sqlite3.Connection, inst: sqlite3.Row, code: sqlite3.Row,
+                   limits: Limits, now: float) -> Activate:
+    return Activate(
+        mode="run", tenant=inst["tenant"], filename=code["filename"], code_kind=code["kind"],
+        code=code["code"], instance=inst["id"], workflow=inst["workflow"], params=inst["params"],
+        created_at=inst["created_at"], journal=j.journal_entries(conn, inst["tenant"], inst["id"]),
+        now=now, max_timeout_s=limits.timeout_s,
+    )
+
+
+def step_started(conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted,
+                 now: float) -> None:
+    j.upsert_entry(
+        conn, tenant, instance, msg.seq, kind="step", name=msg.name, status="running",
+        attempts=msg.attempt, retry_limit=msg.retry_limit, retry_delay_s=msg.retry_delay_s,
+        backoff=msg.backoff, timeout_s=msg.timeout_s, started_at=now,
+    )
+    j.update_instance(conn, tenant, instance, status="running", updated_at=now)
+
+
+def step_result(conn: sqlite3.Connection, tenant: str, instance: str, msg: StepResult,
+                now: float) -> None:
+    if msg.ok:
+        j.upsert_entry(conn, tenant, instance, msg.seq, status="ok", result=msg.value,
+                       error=None, finished_at=now, duration_ms=msg.duration_ms)
+        release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+        return
+    err = msg.error or ErrorInfo(type="Error", message="step failed")
+    step_failed(conn, tenant, instance, msg.seq, err, now, retryable=msg.retryable,
+                duration_ms=msg.duration_ms)
+
+
+def step_failed(conn: sqlite3.Connection, tenant: str, instance: str, seq: int, err: ErrorInfo,
+                now: float, *, retryable: bool, duration_ms: float | None = None) -> str:
+    """A failed attempt: schedule the retry its policy allows, or journal the final error."""
+    row = j.get_entry(conn, tenant, instance, seq)
+    if row is None:  # cannot happen after StepStarted; be safe rather than crash the loop
+        release(conn, tenant, instance, now, status="running", wake_at=now)
+        return "error"
+    attempt = int(row["attempts"])
+    if retryable and attempt <= int(row["retry_limit"] or 0):
+        wake = now + retry_delay_s(float(row["retry_delay_s"] or 0), row["backoff"], attempt)
+        j.upsert_entry(conn, tenant, instance, seq, status="retry", error=j.encode_error(err),
+                       duration_ms=duration_ms)
+        release(conn, tenant, instance, now, status="running", wake_at=wake, failures=0)
+        return "retry"
+    j.upsert_entry(conn, tenant, instance, seq, status="error", error=j.encode_error(err),
+                   finished_at=now, duration_ms=duration_ms)
+    release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+    return "error"
+
+
+def sleep(conn: sqlite3.Connection, tenant: str, instance: str, msg: SleepCmd, now: float) -> None:
+    existing = j.get_entry(conn, tenant, instance, msg.seq)
+    until = float(existing["until"]) if existing is not None else msg.until
+    j.upsert_entry(conn, tenant, instance, msg.seq, kind="sleep", name=msg.name,
+                   status="sleeping", until=until, started_at=now if existing is None
+                   else existing["started_at"])
+    release(conn, tenant, instance, now, status="waiting", wake_at=max(until, now), failures=0)
+
+
+def event_result(row: sqlite3.Row) -> bytes:
+    head = json.dumps({"type": row["type"], "timestamp": iso(row["created_at"])})
+    return f'{head[:-1]}, "payload": '.encode() + bytes(row["payload"]) + b"}"
+
+
+def wait_event(conn: sqlite3.Connection, tenant: str, instance: str, msg: WaitEventCmd,
+               now: float) -> None:
+    existing = j.get_entry(conn, tenant, instance, msg.seq)
+    deadline = float(existing["until"]) if existing is not None else now + msg.timeout_s
+    started = existing["started_at"] if existing is not None else now
+    event = j.consume_event(conn, tenant, instance, msg.type, msg.seq)
+    if event is not None:
+        j.upsert_entry(conn, tenant, instance, msg.seq, kind="wait_event", name=msg.name,
+                       status="ok", event_type=msg.type, until=deadline, started_at=started,
+                       finished_at=now, result=event_result(event))
+        release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+        return
+    j.upsert_entry(conn, tenant, instance, msg.seq, kind="wait_event", name=msg.name,
+                   status="waiting", event_type=msg.type, until=deadline, started_at=started)
+    release(conn, tenant, instance, now, status="waiting", wake_at=deadline, failures=0)
+
+
+def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: float) -> bool:
+    """After storing an event: if the instance is parked waiting for this type, wake it now."""
+    if inst["status"] != "waiting" or inst["lease"] is not None:
+        return False
+    rows = j.journal_rows(conn, inst["tenant"], inst["id"])
+    if not rows:
+        return False
+    last = rows[-1]
+    if last["kind"] != "wait_event" or last["status"] != "waiting" or last["event_type"] != type_:
+        return False
+    event = j.consume_event(conn, inst["tenant"], inst["id"], type_, int(last["seq"]))
+    if event is None:
+        return False
+    j.upsert_entry(conn, inst["tenant"], inst["id"], int(last["seq"]), status="ok",
+                   finished_at=now, result=event_result(event))
+    j.update_instance(conn, inst["tenant"], inst["id"], status="running", wake_at=now,
+                      updated_at=now)
+    return True
+
+
+def complete(conn: sqlite3.Connection, tenant: str, instance: str, output: bytes,
+             now: float) -> None:
+    release(conn, tenant, instance, now, status="complete", wake_at=None, output=output,
+            error=None, failures=0)
+
+
+def fail(conn: sqlite3.Connection, tenant: str, instance: str, err: ErrorInfo, now: float) -> None:
+    release(conn, tenant, instance, now, status="errored", wake_at=None,
+            error=j.encode_error(err))
+
+
+def activation_failed(conn: sqlite3.Connection, tenant: str, instance: str, limits: Limits,
+                      err: ErrorInfo, now: float) -> str:
+    """An activation died before its step started: back off, and give up after a bound."""
+    row = j.get_instance(conn, tenant, instance)
+    if row is None:
+        return "gone"
+    failures = int(row["failures"]) + 1
+    if failures >= limits.max_activation_failures:
+        final = ErrorInfo(type="ActivationFailed", code=err.code, traceback=err.traceback,
+                          message=f"{failures} activations in a row failed; last: {err.message}")
+        release(conn, tenant, instance, now, status="errored", wake_at=None, failures=failures,
+                error=j.encode_error(final))
+        return "errored"
+    status = "running" if row["status"] not in ("queued",) else "queued"
+    release(conn, tenant, instance, now, status=status,
+            wake_at=now + min(60.0, 0.5 * 2 ** (failures - 1)), failures=failures)
+    return "backoff"
+
+
+def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:
+    """The supervisor stopped mid-activation: the running attempt does not count; re-run it."""
+    rows = j.journal_rows(conn, tenant, instance)
+    if rows and rows[-1]["kind"] == "step" and rows[-1]["status"] == "running":
+        last = rows[-1]
+        j.upsert_entry(conn, tenant, instance, int(last["seq"]), status="retry",
+                       attempts=max(0, int(last["attempts"]) - 1))
+    row = j.get_instance(conn, tenant, instance)
+    if row is not None and row["status"] not in ("complete", "errored", "terminated", "paused"):
+        j.update_instance(conn, tenant, instance, lease=None, wake_at=now, updated_at=now)
+    elif row is not None:
+        j.update_instance(conn, tenant, instance, lease=None, updated_at=now)

@@ -1,0 +1,441 @@
+"""All SQL of stepvisor: schema, migrations and every read and write of durable state.
+
+The supervisor's loop owns one connection and wraps each loop iteration in one `BEGIN IMMEDIATE`
+transaction (group commit); every function here runs inside that transaction and never commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from protocol.messages import ErrorInfo, JournalEntry
+
+_error_encoder = msgspec.json.Encoder()
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE code_versions (
+        tenant TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('source', 'pickle')),
+        filename TEXT NOT NULL,
+        code BLOB NOT NULL,
+        workflows TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (tenant, hash)
+    );
+    CREATE TABLE deployments (
+        tenant TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        version TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant, workflow)
+    );
+    CREATE TABLE instances (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        version TEXT NOT NULL,
+        status TEXT NOT NULL,
+        params BLOB NOT NULL,
+        output BLOB,
+        error TEXT,
+        wake_at REAL,
+        lease INTEGER,
+        pause_requested INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        activations INTEGER NOT NULL DEFAULT 0,
+        steps INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE INDEX instances_due ON instances (tenant, wake_at)
+        WHERE wake_at IS NOT NULL AND lease IS NULL;
+    CREATE INDEX instances_next ON instances (wake_at)
+        WHERE wake_at IS NOT NULL AND lease IS NULL;
+    CREATE INDEX instances_leased ON instances (lease) WHERE lease IS NOT NULL;
+    CREATE INDEX instances_status ON instances (tenant, status, created_at);
+    CREATE TABLE journal (
+        tenant TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('step', 'sleep', 'wait_event')),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        result BLOB,
+        error TEXT,
+        until REAL,
+        event_type TEXT,
+        retry_limit INTEGER,
+        retry_delay_s REAL,
+        backoff TEXT,
+        timeout_s REAL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        duration_ms REAL,
+        PRIMARY KEY (tenant, instance, seq)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        consumed_seq INTEGER
+    );
+    CREATE INDEX events_pending ON events (tenant, instance, type, id) WHERE consumed_seq IS NULL;
+    CREATE TABLE activations (
+        id INTEGER PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        instance TEXT,
+        kind TEXT NOT NULL,
+        seq INTEGER,
+        step TEXT,
+        pid INTEGER,
+        pid_started REAL,
+        launched_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT,
+        detail TEXT,
+        exit_code INTEGER,
+        cold_start_ms REAL,
+        exec_ms REAL,
+        total_ms REAL,
+        cpu_ms REAL,
+        max_rss_kib INTEGER
+    );
+    CREATE INDEX activations_instance ON activations (tenant, instance, id);
+    CREATE INDEX activations_open ON activations (id) WHERE finished_at IS NULL;
+    """,
+]
+
+
+def connect(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
+    """Open (creating and migrating) the state database. Autocommit; callers use `transaction`."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    path.chmod(0o600)
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        with transaction(conn):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, retried on `database is locked` at BEGIN."""
+    for attempt in range(50):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.01)
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def encode_error(err: ErrorInfo | None) -> str | None:
+    return None if err is None else _error_encoder.encode(err).decode()
+
+
+def decode_error(text: str | None) -> ErrorInfo | None:
+    return None if text is None else _error_decoder.decode(text)
+
+
+# ---------------------------------------------------------------- tenants and code
+
+
+def ensure_tenant(conn: sqlite3.Connection, tenant: str, now: float) -> None:
+    conn.execute("INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                 (tenant, now))
+
+
+def tenant_exists(conn: sqlite3.Connection, tenant: str) -> bool:
+    return conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is not None
+
+
+def tenant_names(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM tenants ORDER BY name")]
+
+
+def get_code(conn: sqlite3.Connection, tenant: str, version: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM code_versions WHERE tenant = ? AND hash = ?", (tenant, version)
+    ).fetchone()
+    return row
+
+
+def put_code(
+    conn: sqlite3.Connection, tenant: str, version: str, kind: str, filename: str, code: bytes,
+    workflows: list[str], now: float,
+) -> None:
+    """Store an immutable code version; a second put of the same hash changes nothing."""
+    conn.execute(
+        "INSERT INTO code_versions (tenant, hash, kind, filename, code, workflows, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (tenant, version, kind, filename, code, ",".join(workflows), now),
+    )
+
+
+def set_deployment(
+    conn: sqlite3.Connection, tenant: str, workflow: str, version: str, now: float
+) -> None:
+    conn.execute(
+        "INSERT INTO deployments (tenant, workflow, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (tenant, workflow) DO UPDATE SET version = excluded.version,"
+        " updated_at = excluded.updated_at",
+        (tenant, workflow, version, now),
+    )
+
+
+def get_deployment(conn: sqlite3.Connection, tenant: str, workflow: str) -> str | None:
+    row = conn.execute(
+        "SELECT version FROM deployments WHERE tenant = ? AND workflow = ?", (tenant, workflow)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+# ---------------------------------------------------------------- instances
+
+
+def get_instance(conn: sqlite3.Connection, tenant: str, instance: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM instances WHERE tenant = ? AND id = ?", (tenant, instance)
+    ).fetchone()
+    return row
+
+
+def count_live_instances(conn: sqlite3.Connection, tenant: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM instances WHERE tenant = ?"
+        " AND status NOT IN ('complete', 'errored', 'terminated')",
+        (tenant,),
+    ).fetchone()
+    return int(row[0])
+
+
+def insert_instance(
+    conn: sqlite3.Connection, tenant: str, instance: str, workflow: str, version: str,
+    params: bytes, now: float,
+) -> bool:
+    """Create a queued instance. False when the id is already taken (the row is left untouched)."""
+    cur = conn.execute(
+        "INSERT INTO instances (tenant, id, workflow, version, status, params, wake_at,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        (tenant, instance, workflow, version, params, now, now, now),
+    )
+    return cur.rowcount == 1
+
+
+def list_instances(
+    conn: sqlite3.Connection, tenant: str, status: str | None, limit: int
+) -> list[sqlite3.Row]:
+    if status is None:
+        sql = "SELECT * FROM instances WHERE tenant = ? ORDER BY created_at, id LIMIT ?"
+        return conn.execute(sql, (tenant, limit)).fetchall()
+    sql = "SELECT * FROM instances WHERE tenant = ? AND status = ? ORDER BY created_at, id LIMIT ?"
+    return conn.execute(sql, (tenant, status, limit)).fetchall()
+
+
+def update_instance(conn: sqlite3.Connection, tenant: str, instance: str, **fields: Any) -> None:
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    conn.execute(
+        f"UPDATE instances SET {cols} WHERE tenant = ? AND id = ?",
+        (*fields.values(), tenant, instance),
+    )
+
+
+def delete_instance(conn: sqlite3.Connection, tenant: str, instance: str) -> None:
+    args = (tenant, instance)
+    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM events WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM instances WHERE tenant = ? AND id = ?", args)
+
+
+def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:
+    """Restart from scratch: drop the journal and consumed events, keep params and pinned code."""
+    args = (tenant, instance)
+    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute(
+        "DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq IS NOT NULL", args
+    )
+    update_instance(
+        conn, tenant, instance, status="queued", output=None, error=None, wake_at=now, lease=None,
+        pause_requested=0, failures=0, steps=0, updated_at=now,
+    )
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def due_instances(conn: sqlite3.Connection, tenant: str, now: float, limit: int) -> list[str]:
+    """Ids of the tenant's unleased instances whose wake time has come, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM instances WHERE tenant = ? AND wake_at IS NOT NULL AND lease IS NULL"
+        " AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+        (tenant, now, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def next_wake(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute(
+        "SELECT min(wake_at) FROM instances WHERE wake_at IS NOT NULL AND lease IS NULL"
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def leased_instances(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM instances WHERE lease IS NOT NULL").fetchall()
+
+
+# ---------------------------------------------------------------- journal entries
+
+
+def journal_rows(conn: sqlite3.Connection, tenant: str, instance: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? ORDER BY seq", (tenant, instance)
+    ).fetchall()
+
+
+def journal_entries(conn: sqlite3.Connection, tenant: str, instance: str) -> list[JournalEntry]:
+    """The journal as replay sees it."""
+    return [
+        JournalEntry(
+            seq=r["seq"], kind=r["kind"], name=r["name"], status=r["status"],
+            attempts=r["attempts"], result=r["result"], error=decode_error(r["error"]),
+            until=r["until"],
+        )
+        for r in conn.execute(
+            "SELECT seq, kind, name, status, attempts, result, error, until FROM journal"
+            " WHERE tenant = ? AND instance = ? ORDER BY seq",
+            (tenant, instance),
+        )
+    ]
+
+
+def get_entry(conn: sqlite3.Connection, tenant: str, instance: str, seq: int) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? AND seq = ?",
+        (tenant, instance, seq),
+    ).fetchone()
+    return row
+
+
+def journal_length(conn: sqlite3.Connection, tenant: str, instance: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM journal WHERE tenant = ? AND instance = ?", (tenant, instance)
+    ).fetchone()
+    return int(row[0])
+
+
+def upsert_entry(
+    conn: sqlite3.Connection, tenant: str, instance: str, seq: int, **fields: Any
+) -> None:
+    """Update the given fields of the entry at `seq`, inserting it when it does not exist yet.
+
+    (Not `INSERT ... ON CONFLICT`: SQLite checks NOT NULL on the insert half before the conflict.)
+    """
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    cur = conn.execute(
+        f"UPDATE journal SET {cols} WHERE tenant = ? AND instance = ? AND seq = ?",
+        (*fields.values(), tenant, instance, seq),
+    )
+    if cur.rowcount == 0:
+        names = ["tenant", "instance", "seq", *fields]
+        conn.execute(
+            f"INSERT INTO journal ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+            (tenant, instance, seq, *fields.values()),
+        )
+
+
+# ---------------------------------------------------------------- events
+
+
+def add_event(
+    conn: sqlite3.Connection, tenant: str, instance: str, type_: str, payload: bytes, now: float
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO events (tenant, instance, type, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+        (tenant, instance, type_, payload, now),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def consume_event(
+    conn: sqlite3.Connection, tenant: str, instance: str, type_: str, seq: int
+) -> sqlite3.Row | None:
+    """Take the oldest unconsumed event of `type_` for the wait at `seq`, or None."""
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT id, type, payload, created_at FROM events WHERE tenant = ? AND instance = ?"
+        " AND type = ? AND consumed_seq IS NULL ORDER BY id LIMIT 1",
+        (tenant, instance, type_),
+    ).fetchone()
+    if row is not None:
+        conn.execute("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, row["id"]))
+    return row
+
+
+# ---------------------------------------------------------------- activations
+
+
+def insert_activation(
+    conn: sqlite3.Connection, tenant: str, instance: str | None, kind: str, now: float
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO activations (tenant, instance, kind, launched_at) VALUES (?, ?, ?, ?)",
+        (tenant, instance, kind, now),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def update_activation(conn: sqlite3.Connection, activation: int, **fields: Any) -> None:
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    conn.execute(f"UPDATE activations SET {cols} WHERE id = ?", (*fields.values(), activation))
+
+
+def open_activations(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM activations WHERE finished_at IS NULL").fetchall()
+
+
+def instance_activations(conn: sqlite3.Connection, tenant: str, instance: str) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT * FROM activations WHERE tenant = ? AND instance = ? ORDER BY id",
+        (tenant, instance),
+    ).fetchall()

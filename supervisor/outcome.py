@@ -1,0 +1,41 @@
+"""Classify how an activation ended, from what the supervisor decided and the wait status."""
+
+from __future__ import annotations
+
+import signal
+
+OK = "ok"
+ERROR = "error"  # the activation reported a failed step or a failed workflow
+OOM = "oom"
+CPU_LIMIT = "cpu_limit"
+WALL_TIMEOUT = "wall_timeout"
+PROTOCOL_ERROR = "protocol_error"
+NEVER_CONNECTED = "never_connected"
+KILLED_BY_OPERATOR = "killed_by_operator"
+INTERRUPTED = "interrupted"  # the supervisor stopped or died while it ran
+CRASHED = "crashed"
+
+
+def classify_exit(status: int, cpu_s: float, cpu_limit_s: int) -> tuple[str, str]:
+    """(outcome, detail) for an activation that exited without a committed result."""
+    if status < 0 or (status & 0x7F):  # killed by a signal
+        signum = -status if status < 0 else status & 0x7F
+        name = _signame(signum)
+        if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= cpu_limit_s):
+            return CPU_LIMIT, f"{name} after {cpu_s:.2f} s of CPU (limit {cpu_limit_s} s)"
+        return f"signalled({name})", f"killed by {name}"
+    code = status >> 8
+    if code == 0:
+        return PROTOCOL_ERROR, "exited without reporting a result"
+    return CRASHED, f"exited with code {code}"
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def failure_message(outcome: str, detail: str) -> str:
+    return f"activation {outcome}: {detail}"
