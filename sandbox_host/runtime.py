@@ -110,9 +110,11 @@ def tenant_traceback(exc: BaseException) -> str:
 
 
 def error_info(exc: BaseException, code: str | None = None) -> ErrorInfo:
+    tb = tenant_traceback(exc)
+    if isinstance(exc, StepFailed) and exc.step_traceback:
+        tb += f"\nThe step {exc.step!r} failed with:\n{exc.step_traceback}"
     return ErrorInfo(
-        type=type(exc).__name__, message=str(exc)[:16_000],
-        traceback=tenant_traceback(exc)[-48_000:], code=code,
+        type=type(exc).__name__, message=str(exc)[:16_000], traceback=tb[-48_000:], code=code,
     )
 
 

@@ -1,0 +1,154 @@
+"""A real supervisor process in a temp dir, and helpers to wait on conditions with deadlines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from stepvisor import Client
+from stepvisor.client import StepVisorError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """Poll `cond` until it returns a truthy value; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """`stepvisor serve` as a child process with its own state, runtime dir and log file."""
+
+    def __init__(self, base: Path, config: str = "", server: str = "") -> None:
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.state = base / "state"
+        self.run_dir = base / "run"
+        self.config_path = base / "stepvisor.toml"
+        self.log_path = base / "supervisor.log"
+        self.endpoint = f"ipc://{self.run_dir / 'api.sock'}"
+        self.write_config(config, server)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients: list[Client] = []
+
+    def write_config(self, extra: str = "", server: str = "") -> None:
+        """Write stepvisor.toml: our [server] keys plus `server` lines, then `extra` tables."""
+        head = textwrap.dedent(f"""
+            [server]
+            state_dir = "{self.state}"
+            runtime_dir = "{self.run_dir}"
+            hello_timeout_s = 20
+            drain_timeout_s = 10
+        """)
+        self.config_path.write_text(head + textwrap.dedent(server) + textwrap.dedent(extra))
+
+    def start(self) -> Daemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
+        )
+        log.close()
+        probe = Client(self.endpoint, timeout_s=0.5)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                return probe.ping(timeout_s=0.5)
+            except StepVisorError:
+                return False
+
+        wait_for(up, 30, "supervisor to answer ping")
+        probe.close()
+        return self
+
+    def client(self, timeout_s: float = 30.0) -> Client:
+        c = Client(self.endpoint, timeout_s=timeout_s)
+        self.clients.append(c)
+        return c
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("supervisor did not stop") from None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_bytes().splitlines():
+            if line.startswith(b"{"):
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    pass
+        return out
+
+    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.logs()
+                if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    # ipc:// paths must fit in sun_path (108 bytes): pytest's tmp_path is often too long.
+    path = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(tmp_short: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: str = "", server: str = "", start: bool = True) -> Daemon:
+        d = Daemon(tmp_short / f"d{len(made)}", config, server)
+        made.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in made:
+        for c in d.clients:
+            c.close()
+        if d.alive():
+            d.stop(signal.SIGKILL)
+        # Activations die with their supervisor (PDEATHSIG); make sure none is left behind.
+        if d.proc is not None:
+            os.system(f"pkill -KILL -f 'sandbox_host --endpoint ipc://{d.run_dir}' 2>/dev/null")
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_daemon()
+
+
+def deploy_source(client: Client, tenant: str, source: str, filename: str = "wf.py") -> dict:
+    return client.deploy(tenant, textwrap.dedent(source), filename=filename)
