@@ -15,7 +15,7 @@ import cloudpickle
 import zmq
 
 from protocol.codec import decode_reply, dump_json, encode
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     TERMINAL_STATUSES,
     BatchItem,
@@ -39,6 +39,13 @@ class StepVisorError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def _json(value: Any, what: str) -> bytes:
+    try:
+        return dump_json(value, what=what)
+    except ProtocolError as exc:
+        raise StepVisorError(exc.code.value, exc.message) from None
 
 
 def default_endpoint() -> str:
@@ -134,13 +141,13 @@ class Client:
 
     def create(self, tenant: str, workflow: str, params: Any = None, *,
                id: str | None = None) -> dict[str, Any]:
-        data = dump_json(params, what="params")
+        data = _json(params, "params")
         return self.call(lambda rid: Create(rid=rid, tenant=tenant, workflow=workflow, id=id,
                                             params=data))
 
     def create_batch(self, tenant: str, workflow: str,
                      items: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
-        batch = [BatchItem(id=i, params=dump_json(p, what="params")) for i, p in items]
+        batch = [BatchItem(id=i, params=_json(p, "params")) for i, p in items]
         return self.call(lambda rid: CreateBatch(rid=rid, tenant=tenant, workflow=workflow,
                                                  items=batch))
 
@@ -155,7 +162,7 @@ class Client:
         return self.call(lambda rid: GetHistory(rid=rid, tenant=tenant, id=id))
 
     def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> dict[str, Any]:
-        data = dump_json(payload, what="event payload")
+        data = _json(payload, "event payload")
         return self.call(lambda rid: SendEvent(rid=rid, tenant=tenant, id=id, type=type,
                                                payload=data))
 

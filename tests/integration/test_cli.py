@@ -1,0 +1,82 @@
+"""The `stepvisor` command against a real supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, Daemon
+
+
+def cli(daemon: Daemon | None, *args: str, socket: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if daemon is not None:
+        env["STEPVISOR_SOCKET"] = str(daemon.run_dir / "api.sock")
+    extra = ["--socket", socket] if socket else []
+    return subprocess.run([sys.executable, "-m", "stepvisor.cli", *extra, *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_deploy_run_wait_history_and_events(daemon: Daemon) -> None:
+    r = cli(daemon, "deploy", "acme", str(ROOT / "examples" / "acme" / "onboarding.py"))
+    assert r.returncode == 0, r.stderr
+    assert "deployed onboard for acme" in r.stdout
+    r = cli(daemon, "run", "acme", "onboard", "--id", "ann", "--params",
+            '{"email": "ann@example.com"}')
+    assert (r.returncode, r.stdout.strip()) == (0, "ann")
+    r = cli(daemon, "event", "acme", "ann", "email-confirmed", "--payload", '{"at": "noon"}')
+    assert r.returncode == 0 and "stored" in r.stdout
+    r = cli(daemon, "--json", "run", "acme", "onboard", "--id", "bob", "--params",
+            '{"email": "bob@example.com"}', "--wait", "--wait-timeout", "1")
+    assert r.returncode == 1 and r.stderr.startswith("error TIMEOUT:")  # bob gets no event
+    cli(daemon, "event", "acme", "bob", "email-confirmed", "--payload", '{"at": "one"}')
+    r = cli(daemon, "--json", "status", "acme", "ann")
+    st = json.loads(r.stdout)
+    for key in ("tenant", "id", "workflow", "version", "status", "output", "error",
+                "created_at", "updated_at", "steps", "activations"):
+        assert key in st
+    r = cli(daemon, "history", "acme", "ann")
+    assert r.returncode == 0 and "create account" in r.stdout
+    r = cli(daemon, "--json", "list", "acme")
+    assert {i["id"] for i in json.loads(r.stdout)} == {"ann", "bob"}
+
+
+def test_cli_run_wait_prints_final_status(daemon: Daemon, tmp_short: Path) -> None:
+    f = tmp_short / "hello.py"
+    f.write_text("from stepvisor import workflow\n\n@workflow('hi')\n"
+                 "def hi(event, step):\n    return step.do('greet', lambda: 'hi ' + event.payload)\n")
+    assert cli(daemon, "deploy", "acme", str(f)).returncode == 0
+    r = cli(daemon, "--json", "run", "acme", "hi", "--params", '"ann"', "--wait")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert (st["status"], st["output"]) == ("complete", "hi ann")
+    for op, status in (("pause", None), ("restart", "queued"), ("terminate", "terminated")):
+        r = cli(daemon, op, "acme", st["id"])
+        if status:
+            assert status in r.stdout
+    r = cli(daemon, "delete", "acme", st["id"])
+    assert r.returncode == 0 and "deleted" in r.stdout
+
+
+def test_cli_errors_are_one_line_with_a_code(daemon: Daemon, tmp_short: Path) -> None:
+    r = cli(daemon, "status", "nobody", "x")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error UNKNOWN_TENANT: ")
+    r = cli(daemon, "run", "acme", "w", "--params", "{oops")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    r = cli(None, "--timeout", "0.5", "status", "acme", "x", socket=str(tmp_short / "no.sock"))
+    assert r.returncode == 1 and r.stderr.startswith("error TIMEOUT: ")
+    r = cli(daemon, "deploy", "acme", str(tmp_short / "missing.py"))
+    assert r.returncode == 1 and r.stderr.startswith("error IO: ")
+
+
+def test_serve_rejects_an_invalid_config(tmp_short: Path) -> None:
+    cfg = tmp_short / "bad.toml"
+    cfg.write_text("[defaults]\nmemory_mib = 'lots'\n")
+    r = subprocess.run([sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "defaults.memory_mib" in r.stderr and r.stderr.startswith("error CONFIG:")

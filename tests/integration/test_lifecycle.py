@@ -1,0 +1,207 @@
+"""Instance operations, deployment, and tenants that cannot see each other."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepvisor import workflow
+from stepvisor.client import StepVisorError
+from tests.conftest import Daemon, deploy_source, wait_for
+
+SLEEPY = """
+import time
+from stepvisor import workflow
+
+@workflow("w")
+def w(event, step):
+    for i in range(event.payload.get("rounds", 3)):
+        step.do(f"work {i}", lambda: time.sleep(event.payload.get("step_s", 0)) or i)
+        step.sleep(f"rest {i}", event.payload.get("rest_s", 0.5))
+    return "finished"
+"""
+
+LONG_STEP = """
+import time
+from stepvisor import workflow
+
+@workflow("w")
+def w(event, step):
+    step.do("long", lambda: time.sleep(60), timeout=120)
+    return "finished"
+"""
+
+
+def code(exc: pytest.ExceptionInfo[StepVisorError]) -> str:
+    return exc.value.code
+
+
+def test_pause_while_sleeping_then_resume(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    c.create("acme", "w", {"rest_s": 1.0}, id="i1")
+    wait_for(lambda: c.status("acme", "i1")["status"] == "waiting", 30, "first sleep")
+    paused = c.pause("acme", "i1")
+    assert (paused["status"], paused["wake_at"]) == ("paused", None)  # nothing will wake it
+    assert c.pause("acme", "i1")["status"] == "paused"  # pausing twice is harmless
+    before = paused["activations"]
+    assert c.resume("acme", "i1")["status"] == "running"
+    with pytest.raises(StepVisorError) as exc:
+        c.resume("acme", "i1")
+    assert code(exc) == "INVALID_STATE"
+    st = c.wait("acme", "i1", timeout_s=30)
+    assert st["output"] == "finished"
+    assert st["activations"] > before
+
+
+def test_pause_during_a_step_takes_effect_after_it(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    c.create("acme", "w", {"step_s": 1.0, "rest_s": 0}, id="i1")
+    wait_for(lambda: c.history("acme", "i1")["entries"], 30, "first step to start")
+    c.pause("acme", "i1")
+    st = wait_for(lambda: (s := c.status("acme", "i1"))["status"] == "paused" and s, 30,
+                  "pause to take effect")
+    entries = c.history("acme", "i1")["entries"]
+    assert entries[0]["status"] == "ok"  # the running step finished and was kept
+    assert c.status("acme", "i1")["activations"] == st["activations"]
+    c.resume("acme", "i1")
+    assert c.wait("acme", "i1", timeout_s=30)["output"] == "finished"
+
+
+def test_terminate_kills_a_running_activation(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", LONG_STEP)
+    c.create("acme", "w", id="i1")
+    wait_for(lambda: c.history("acme", "i1")["entries"], 30, "the long step to start")
+    assert c.terminate("acme", "i1")["status"] == "terminated"
+    wait_for(lambda: c.history("acme", "i1")["activations"][-1]["outcome"]
+             == "killed_by_operator", 30, "the activation to be recorded as killed")
+    with pytest.raises(StepVisorError) as exc:
+        c.terminate("acme", "i1")
+    assert code(exc) == "INVALID_STATE"
+    with pytest.raises(StepVisorError) as exc:
+        c.send_event("acme", "i1", "x")
+    assert code(exc) == "INVALID_STATE"
+
+
+def test_restart_runs_again_from_scratch(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    c.create("acme", "w", {"rounds": 1, "rest_s": 0}, id="i1")
+    first = c.wait("acme", "i1", timeout_s=30)
+    assert first["output"] == "finished"
+    assert c.restart("acme", "i1")["status"] == "queued"
+    second = c.wait("acme", "i1", timeout_s=30)
+    assert second["output"] == "finished"
+    assert second["activations"] == 2 * first["activations"]
+    assert len(c.history("acme", "i1")["entries"]) == 2
+
+
+def test_delete_removes_the_instance(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", LONG_STEP)
+    c.create("acme", "w", id="i1")
+    wait_for(lambda: c.history("acme", "i1")["entries"], 30, "the step to start")
+    assert c.delete("acme", "i1")["deleted"] is True
+    with pytest.raises(StepVisorError) as exc:
+        c.status("acme", "i1")
+    assert code(exc) == "NOT_FOUND"
+    assert c.list("acme") == []
+
+
+def test_list_filters_by_status(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    c.create("acme", "w", {"rounds": 1, "rest_s": 0}, id="done")
+    c.wait("acme", "done", timeout_s=30)
+    c.create("acme", "w", {"rest_s": 30}, id="sleeper")
+    wait_for(lambda: c.status("acme", "sleeper")["status"] == "waiting", 30, "sleeper")
+    assert [r["id"] for r in c.list("acme", "complete")] == ["done"]
+    assert [r["id"] for r in c.list("acme", "waiting")] == ["sleeper"]
+    assert {r["id"] for r in c.list("acme")} == {"done", "sleeper"}
+
+
+def test_tenants_cannot_see_or_touch_each_other(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    deploy_source(c, "globex", SLEEPY)
+    c.create("acme", "w", {"rest_s": 30}, id="secret")
+    c.create("globex", "w", {"rounds": 1, "rest_s": 0}, id="secret")  # same id, other tenant
+    assert c.wait("globex", "secret", timeout_s=30)["output"] == "finished"
+    assert [r["tenant"] for r in c.list("globex")] == ["globex"]
+    assert c.status("acme", "secret")["status"] in ("running", "waiting", "queued")
+    c.create("globex", "w", id="g2")
+    for call in (lambda: c.status("globex", "a-only"), lambda: c.pause("globex", "a-only"),
+                 lambda: c.send_event("globex", "a-only", "x"),
+                 lambda: c.history("globex", "a-only")):
+        with pytest.raises(StepVisorError) as exc:
+            call()
+        assert code(exc) == "NOT_FOUND"
+    c.create("acme", "w", id="a-only")
+    with pytest.raises(StepVisorError) as exc:
+        c.delete("globex", "a-only")
+    assert code(exc) == "NOT_FOUND"
+    assert c.status("acme", "a-only")["tenant"] == "acme"
+    with pytest.raises(StepVisorError) as exc:
+        c.list("initech")
+    assert code(exc) == "UNKNOWN_TENANT"
+
+
+def test_create_is_idempotent_per_id(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SLEEPY)
+    assert c.create("acme", "w", {"rounds": 1}, id="x")["created"] is True
+    assert c.create("acme", "w", {"rounds": 1}, id="x")["created"] is False
+    with pytest.raises(StepVisorError) as exc:
+        c.create("acme", "w", {"rounds": 2}, id="x")
+    assert code(exc) == "ALREADY_EXISTS"
+    generated = c.create("acme", "w", {"rounds": 1})["id"]
+    assert generated and generated != "x"
+    batch = c.create_batch("acme", "w", [("b1", {"rounds": 1}), ("x", {"rounds": 1})])
+    assert [(r["id"], r["created"]) for r in batch] == [("b1", True), ("x", False)]
+    with pytest.raises(StepVisorError) as exc:  # one bad item: the whole batch is refused
+        c.create_batch("acme", "w", [("b2", {"rounds": 1}), ("x", {"rounds": 9})])
+    assert code(exc) == "ALREADY_EXISTS"
+    with pytest.raises(StepVisorError):
+        c.status("acme", "b2")
+
+
+def test_deploy_failures_are_reported_with_the_tenant_error(daemon: Daemon) -> None:
+    c = daemon.client()
+    with pytest.raises(StepVisorError) as exc:
+        deploy_source(c, "acme", "def broken(:\n    pass\n", filename="broken.py")
+    assert code(exc) == "DEPLOY_FAILED"
+    assert "SyntaxError" in exc.value.message and "broken.py" in exc.value.message
+    with pytest.raises(StepVisorError) as exc:
+        deploy_source(c, "acme", "import no_such_module_anywhere\n", filename="imp.py")
+    assert code(exc) == "DEPLOY_FAILED" and "no_such_module_anywhere" in exc.value.message
+    with pytest.raises(StepVisorError) as exc:
+        deploy_source(c, "acme", "x = 1\n", filename="empty.py")
+    assert code(exc) == "DEPLOY_FAILED" and "no function decorated" in exc.value.message
+    with pytest.raises(StepVisorError) as exc:  # never deployed successfully: unknown tenant
+        c.create("acme", "w")
+    assert code(exc) == "UNKNOWN_TENANT"
+    deploy_source(c, "acme", SLEEPY)
+    with pytest.raises(StepVisorError) as exc:
+        c.create("acme", "nope")
+    assert code(exc) == "UNKNOWN_WORKFLOW"
+
+
+@workflow("by-value")
+def by_value(event, step):
+    doubled = step.do("double", lambda: event.payload * 2)
+    return {"doubled": doubled, "helper": _helper(doubled)}
+
+
+def _helper(n: int) -> str:
+    return f"n={n}"
+
+
+def test_deploy_a_function_by_value(daemon: Daemon) -> None:
+    c = daemon.client()
+    r = c.deploy("acme", by_value)
+    assert r["workflows"] == ["by-value"]
+    c.create("acme", "by-value", 21, id="v")
+    assert c.wait("acme", "v", timeout_s=30)["output"] == {"doubled": 42, "helper": "n=42"}
+    with pytest.raises(TypeError):
+        c.deploy("acme", _helper)
