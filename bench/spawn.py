@@ -34,8 +34,7 @@ from typing import Any
 
 import psutil
 
-from stepvisor import Client
-from stepvisor.client import StepVisorError
+from stepvisor.client import Client, StepVisorError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -274,7 +273,7 @@ def wait_complete(client: Client, sup: Supervisor, workflows: int, timeout_s: fl
 
 
 def cpu_ms(before: Any, after: Any, *fields: str) -> float:
-    return round(sum(getattr(after, f) - getattr(before, f) for f in fields) * 1000, 1)
+    return round(float(sum(getattr(after, f) - getattr(before, f) for f in fields)) * 1000, 1)
 
 
 def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) -> dict[str, Any]:
@@ -284,7 +283,8 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         if WORKFLOW not in deployed.get("workflows", []):
             raise BenchError(f"deploy did not register {WORKFLOW!r}: {deployed}")
         ids = [f"w{k:06d}" for k in range(workflows)]
-        sproc = psutil.Process(sup.proc.pid if sup.proc else 0)
+        assert sup.proc is not None
+        sproc = psutil.Process(sup.proc.pid)
         cpu0, me0 = sproc.cpu_times(), psutil.Process().cpu_times()
         log(f"creating {workflows} instances (create_batch) and waiting for completion")
         t0 = time.perf_counter()

@@ -158,6 +158,8 @@ class Activate(Base, frozen=True, tag="activate"):
 
 
 class StepStarted(Base, frozen=True, tag="step_started"):
+    """Sent before a step's callable runs; the activation waits for an Ack before running it."""
+
     seq: Seq
     name: Name
     attempt: Annotated[int, msgspec.Meta(ge=1)]

@@ -7,19 +7,13 @@ the new command: it is sent to the supervisor, acknowledged after commit, and th
 from __future__ import annotations
 
 import datetime as dt
-import inspect
-import linecache
 import os
 import re
 import sys
 import time
-import traceback
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn
-
-import cloudpickle
+from typing import Any, NamedTuple, NoReturn
 
 from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
@@ -56,8 +50,8 @@ class _Nondeterminism(_Stop):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Event:
+# NamedTuples, not dataclasses: importing dataclasses and inspect costs an activation ~10 ms.
+class Event(NamedTuple):
     """What a workflow function receives as its first argument."""
 
     payload: Any
@@ -65,8 +59,7 @@ class Event:
     timestamp: dt.datetime
 
 
-@dataclass(frozen=True)
-class StepContext:
+class StepContext(NamedTuple):
     """Passed to a step callable that takes one argument."""
 
     attempt: int
@@ -100,8 +93,16 @@ def _retry_policy(retries: object) -> tuple[int, float, str]:
     return limit, duration_s(policy["delay"], "retries['delay']"), str(backoff)
 
 
+_SOURCES: dict[str, str] = {}  # virtual filename → tenant source, for tracebacks
+
+
 def tenant_traceback(exc: BaseException) -> str:
     """The exception's traceback with the runtime's own frames left out."""
+    import linecache
+    import traceback
+
+    for filename, source in _SOURCES.items():
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     te = traceback.TracebackException.from_exception(exc)
     te.stack = traceback.StackSummary.from_list(
         [f for f in te.stack if not f.filename.startswith(_HERE)]
@@ -148,6 +149,8 @@ class Output:
 def load_workflows(act: Activate) -> dict[str, Callable[..., Any]]:
     """Execute the tenant's code and return its `@workflow` functions by name."""
     if act.code_kind == "pickle":
+        import cloudpickle  # only functions deployed by value need it
+
         fn = cloudpickle.loads(act.code)
         name = getattr(fn, WORKFLOW_ATTR, None)
         if not callable(fn) or not isinstance(name, str):
@@ -155,7 +158,7 @@ def load_workflows(act: Activate) -> dict[str, Callable[..., Any]]:
         return {name: fn}
     filename = f"<{act.tenant}>/{act.filename}"
     source = act.code.decode("utf-8")
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    _SOURCES[filename] = source
     module = types.ModuleType("tenant_workflows")
     module.__file__ = filename
     sys.modules[module.__name__] = module
@@ -281,8 +284,11 @@ class Runtime:
     def run_step(self, name: str, fn: Callable[..., Any], attempt: int, limit: int,
                  delay_s: float, backoff: str, timeout_s: float) -> NoReturn:
         seq = self.cursor - 1
+        sys.stdout.flush()  # output so far belongs before the step, in the supervisor's log too
+        sys.stderr.flush()
         self.channel.send(StepStarted(seq=seq, name=name, attempt=attempt, retry_limit=limit,
                                       retry_delay_s=delay_s, backoff=backoff, timeout_s=timeout_s))  # type: ignore[arg-type]
+        self.channel.wait_ack()  # the supervisor now attributes our output to this step
         t0 = time.perf_counter()
         try:
             value = fn(StepContext(attempt=attempt, step=name)) if _wants_ctx(fn) else fn()
@@ -348,15 +354,21 @@ class Runtime:
 
 
 def _wants_ctx(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
+    """True when `fn` takes a required positional argument (or *args): it gets the context."""
+    target = fn
+    bound = 0
+    if isinstance(fn, types.MethodType):
+        target, bound = fn.__func__, 1
+    elif not isinstance(fn, types.FunctionType | types.LambdaType):
+        target = getattr(type(fn), "__call__", None)  # noqa: B004 - a callable object
+        bound = 1
+    code = getattr(target, "__code__", None)
+    if code is None:
         return False
-    positional = [
-        p for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    return len(positional) >= 1 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    if code.co_flags & 0x04:  # CO_VARARGS
+        return True
+    required = code.co_argcount - len(getattr(target, "__defaults__", None) or ()) - bound
+    return required >= 1
 
 
 def _ms(t0: float) -> float:

@@ -417,6 +417,9 @@ class Supervisor:
             except ProtocolError as exc:
                 self._protocol_error(act, exc.message, mono)
                 continue
+            # Output written before this message is already in the pipes: log it under the
+            # activation's state before the message changes it, so lines land on the right step.
+            self._drain_output(act)
             self.conn.execute("SAVEPOINT message")
             try:
                 self._on_message(act, msg, now, mono)
@@ -456,6 +459,10 @@ class Supervisor:
             act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
             act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
             j.update_activation(self.conn, act.aid, seq=msg.seq, step=msg.name)
+            # Acked at once, not after commit: this ack only orders the step's output after this
+            # point in our log. Durability does not need it: if we die before committing, the
+            # activation dies with us and the attempt re-runs as interrupted.
+            self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
         elif isinstance(msg, StepResult) and act.state == IN_STEP:
             if msg.seq != act.seq:
                 self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
@@ -641,8 +648,7 @@ class Supervisor:
                 continue
             if act.proc is not None:
                 act.proc.returncode = os.waitstatus_to_exitcode(status)
-            for fd in [fd for fd, a in self.by_fd.items() if a is act]:
-                self._read_output(fd, final=True)
+            self._drain_output(act)
             cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
             if act.state != SETTLED:
                 how, detail = outcome.classify_exit(status, cpu_s, act.limits.cpu_seconds)
@@ -683,7 +689,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ tenant output
 
-    def _read_output(self, fd: int, final: bool = False) -> None:
+    def _drain_output(self, act: Activation) -> None:
+        for fd in [fd for fd, a in self.by_fd.items() if a is act]:
+            self._read_output(fd, everything=True)
+
+    def _read_output(self, fd: int, everything: bool = False) -> None:
         act = self.by_fd.get(fd)
         if act is None:
             return
@@ -713,7 +723,7 @@ class Supervisor:
                 self._log_output(act, stream, line)
             if rest:
                 act.partial[fd] = rest[-65536:]
-            if not final:
+            if not everything:
                 break
 
     def _log_output(self, act: Activation, stream: str, line: bytes) -> None:

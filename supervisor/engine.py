@@ -48,6 +48,10 @@ def release(conn: sqlite3.Connection, tenant: str, instance: str, now: float, *,
         return
     if row["pause_requested"] and status not in ("complete", "errored", "terminated"):
         status, wake_at = "paused", None
+    if wake_at is not None and wake_at <= now:
+        # Due now: sort it by its creation time, so within a tenant the oldest instance goes
+        # first and started workflows finish before new ones start (depth first, not lockstep).
+        wake_at = min(wake_at, float(row["created_at"]))
     j.update_instance(
         conn, tenant, instance, status=status, wake_at=wake_at, lease=None, pause_requested=0,
         steps=j.journal_length(conn, tenant, instance), updated_at=now, **fields,

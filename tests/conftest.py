@@ -52,14 +52,12 @@ class Daemon:
 
     def write_config(self, extra: str = "", server: str = "") -> None:
         """Write stepvisor.toml: our [server] keys plus `server` lines, then `extra` tables."""
-        head = textwrap.dedent(f"""
-            [server]
-            state_dir = "{self.state}"
-            runtime_dir = "{self.run_dir}"
-            hello_timeout_s = 20
-            drain_timeout_s = 10
-        """)
-        self.config_path.write_text(head + textwrap.dedent(server) + textwrap.dedent(extra))
+        server = textwrap.dedent(server)
+        head = ["[server]", f'state_dir = "{self.state}"', f'runtime_dir = "{self.run_dir}"']
+        for key, value in (("hello_timeout_s", "20"), ("drain_timeout_s", "10")):
+            if key not in server:
+                head.append(f"{key} = {value}")
+        self.config_path.write_text("\n".join(head) + "\n" + server + textwrap.dedent(extra))
 
     def start(self) -> Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115

@@ -1,0 +1,117 @@
+"""Kill the supervisor (SIGKILL) or stop it (SIGTERM) mid-flight: nothing journaled is lost or redone."""
+
+from __future__ import annotations
+
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Daemon, deploy_source, wait_for
+
+pytestmark = pytest.mark.chaos
+
+SRC = """
+import os, time, uuid
+from stepvisor import workflow
+
+def work(log, iid, seq, pause):
+    token = uuid.uuid4().hex
+    with open(log, "a") as f:
+        f.write(f"{iid} {seq} {token}\\n")
+    time.sleep(pause)
+    return token
+
+@workflow("w")
+def w(event, step):
+    p = event.payload
+    tokens = [step.do(f"s{i}", lambda i=i: work(p["log"], event.instance_id, i, p["pause"]))
+              for i in range(p["steps"])]
+    return tokens
+"""
+
+
+def journaled_steps(c, ids: list[str]) -> int:
+    return sum(sum(e["status"] == "ok" for e in c.history("acme", i)["entries"]) for i in ids)
+
+
+def executions(log: Path) -> dict[tuple[str, int], list[str]]:
+    runs: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for line in log.read_text().splitlines():
+        iid, seq, token = line.split()
+        runs[(iid, int(seq))].append(token)
+    return runs
+
+
+def sandbox_processes(daemon: Daemon) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if f"ipc://{daemon.run_dir}" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
+    make_daemon, tmp_short: Path
+) -> None:
+    daemon = make_daemon("[defaults]\nmax_concurrent = 3\n")
+    log = tmp_short / "executions.log"
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    ids = [f"i{n}" for n in range(6)]
+    c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 5, "pause": 0.15}) for i in ids])
+    for threshold in (4, 12):
+        wait_for(lambda t=threshold: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
+        daemon.stop(signal.SIGKILL)
+        # PDEATHSIG: the running activations die with their supervisor.
+        wait_for(lambda: not sandbox_processes(daemon), 10, "orphaned activations to die")
+        daemon.start()
+        c = daemon.client()
+    finals = {i: c.wait("acme", i, timeout_s=120) for i in ids}
+    assert all(st["status"] == "complete" for st in finals.values())
+    runs = executions(log)
+    for iid, st in finals.items():
+        for seq, journaled_token in enumerate(st["output"]):
+            tokens = runs[(iid, seq)]
+            # The journaled result is the last execution: a journaled step never runs again.
+            assert tokens[-1] == journaled_token, (iid, seq, tokens)
+            assert len(tokens) <= 3  # at most one re-run per supervisor death
+    assert daemon.events("recovery.requeued")
+    outcomes = [a["outcome"] for i in ids for a in c.history("acme", i)["activations"]]
+    assert "interrupted" in outcomes
+    assert outcomes.count(None) == 0
+
+
+def test_sigterm_drains_running_activations(make_daemon, tmp_short: Path) -> None:
+    daemon = make_daemon()
+    log = tmp_short / "executions.log"
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    c.create("acme", "w", {"log": str(log), "steps": 2, "pause": 1.0}, id="d")
+    wait_for(lambda: log.exists(), 30, "the first step to start")
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert daemon.events("supervisor.draining") and daemon.events("supervisor.stopped")
+    daemon.start()
+    c = daemon.client()
+    st = c.wait("acme", "d", timeout_s=60)
+    assert st["status"] == "complete"
+    runs = executions(log)
+    assert len(runs[("d", 0)]) == 1  # finished during the drain; not re-run after restart
+
+
+def test_drain_deadline_kills_and_the_step_reruns_after_restart(
+    make_daemon, tmp_short: Path
+) -> None:
+    daemon = make_daemon(server="drain_timeout_s = 0.3\n")
+    log = tmp_short / "executions.log"
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    c.create("acme", "w", {"log": str(log), "steps": 1, "pause": 30}, id="d")
+    wait_for(lambda: log.exists(), 30, "the step to start")
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not sandbox_processes(daemon)
+    c = daemon.start().client()
+    assert c.history("acme", "d")["activations"][0]["outcome"] == "interrupted"
+    wait_for(lambda: len(executions(log)[("d", 0)]) == 2, 30, "the step to re-run")
+    entry = wait_for(lambda: (e := c.history("acme", "d")["entries"][0])["status"] == "running"
+                     and e, 30, "the re-run to be journaled as started")
+    assert entry["attempts"] == 1  # the interrupted attempt did not count

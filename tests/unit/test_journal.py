@@ -1,0 +1,354 @@
+"""supervisor.journal on a real SQLite file: schema, immutable code, FIFO events, scheduling."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.messages import ErrorInfo, JournalEntry
+from supervisor import journal as j
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "stepvisor.db"
+
+
+@pytest.fixture
+def conn(db_path: Path) -> Iterator[sqlite3.Connection]:
+    c = j.connect(db_path)
+    yield c
+    c.close()
+
+
+def add(conn: sqlite3.Connection, iid: str, *, tenant: str = "acme", now: float = T0,
+        params: bytes = b"null") -> bool:
+    return j.insert_instance(conn, tenant, iid, "wf", "v1", params, now)
+
+
+# ---------------------------------------------------------------- schema
+
+
+def test_connect_creates_a_wal_database_at_the_current_schema(db_path: Path) -> None:
+    conn = j.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(j.MIGRATIONS)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert conn.in_transaction is False  # autocommit; callers use transaction()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"tenants", "code_versions", "deployments", "instances", "journal", "events",
+                "activations"} <= tables
+    finally:
+        conn.close()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+def test_connect_normal_synchronous(db_path: Path) -> None:
+    conn = j.connect(db_path, synchronous="normal")
+    try:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        conn.close()
+
+
+def test_connecting_twice_is_idempotent_and_keeps_data(db_path: Path) -> None:
+    first = j.connect(db_path)
+    with j.transaction(first):
+        assert add(first, "i1")
+    first.close()
+    second = j.connect(db_path)
+    try:
+        assert second.execute("PRAGMA user_version").fetchone()[0] == len(j.MIGRATIONS)
+        row = j.get_instance(second, "acme", "i1")
+        assert row is not None and row["status"] == "queued"
+        # a third connection while the second is open migrates nothing and sees the same rows
+        third = j.connect(db_path)
+        assert j.get_instance(third, "acme", "i1") is not None
+        third.close()
+    finally:
+        second.close()
+
+
+# ---------------------------------------------------------------- transactions
+
+
+def test_transaction_commits(conn: sqlite3.Connection, db_path: Path) -> None:
+    with j.transaction(conn):
+        j.ensure_tenant(conn, "acme", T0)
+    other = sqlite3.connect(db_path)
+    try:
+        assert other.execute("SELECT name FROM tenants").fetchall() == [("acme",)]
+    finally:
+        other.close()
+
+
+def test_transaction_rolls_back_on_exception(conn: sqlite3.Connection) -> None:
+    with j.transaction(conn):
+        assert add(conn, "keep")
+    with pytest.raises(RuntimeError, match="boom"), j.transaction(conn):
+        assert add(conn, "gone")
+        j.update_instance(conn, "acme", "keep", status="running")
+        raise RuntimeError("boom")
+    assert conn.in_transaction is False
+    assert j.get_instance(conn, "acme", "gone") is None
+    row = j.get_instance(conn, "acme", "keep")
+    assert row is not None and row["status"] == "queued"
+    # the connection is still usable afterwards
+    with j.transaction(conn):
+        assert add(conn, "after")
+    assert j.get_instance(conn, "acme", "after") is not None
+
+
+def test_transaction_rolls_back_on_base_exception(conn: sqlite3.Connection) -> None:
+    with pytest.raises(KeyboardInterrupt), j.transaction(conn):
+        add(conn, "gone")
+        raise KeyboardInterrupt
+    assert j.get_instance(conn, "acme", "gone") is None
+
+
+# ---------------------------------------------------------------- tenants and code
+
+
+def test_tenants(conn: sqlite3.Connection) -> None:
+    assert not j.tenant_exists(conn, "acme")
+    j.ensure_tenant(conn, "zeta", T0)
+    j.ensure_tenant(conn, "acme", T0)
+    j.ensure_tenant(conn, "acme", T0 + 5)  # idempotent
+    assert j.tenant_exists(conn, "acme")
+    assert j.tenant_names(conn) == ["acme", "zeta"]
+
+
+def test_put_code_is_immutable_per_hash(conn: sqlite3.Connection) -> None:
+    j.put_code(conn, "acme", "h1", "source", "a.py", b"first", ["w1", "w2"], T0)
+    j.put_code(conn, "acme", "h1", "pickle", "b.py", b"second", ["other"], T0 + 10)
+    row = j.get_code(conn, "acme", "h1")
+    assert row is not None
+    assert (row["kind"], row["filename"], bytes(row["code"]), row["workflows"],
+            row["created_at"]) == ("source", "a.py", b"first", "w1,w2", T0)
+    assert conn.execute("SELECT count(*) FROM code_versions").fetchone()[0] == 1
+    # the same hash is a separate version for another tenant
+    j.put_code(conn, "beta", "h1", "source", "b.py", b"beta code", ["w"], T0)
+    beta = j.get_code(conn, "beta", "h1")
+    assert beta is not None and bytes(beta["code"]) == b"beta code"
+    assert j.get_code(conn, "acme", "nope") is None
+
+
+def test_put_code_rejects_unknown_kind(conn: sqlite3.Connection) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        j.put_code(conn, "acme", "h", "exe", "a", b"x", [], T0)
+
+
+def test_deployments_point_at_the_latest_version(conn: sqlite3.Connection) -> None:
+    assert j.get_deployment(conn, "acme", "wf") is None
+    j.set_deployment(conn, "acme", "wf", "v1", T0)
+    j.set_deployment(conn, "acme", "wf", "v2", T0 + 1)
+    assert j.get_deployment(conn, "acme", "wf") == "v2"
+    assert j.get_deployment(conn, "beta", "wf") is None
+
+
+# ---------------------------------------------------------------- instances
+
+
+def test_insert_instance_creates_a_queued_due_instance(conn: sqlite3.Connection) -> None:
+    assert add(conn, "i1", params=b'{"x":1}') is True
+    row = j.get_instance(conn, "acme", "i1")
+    assert row is not None
+    assert row["status"] == "queued"
+    assert row["wake_at"] == T0
+    assert row["lease"] is None
+    assert bytes(row["params"]) == b'{"x":1}'
+    assert (row["version"], row["workflow"]) == ("v1", "wf")
+
+
+def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: sqlite3.Connection) -> None:
+    assert add(conn, "i1", params=b"1")
+    j.update_instance(conn, "acme", "i1", status="running", lease=7)
+    assert j.insert_instance(conn, "acme", "i1", "other", "v9", b"2", T0 + 50) is False
+    row = j.get_instance(conn, "acme", "i1")
+    assert row is not None
+    assert (row["workflow"], row["version"], bytes(row["params"]), row["status"], row["lease"],
+            row["created_at"]) == ("wf", "v1", b"1", "running", 7, T0)
+    # the same id in another tenant is a different instance
+    assert add(conn, "i1", tenant="beta") is True
+
+
+def test_count_and_list_instances(conn: sqlite3.Connection) -> None:
+    for n, status in enumerate(["queued", "running", "complete", "errored", "terminated",
+                                "paused", "waiting"]):
+        add(conn, f"i{n}", now=T0 + n)
+        j.update_instance(conn, "acme", f"i{n}", status=status)
+    add(conn, "other", tenant="beta")
+    assert j.count_live_instances(conn, "acme") == 4
+    assert [r["id"] for r in j.list_instances(conn, "acme", None, 100)] == [
+        f"i{n}" for n in range(7)]
+    assert [r["id"] for r in j.list_instances(conn, "acme", None, 2)] == ["i0", "i1"]
+    assert [r["id"] for r in j.list_instances(conn, "acme", "complete", 100)] == ["i2"]
+    assert [r["id"] for r in j.list_instances(conn, "beta", None, 100)] == ["other"]
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_consume_event_is_fifo_per_type_and_never_repeats(conn: sqlite3.Connection) -> None:
+    add(conn, "i1")
+    e1 = j.add_event(conn, "acme", "i1", "a", b"1", T0)
+    j.add_event(conn, "acme", "i1", "b", b"b1", T0 + 1)
+    e3 = j.add_event(conn, "acme", "i1", "a", b"2", T0 + 2)
+    j.add_event(conn, "acme", "i2", "a", b"other instance", T0)
+    j.add_event(conn, "beta", "i1", "a", b"other tenant", T0)
+    assert e1 < e3
+
+    first = j.consume_event(conn, "acme", "i1", "a", 3)
+    second = j.consume_event(conn, "acme", "i1", "a", 5)
+    assert first is not None and second is not None
+    assert (first["id"], bytes(first["payload"]), first["type"]) == (e1, b"1", "a")
+    assert (second["id"], bytes(second["payload"])) == (e3, b"2")
+    assert j.consume_event(conn, "acme", "i1", "a", 6) is None
+    b = j.consume_event(conn, "acme", "i1", "b", 7)
+    assert b is not None and bytes(b["payload"]) == b"b1"
+    assert j.consume_event(conn, "acme", "i1", "b", 8) is None
+    consumed = dict(conn.execute("SELECT id, consumed_seq FROM events WHERE tenant = 'acme' "
+                                 "AND instance = 'i1'").fetchall())
+    assert consumed[e1] == 3 and consumed[e3] == 5
+    # the other instance's and the other tenant's events are untouched
+    assert conn.execute("SELECT count(*) FROM events WHERE consumed_seq IS NULL").fetchone()[0] == 2
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def test_due_instances_orders_by_wake_at_and_skips_leased_and_future(
+        conn: sqlite3.Connection) -> None:
+    add(conn, "late", now=T0 + 30)
+    add(conn, "early", now=T0 + 10)
+    add(conn, "middle", now=T0 + 20)
+    add(conn, "leased", now=T0)
+    j.update_instance(conn, "acme", "leased", lease=1)
+    add(conn, "future", now=T0 + 1000)
+    add(conn, "parked")
+    j.update_instance(conn, "acme", "parked", wake_at=None, status="paused")
+    assert j.due_instances(conn, "acme", T0 + 100, 10) == ["early", "middle", "late"]
+    assert j.due_instances(conn, "acme", T0 + 100, 2) == ["early", "middle"]
+    assert j.due_instances(conn, "acme", T0 + 20, 10) == ["early", "middle"]  # wake_at <= now
+    assert j.due_instances(conn, "acme", T0 + 5, 10) == []
+
+
+def test_due_instances_is_per_tenant(conn: sqlite3.Connection) -> None:
+    add(conn, "a1", tenant="acme", now=T0)
+    add(conn, "a2", tenant="acme", now=T0 + 1)
+    add(conn, "b1", tenant="beta", now=T0 + 2)
+    assert j.due_instances(conn, "beta", T0 + 10, 100) == ["b1"]
+    assert j.due_instances(conn, "acme", T0 + 10, 100) == ["a1", "a2"]
+    assert j.due_instances(conn, "gamma", T0 + 10, 100) == []
+
+
+def test_next_wake(conn: sqlite3.Connection) -> None:
+    assert j.next_wake(conn) is None
+    add(conn, "a", now=T0 + 50)
+    add(conn, "b", tenant="beta", now=T0 + 20)
+    add(conn, "c", now=T0 + 5)
+    j.update_instance(conn, "acme", "c", lease=3)  # leased: not waiting for a wake
+    assert j.next_wake(conn) == T0 + 20
+    j.update_instance(conn, "beta", "b", wake_at=None)
+    assert j.next_wake(conn) == T0 + 50
+    assert [r["id"] for r in j.leased_instances(conn)] == ["c"]
+
+
+# ---------------------------------------------------------------- journal entries
+
+
+def test_upsert_entry_inserts_then_updates(conn: sqlite3.Connection) -> None:
+    add(conn, "i1")
+    j.upsert_entry(conn, "acme", "i1", 0, kind="step", name="a", status="running", attempts=1,
+                   started_at=T0)
+    j.upsert_entry(conn, "acme", "i1", 0, status="ok", result=b"42", finished_at=T0 + 1)
+    err = ErrorInfo(type="ValueError", message="bad", traceback="tb")
+    j.upsert_entry(conn, "acme", "i1", 1, kind="step", name="b", status="error", attempts=3,
+                   error=j.encode_error(err), started_at=T0 + 2)
+    j.upsert_entry(conn, "acme", "i1", 2, kind="sleep", name="s", status="sleeping",
+                   until=T0 + 99, started_at=T0 + 3)
+    assert j.journal_length(conn, "acme", "i1") == 3
+    assert j.journal_entries(conn, "acme", "i1") == [
+        JournalEntry(seq=0, kind="step", name="a", status="ok", attempts=1, result=b"42"),
+        JournalEntry(seq=1, kind="step", name="b", status="error", attempts=3, error=err),
+        JournalEntry(seq=2, kind="sleep", name="s", status="sleeping", until=T0 + 99),
+    ]
+    row = j.get_entry(conn, "acme", "i1", 0)
+    assert row is not None and row["finished_at"] == T0 + 1 and row["started_at"] == T0
+    assert j.get_entry(conn, "acme", "i1", 9) is None
+    assert j.journal_entries(conn, "beta", "i1") == []
+
+
+def test_error_encoding_round_trips() -> None:
+    err = ErrorInfo(type="E", message="m", traceback="t", code="NONDETERMINISM")
+    assert j.decode_error(j.encode_error(err)) == err
+    assert j.encode_error(None) is None and j.decode_error(None) is None
+
+
+# ---------------------------------------------------------------- delete and reset
+
+
+def _instance_with_history(conn: sqlite3.Connection, iid: str) -> None:
+    add(conn, iid, params=b'{"p":1}')
+    j.upsert_entry(conn, "acme", iid, 0, kind="step", name="a", status="ok", result=b"1",
+                   started_at=T0)
+    j.upsert_entry(conn, "acme", iid, 1, kind="wait_event", name="w", status="ok",
+                   started_at=T0)
+    j.add_event(conn, "acme", iid, "e", b"consumed", T0)
+    j.consume_event(conn, "acme", iid, "e", 1)
+    j.add_event(conn, "acme", iid, "e", b"pending", T0 + 1)
+    j.update_instance(conn, "acme", iid, status="complete", output=b"1", wake_at=None,
+                      failures=2, steps=2, pause_requested=1, error='{"type":"x"}')
+
+
+def test_delete_instance_removes_journal_and_events(conn: sqlite3.Connection) -> None:
+    _instance_with_history(conn, "doomed")
+    _instance_with_history(conn, "kept")
+    j.delete_instance(conn, "acme", "doomed")
+    assert j.get_instance(conn, "acme", "doomed") is None
+    assert j.journal_rows(conn, "acme", "doomed") == []
+    assert conn.execute("SELECT count(*) FROM events WHERE instance = 'doomed'").fetchone()[0] == 0
+    assert j.get_instance(conn, "acme", "kept") is not None
+    assert j.journal_length(conn, "acme", "kept") == 2
+    assert conn.execute("SELECT count(*) FROM events WHERE instance = 'kept'").fetchone()[0] == 2
+    # the id can be reused afterwards
+    assert add(conn, "doomed")
+
+
+def test_reset_instance_clears_the_journal_and_requeues(conn: sqlite3.Connection) -> None:
+    _instance_with_history(conn, "i1")
+    j.reset_instance(conn, "acme", "i1", T0 + 500)
+    row = j.get_instance(conn, "acme", "i1")
+    assert row is not None
+    assert j.journal_rows(conn, "acme", "i1") == []
+    assert (row["status"], row["wake_at"], row["output"], row["error"], row["lease"],
+            row["failures"], row["steps"], row["pause_requested"]) == (
+        "queued", T0 + 500, None, None, None, 0, 0, 0)
+    assert (bytes(row["params"]), row["version"]) == (b'{"p":1}', "v1")  # pinned code kept
+    payloads = [bytes(r[0]) for r in conn.execute("SELECT payload FROM events WHERE instance='i1'")]
+    assert payloads == [b"pending"]  # consumed events are dropped, pending ones stay buffered
+    assert j.due_instances(conn, "acme", T0 + 500, 10) == ["i1"]
+
+
+# ---------------------------------------------------------------- activations
+
+
+def test_activation_records(conn: sqlite3.Connection) -> None:
+    add(conn, "i1")
+    a1 = j.insert_activation(conn, "acme", "i1", "run", T0)
+    a2 = j.insert_activation(conn, "acme", "i1", "run", T0 + 1)
+    j.insert_activation(conn, "acme", None, "inspect", T0)
+    j.update_activation(conn, a1, finished_at=T0 + 0.5, outcome="ok", cold_start_ms=12.5)
+    assert [r["id"] for r in j.open_activations(conn)] == [a2, a2 + 1]
+    rows = j.instance_activations(conn, "acme", "i1")
+    assert [r["id"] for r in rows] == [a1, a2]
+    assert (rows[0]["outcome"], rows[0]["cold_start_ms"]) == ("ok", 12.5)
+    assert j.instance_activations(conn, "beta", "i1") == []
