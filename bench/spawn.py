@@ -42,8 +42,12 @@ TENANT = "bench"
 WORKFLOW = "noop"
 IMPORTS = "import zmq, msgspec, cloudpickle"
 # The same kind of clean environment the launcher gives an activation (supervisor/launcher.py).
-FLOOR_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-             "MALLOC_ARENA_MAX": "2"}
+FLOOR_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "MALLOC_ARENA_MAX": "2",
+}
 ACTIVATION_FIELDS = ("cold_start_ms", "exec_ms", "total_ms", "cpu_ms", "max_rss_kib")
 
 
@@ -106,12 +110,19 @@ print(json.dumps(out))
 
 def fork_floor(runs: int, warmup: int = 10) -> list[float]:
     """fork() + os._exit(0) in the child + waitpid, in ms, timed inside a fresh interpreter."""
-    r = subprocess.run([sys.executable, "-I", "-c", _FORK_SCRIPT, str(runs), str(warmup)],
-                       stdin=subprocess.DEVNULL, capture_output=True, env=FLOOR_ENV,
-                       close_fds=True, check=False, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", _FORK_SCRIPT, str(runs), str(warmup)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=FLOOR_ENV,
+        close_fds=True,
+        check=False,
+        timeout=120,
+    )
     if r.returncode != 0:
-        raise BenchError(f"fork floor exited {r.returncode}: "
-                         f"{r.stderr.decode(errors='replace')[-2000:]}")
+        raise BenchError(
+            f"fork floor exited {r.returncode}: {r.stderr.decode(errors='replace')[-2000:]}"
+        )
     samples = json.loads(r.stdout)
     if len(samples) != runs:
         raise BenchError(f"fork floor returned {len(samples)} samples, expected {runs}")
@@ -120,16 +131,30 @@ def fork_floor(runs: int, warmup: int = 10) -> list[float]:
 
 def spawn_floor(argv: list[str], runs: int, warmup: int = 3) -> list[float]:
     """Popen(argv) + wait, in ms, with a clean environment and closed fds, like an activation."""
-    check = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=FLOOR_ENV,
-                           close_fds=True, check=False)
+    check = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=FLOOR_ENV,
+        close_fds=True,
+        check=False,
+    )
     if check.returncode != 0:
-        raise BenchError(f"floor command {argv!r} exited {check.returncode}: "
-                         f"{check.stderr.decode(errors='replace')[-2000:]}")
+        raise BenchError(
+            f"floor command {argv!r} exited {check.returncode}: "
+            f"{check.stderr.decode(errors='replace')[-2000:]}"
+        )
     out = []
     for k in range(warmup + runs):
         t0 = time.perf_counter_ns()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=FLOOR_ENV, close_fds=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=FLOOR_ENV,
+            close_fds=True,
+        )
         rc = proc.wait()
         dt = (time.perf_counter_ns() - t0) / 1e6
         if rc != 0:
@@ -139,8 +164,9 @@ def spawn_floor(argv: list[str], runs: int, warmup: int = 3) -> list[float]:
     return out
 
 
-def measure_floors(fork_runs: int = 200, python_runs: int = 50,
-                   import_runs: int = 30) -> dict[str, Any]:
+def measure_floors(
+    fork_runs: int = 200, python_runs: int = 50, import_runs: int = 30
+) -> dict[str, Any]:
     exe = sys.executable  # as is: no symlink resolution, no shim; the supervisor uses the same
     log(f"floor: fork()+_exit+waitpid x{fork_runs}")
     fork = summarize(fork_floor(fork_runs))
@@ -194,23 +220,30 @@ class Supervisor:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.base,
             )
         deadline = time.monotonic() + timeout_s
         with Client(self.endpoint, timeout_s=0.5) as probe:
             while True:
                 rc = self.proc.poll()
                 if rc is not None:
-                    raise BenchError(f"supervisor exited with status {rc} before answering ping; "
-                                     f"last lines of its log:\n{self.log_tail()}")
+                    raise BenchError(
+                        f"supervisor exited with status {rc} before answering ping; "
+                        f"last lines of its log:\n{self.log_tail()}"
+                    )
                 try:
                     if probe.ping(timeout_s=0.5):
                         return
                 except StepVisorError:
                     pass
                 if time.monotonic() > deadline:
-                    raise BenchError(f"supervisor did not answer ping within {timeout_s:g} s at "
-                                     f"{self.endpoint}; last lines of its log:\n{self.log_tail()}")
+                    raise BenchError(
+                        f"supervisor did not answer ping within {timeout_s:g} s at "
+                        f"{self.endpoint}; last lines of its log:\n{self.log_tail()}"
+                    )
                 time.sleep(0.05)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -243,8 +276,9 @@ def workflow_source(steps: int) -> str:
     """)
 
 
-def wait_complete(client: Client, sup: Supervisor, workflows: int, timeout_s: float,
-                  poll_s: float = 0.1) -> None:
+def wait_complete(
+    client: Client, sup: Supervisor, workflows: int, timeout_s: float, poll_s: float = 0.1
+) -> None:
     """Poll list(status="complete") until all `workflows` are; fail fast on errored ones."""
     deadline = time.monotonic() + timeout_s
     last_check = last_report = time.monotonic()
@@ -254,21 +288,27 @@ def wait_complete(client: Client, sup: Supervisor, workflows: int, timeout_s: fl
             return
         now = time.monotonic()
         if not sup.alive():
-            raise BenchError(f"supervisor died with {done}/{workflows} instances complete; "
-                             f"last lines of its log:\n{sup.log_tail()}")
+            raise BenchError(
+                f"supervisor died with {done}/{workflows} instances complete; "
+                f"last lines of its log:\n{sup.log_tail()}"
+            )
         if now - last_check >= 2.0:
             last_check = now
             for bad in ("errored", "terminated"):
                 rows = client.list(TENANT, status=bad, limit=1)
                 if rows:
-                    raise BenchError(f"instance {rows[0]['id']} is {bad}: "
-                                     f"{json.dumps(rows[0].get('error'))[:2000]}")
+                    raise BenchError(
+                        f"instance {rows[0]['id']} is {bad}: "
+                        f"{json.dumps(rows[0].get('error'))[:2000]}"
+                    )
         if now - last_report >= 10.0:
             last_report = now
             log(f"{done}/{workflows} instances complete")
         if now > deadline:
-            raise BenchError(f"only {done}/{workflows} instances complete after {timeout_s:g} s "
-                             f"(raise --timeout, or lower --workflows/--steps)")
+            raise BenchError(
+                f"only {done}/{workflows} instances complete after {timeout_s:g} s "
+                f"(raise --timeout, or lower --workflows/--steps)"
+            )
         time.sleep(poll_s)
 
 
@@ -291,8 +331,10 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         created = client.create_batch(TENANT, WORKFLOW, [(i, None) for i in ids])
         t_created = time.perf_counter()
         if sum(1 for r in created if r["created"]) != workflows:
-            raise BenchError(f"create_batch created {sum(r['created'] for r in created)} of "
-                             f"{workflows} instances")
+            raise BenchError(
+                f"create_batch created {sum(r['created'] for r in created)} of "
+                f"{workflows} instances"
+            )
         wait_complete(client, sup, workflows, timeout_s)
         wall = time.perf_counter() - t0
         cpu1, me1 = sproc.cpu_times(), psutil.Process().cpu_times()
@@ -320,8 +362,9 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
             "activations_ms": child_ms,  # reaped children of the supervisor during the run
             "bench_client_ms": cpu_ms(me0, me1, "user", "system"),
             "supervisor_ms_per_activation": round(sup_ms / activations, 3),
-            "utilisation_of_all_cpus": round((sup_ms + child_ms) / 1000
-                                             / (wall * (os.cpu_count() or 1)), 3),
+            "utilisation_of_all_cpus": round(
+                (sup_ms + child_ms) / 1000 / (wall * (os.cpu_count() or 1)), 3
+            ),
         },
     }
 
@@ -351,8 +394,9 @@ def compute_ratios(floors: dict[str, Any], run: dict[str, Any], concurrency: int
         "cold_start_p50_over_python_imports_p50": ratio(cold, imp),
         "total_p50_over_python_pass_p50": ratio(total, bare),
         "total_p50_over_python_imports_p50": ratio(total, imp),
-        "total_p95_over_python_pass_p95": ratio(act["total_ms"].get("p95"),
-                                                floors["python_pass_ms"]["p95"]),
+        "total_p95_over_python_pass_p95": ratio(
+            act["total_ms"].get("p95"), floors["python_pass_ms"]["p95"]
+        ),
         "activation_cpu_p50_over_python_imports_p50": ratio(cpu, imp),
         "import_floor_activations_per_s": round(ideal, 2),
         "activations_per_s_over_import_floor_rate": ratio(run["activations_per_s"], ideal),
@@ -385,40 +429,67 @@ def markdown_table(res: dict[str, Any]) -> str:
     rss = act["max_rss_kib"]
     rows = [
         ("Measure", "Value", "Ratio"),
-        (f"floor: fork()+_exit(0)+waitpid (n={fl['fork_exit_wait_ms']['n']})",
-         _dist(fl["fork_exit_wait_ms"], p99=False), "reference"),
-        (f"floor: `python -I -c pass` (n={fl['python_pass_ms']['n']})",
-         _dist(fl["python_pass_ms"], p99=False),
-         f"p50 = {_x(rt['python_pass_p50_over_fork_p50'])} fork"),
-        (f"floor: `python -I -c \"{IMPORTS}\"` (n={fl['python_imports_ms']['n']})",
-         _dist(fl["python_imports_ms"], p99=False),
-         f"p50 = {_x(rt['python_imports_p50_over_python_pass_p50'])} bare python"),
-        (f"activation cold start, launch→hello (n={act['cold_start_ms'].get('n', 0)})",
-         _dist(act["cold_start_ms"]),
-         f"p50 = {_x(rt['cold_start_p50_over_python_pass_p50'])} bare python, "
-         f"{_x(rt['cold_start_p50_over_python_imports_p50'])} import floor"),
+        (
+            f"floor: fork()+_exit(0)+waitpid (n={fl['fork_exit_wait_ms']['n']})",
+            _dist(fl["fork_exit_wait_ms"], p99=False),
+            "reference",
+        ),
+        (
+            f"floor: `python -I -c pass` (n={fl['python_pass_ms']['n']})",
+            _dist(fl["python_pass_ms"], p99=False),
+            f"p50 = {_x(rt['python_pass_p50_over_fork_p50'])} fork",
+        ),
+        (
+            f'floor: `python -I -c "{IMPORTS}"` (n={fl["python_imports_ms"]["n"]})',
+            _dist(fl["python_imports_ms"], p99=False),
+            f"p50 = {_x(rt['python_imports_p50_over_python_pass_p50'])} bare python",
+        ),
+        (
+            f"activation cold start, launch→hello (n={act['cold_start_ms'].get('n', 0)})",
+            _dist(act["cold_start_ms"]),
+            f"p50 = {_x(rt['cold_start_p50_over_python_pass_p50'])} bare python, "
+            f"{_x(rt['cold_start_p50_over_python_imports_p50'])} import floor",
+        ),
         ("activation exec, hello→result", _dist(act["exec_ms"]), ""),
-        ("activation total, launch→reaped", _dist(act["total_ms"]),
-         f"p50 = {_x(rt['total_p50_over_python_pass_p50'])} bare python, "
-         f"{_x(rt['total_p50_over_python_imports_p50'])} import floor; "
-         f"p95 = {_x(rt['total_p95_over_python_pass_p95'])} bare python p95"),
-        ("activation CPU (user+sys)", _dist(act["cpu_ms"]),
-         f"p50 = {_x(rt['activation_cpu_p50_over_python_imports_p50'])} import floor (wall)"),
-        ("activation peak RSS",
-         f"p50 {rss['p50'] / 1024:.1f} MiB · max {rss['max'] / 1024:.1f} MiB"
-         if rss.get("n") else "n/a", ""),
-        (f"wall, {cfg['workflows']} workflows x {cfg['steps']} steps, concurrency "
-         f"{cfg['concurrency']}", f"{run['wall_s']:.2f} s", ""),
+        (
+            "activation total, launch→reaped",
+            _dist(act["total_ms"]),
+            f"p50 = {_x(rt['total_p50_over_python_pass_p50'])} bare python, "
+            f"{_x(rt['total_p50_over_python_imports_p50'])} import floor; "
+            f"p95 = {_x(rt['total_p95_over_python_pass_p95'])} bare python p95",
+        ),
+        (
+            "activation CPU (user+sys)",
+            _dist(act["cpu_ms"]),
+            f"p50 = {_x(rt['activation_cpu_p50_over_python_imports_p50'])} import floor (wall)",
+        ),
+        (
+            "activation peak RSS",
+            f"p50 {rss['p50'] / 1024:.1f} MiB · max {rss['max'] / 1024:.1f} MiB"
+            if rss.get("n")
+            else "n/a",
+            "",
+        ),
+        (
+            f"wall, {cfg['workflows']} workflows x {cfg['steps']} steps, concurrency "
+            f"{cfg['concurrency']}",
+            f"{run['wall_s']:.2f} s",
+            "",
+        ),
         ("steps/s", f"{run['steps_per_s']:.1f}", ""),
-        (f"activations/s ({run['activations_expected']} activations)",
-         f"{run['activations_per_s']:.1f}",
-         f"{_x(rt['activations_per_s_over_import_floor_rate'])} import-floor rate "
-         f"({rt['import_floor_activations_per_s']:.1f}/s = "
-         f"min(concurrency, {ncpu} CPUs) / import p50)"),
-        ("supervisor CPU per activation",
-         _ms(run["cpu"]["supervisor_ms_per_activation"]), ""),
-        ("CPU utilisation (supervisor + activations)",
-         f"{run['cpu']['utilisation_of_all_cpus'] * 100:.0f}% of {ncpu} CPUs", ""),
+        (
+            f"activations/s ({run['activations_expected']} activations)",
+            f"{run['activations_per_s']:.1f}",
+            f"{_x(rt['activations_per_s_over_import_floor_rate'])} import-floor rate "
+            f"({rt['import_floor_activations_per_s']:.1f}/s = "
+            f"min(concurrency, {ncpu} CPUs) / import p50)",
+        ),
+        ("supervisor CPU per activation", _ms(run["cpu"]["supervisor_ms_per_activation"]), ""),
+        (
+            "CPU utilisation (supervisor + activations)",
+            f"{run['cpu']['utilisation_of_all_cpus'] * 100:.0f}% of {ncpu} CPUs",
+            "",
+        ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = []
@@ -432,8 +503,9 @@ def markdown_table(res: dict[str, Any]) -> str:
 def environment() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10, check=False)
+            r = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         return r.stdout.strip() if r.returncode == 0 else None
@@ -458,15 +530,17 @@ def write_atomic(path: Path, text: str) -> None:
 
 def render_markdown(res: dict[str, Any]) -> str:
     env, cfg, run = res["environment"], res["config"], res["run"]
-    head = (f"# stepvisor spawn-mode benchmark\n\n"
-            f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
-            f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
-            f"{' (dirty)' if env['git_dirty'] else ''}\n\n"
-            f"`python -m bench --workflows {cfg['workflows']} --steps {cfg['steps']} "
-            f"--concurrency {cfg['concurrency']}` · launch_mode spawn · synchronous full · "
-            f"activation outcomes {json.dumps(run['outcomes'])} "
-            f"({run['activations_recorded']} recorded, {run['activations_expected']} expected)"
-            f"\n\n")
+    head = (
+        f"# stepvisor spawn-mode benchmark\n\n"
+        f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
+        f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
+        f"{' (dirty)' if env['git_dirty'] else ''}\n\n"
+        f"`python -m bench --workflows {cfg['workflows']} --steps {cfg['steps']} "
+        f"--concurrency {cfg['concurrency']}` · launch_mode spawn · synchronous full · "
+        f"activation outcomes {json.dumps(run['outcomes'])} "
+        f"({run['activations_recorded']} recorded, {run['activations_expected']} expected)"
+        f"\n\n"
+    )
     return head + markdown_table(res) + "\n"
 
 
@@ -474,8 +548,11 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     def pos(text: str) -> int:
         n = int(text)
@@ -485,12 +562,24 @@ def _parser() -> argparse.ArgumentParser:
 
     p.add_argument("--workflows", type=pos, default=100, help="instances to run (default 100)")
     p.add_argument("--steps", type=pos, default=10, help="no-op steps per workflow (default 10)")
-    p.add_argument("--concurrency", type=pos, default=8,
-                   help="tenant max_concurrent and [server] max_activations (default 8)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="directory for spawn.json and spawn.md (default bench/results)")
-    p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds to wait for all instances to complete (default 900)")
+    p.add_argument(
+        "--concurrency",
+        type=pos,
+        default=8,
+        help="tenant max_concurrent and [server] max_activations (default 8)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="directory for spawn.json and spawn.md (default bench/results)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for all instances to complete (default 900)",
+    )
     return p
 
 
@@ -524,9 +613,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res = {
         "benchmark": "spawn",
         "started_at": started,
-        "config": {"workflows": args.workflows, "steps": args.steps,
-                   "concurrency": args.concurrency, "launch_mode": "spawn",
-                   "synchronous": "full", "supervisor_config": sup.config_text},
+        "config": {
+            "workflows": args.workflows,
+            "steps": args.steps,
+            "concurrency": args.concurrency,
+            "launch_mode": "spawn",
+            "synchronous": "full",
+            "supervisor_config": sup.config_text,
+        },
         "environment": env,
         "floors": floors,
         "run": result,
@@ -559,10 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.out / "spawn.json", json.dumps(res, indent=2) + "\n")
     write_atomic(args.out / "spawn.md", md)
     print(md)
-    if res["run"]["activations_recorded"] != res["run"]["activations_expected"] or \
-            set(res["run"]["outcomes"]) - {"ok"}:
-        log(f"note: activation outcomes {res['run']['outcomes']} "
-            f"({res['run']['activations_recorded']} recorded)")
+    if res["run"]["activations_recorded"] != res["run"]["activations_expected"] or set(
+        res["run"]["outcomes"]
+    ) - {"ok"}:
+        log(
+            f"note: activation outcomes {res['run']['outcomes']} "
+            f"({res['run']['activations_recorded']} recorded)"
+        )
     log(f"wrote {args.out / 'spawn.json'} and {args.out / 'spawn.md'}")
     return 0
-

@@ -1,6 +1,7 @@
 """One codec for every socket: size check first, then msgpack decode with validation.
 
-Decoding never raises anything but ProtocolError, so a loop that catches it cannot be crashed by a peer.
+Decoding never raises anything but ProtocolError, so a loop that catches it cannot be crashed by
+a peer.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def dump_json(value: object, *, what: str = "value") -> bytes:
     try:
         data = json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
     except (TypeError, OverflowError, ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} is not JSON-compatible: {exc}") from None
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{what} is not JSON-compatible: {exc}"
+        ) from None
     check_json_size(data, what=what)
     return data
 

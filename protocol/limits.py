@@ -15,5 +15,6 @@ MAX_NAME_CHARS = 256  # step names, workflow names, event types
 MAX_ERROR_CHARS = 64 * 1024  # error message + traceback kept per failure
 MAX_BATCH_ITEMS = 10_000
 
-INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# \Z, not $: `$` also matches before a trailing newline.
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")

@@ -13,8 +13,9 @@ import msgspec
 from protocol.limits import MAX_CODE_BYTES, MAX_ERROR_CHARS, MAX_NAME_CHARS
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
-Tenant = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-InstanceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")]
+# \Z, not $: `$` also matches before a trailing newline.
+Tenant = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}\Z")]
+InstanceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")]
 Json = bytes  # UTF-8 JSON text; validated by the receiver
 Code = Annotated[bytes, msgspec.Meta(max_length=MAX_CODE_BYTES)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)]
@@ -108,7 +109,17 @@ class Ping(Base, frozen=True, tag="ping"):
     rid: int
 
 
-Request = Deploy | Create | CreateBatch | GetStatus | ListInstances | SendEvent | Control | GetHistory | Ping
+Request = (
+    Deploy
+    | Create
+    | CreateBatch
+    | GetStatus
+    | ListInstances
+    | SendEvent
+    | Control
+    | GetHistory
+    | Ping
+)
 
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -7,6 +7,7 @@ Limits are applied before the Activate message, and so before any tenant byte, i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -40,10 +41,8 @@ def main() -> None:
         os._exit(EXIT_NO_ACTIVATE)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     runtime = Runtime(act, channel)
-    try:
+    with contextlib.suppress(_Stop):
         runtime.inspect() if act.mode == "inspect" else runtime.run()
-    except _Stop:
-        pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -19,8 +19,9 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
-def apply_rlimits(*, memory_mib: int, cpu_seconds: int, max_files: int = 256,
-                  max_file_mib: int = 64) -> None:
+def apply_rlimits(
+    *, memory_mib: int, cpu_seconds: int, max_files: int = 256, max_file_mib: int = 64
+) -> None:
     """Address space, CPU seconds (soft → SIGXCPU, hard a second later → SIGKILL), files, core."""
     mem = memory_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))

@@ -23,8 +23,11 @@ def _json_arg(text: str) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepvisor", description=__doc__)
-    p.add_argument("--socket", help="API endpoint (ipc://PATH or a path); default "
-                   "$STEPVISOR_SOCKET or the embedded default's socket")
+    p.add_argument(
+        "--socket",
+        help="API endpoint (ipc://PATH or a path); default "
+        "$STEPVISOR_SOCKET or the embedded default's socket",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -70,8 +73,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("tenant")
         s.add_argument("id")
 
-    s = sub.add_parser("demo", help="start a supervisor, run the example workflows of two "
-                       "tenants, print their histories, stop")
+    s = sub.add_parser(
+        "demo",
+        help="start a supervisor, run the example workflows of two "
+        "tenants, print their histories, stop",
+    )
     s.add_argument("--keep", action="store_true", help="keep the demo's state directory")
     return p
 
@@ -85,17 +91,26 @@ def _print(args: argparse.Namespace, value: Any, human: str | None = None) -> No
 
 def format_history(h: dict[str, Any]) -> str:
     inst = h["instance"]
-    lines = [f"{inst['tenant']}/{inst['id']}  workflow={inst['workflow']}  "
-             f"version={inst['version']}  status={inst['status']}  "
-             f"activations={inst['activations']}"]
-    lines.append(f"  {'seq':>3}  {'kind':<10} {'name':<22} {'status':<9} {'att':>3}  result / error")
+    lines = [
+        f"{inst['tenant']}/{inst['id']}  workflow={inst['workflow']}  "
+        f"version={inst['version']}  status={inst['status']}  "
+        f"activations={inst['activations']}"
+    ]
+    lines.append(
+        f"  {'seq':>3}  {'kind':<10} {'name':<22} {'status':<9} {'att':>3}  result / error"
+    )
     for e in h["entries"]:
-        detail = json.dumps(e["result"]) if e["error"] is None or e["status"] == "ok" else \
-            f"{e['error']['type']}: {e['error']['message']}"
+        detail = (
+            json.dumps(e["result"])
+            if e["error"] is None or e["status"] == "ok"
+            else f"{e['error']['type']}: {e['error']['message']}"
+        )
         if e["kind"] == "sleep":
             detail = f"until {e['until']}"
-        lines.append(f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
-                     f"{e['attempts']:>3}  {detail[:70]}")
+        lines.append(
+            f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
+            f"{e['attempts']:>3}  {detail[:70]}"
+        )
     if inst["status"] == "complete":
         lines.append(f"  output: {json.dumps(inst['output'])[:200]}")
     if inst["error"]:
@@ -103,8 +118,10 @@ def format_history(h: dict[str, Any]) -> str:
     colds = [a["cold_start_ms"] for a in h["activations"] if a["cold_start_ms"] is not None]
     if colds:
         colds.sort()
-        lines.append(f"  cold start ms: min {colds[0]:.1f}  median {colds[len(colds) // 2]:.1f}  "
-                     f"max {colds[-1]:.1f}  over {len(colds)} activations")
+        lines.append(
+            f"  cold start ms: min {colds[0]:.1f}  median {colds[len(colds) // 2]:.1f}  "
+            f"max {colds[-1]:.1f}  over {len(colds)} activations"
+        )
     return "\n".join(lines)
 
 
@@ -126,8 +143,11 @@ def _run(args: argparse.Namespace) -> int:
     with Client(endpoint, timeout_s=args.timeout) as c:
         if args.cmd == "deploy":
             r = c.deploy(args.tenant, args.file)
-            _print(args, r, f"deployed {', '.join(r['workflows'])} for {r['tenant']} "
-                   f"as version {r['version']}")
+            _print(
+                args,
+                r,
+                f"deployed {', '.join(r['workflows'])} for {r['tenant']} as version {r['version']}",
+            )
         elif args.cmd == "run":
             r = c.create(args.tenant, args.workflow, args.params, id=args.id)
             if args.wait:
@@ -138,20 +158,27 @@ def _run(args: argparse.Namespace) -> int:
             _print(args, c.status(args.tenant, args.id))
         elif args.cmd == "list":
             rows = c.list(args.tenant, args.status, args.limit)
-            human = "\n".join(f"{r['id']:<24} {r['workflow']:<20} {r['status']:<10} "
-                              f"steps={r['steps']:<4} {r['updated_at']}" for r in rows)
+            human = "\n".join(
+                f"{r['id']:<24} {r['workflow']:<20} {r['status']:<10} "
+                f"steps={r['steps']:<4} {r['updated_at']}"
+                for r in rows
+            )
             _print(args, rows, human)
         elif args.cmd == "history":
             h = c.history(args.tenant, args.id)
             _print(args, h, format_history(h))
         elif args.cmd == "event":
             r = c.send_event(args.tenant, args.id, args.type, args.payload)
-            _print(args, r, f"event {r['event']} stored"
-                   + (" and delivered" if r["delivered"] else ""))
+            _print(
+                args, r, f"event {r['event']} stored" + (" and delivered" if r["delivered"] else "")
+            )
         else:
             r = c.control(args.tenant, args.id, args.cmd)
-            _print(args, r, f"{args.tenant}/{args.id}: "
-                   + ("deleted" if r.get("deleted") else r["status"]))
+            _print(
+                args,
+                r,
+                f"{args.tenant}/{args.id}: " + ("deleted" if r.get("deleted") else r["status"]),
+            )
     return 0
 
 

@@ -62,7 +62,7 @@ class Client:
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 60.0) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout_s = timeout_s
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
         self._rids = itertools.count(1)
 
@@ -94,21 +94,29 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000) + 1):
                 self.close()  # a late reply must not be read as the answer to the next call
-                raise StepVisorError(ErrorCode.TIMEOUT.value,
-                                     f"no reply from the supervisor at {self.endpoint}")
+                raise StepVisorError(
+                    ErrorCode.TIMEOUT.value, f"no reply from the supervisor at {self.endpoint}"
+                )
             reply = decode_reply(sock.recv())
             if reply.rid != rid:
                 continue  # a stale reply to an earlier, abandoned call
             if not reply.ok:
                 err = reply.error
-                raise StepVisorError(err.code or err.type if err else "INTERNAL",
-                                     err.message if err else "unknown error")
+                raise StepVisorError(
+                    err.code or err.type if err else "INTERNAL",
+                    err.message if err else "unknown error",
+                )
             return reply.result
 
     # -- code
 
-    def deploy(self, tenant: str, code: str | os.PathLike[str] | Callable[..., Any], *,
-               filename: str | None = None) -> dict[str, Any]:
+    def deploy(
+        self,
+        tenant: str,
+        code: str | os.PathLike[str] | Callable[..., Any],
+        *,
+        filename: str | None = None,
+    ) -> dict[str, Any]:
         """Deploy a workflow file (path or source text) or one `@workflow` function by value."""
         if callable(code):
             name = getattr(code, WORKFLOW_ATTR, None)
@@ -125,10 +133,12 @@ class Client:
                 if module and module != "__main__":
                     cloudpickle.unregister_pickle_by_value(mod)
             fname = filename or f"{name}.pickle"
-            return self.call(lambda rid: Deploy(rid=rid, tenant=tenant, filename=fname,
-                                                pickled=blob))
-        if isinstance(code, Path) or (isinstance(code, str) and "\n" not in code
-                                      and code.endswith(".py")):
+            return self.call(
+                lambda rid: Deploy(rid=rid, tenant=tenant, filename=fname, pickled=blob)
+            )
+        if isinstance(code, Path) or (
+            isinstance(code, str) and "\n" not in code and code.endswith(".py")
+        ):
             path = Path(code)
             source = path.read_bytes()
             fname = filename or path.name
@@ -139,32 +149,43 @@ class Client:
 
     # -- instances
 
-    def create(self, tenant: str, workflow: str, params: Any = None, *,
-               id: str | None = None) -> dict[str, Any]:
+    def create(
+        self, tenant: str, workflow: str, params: Any = None, *, id: str | None = None
+    ) -> dict[str, Any]:
         data = _json(params, "params")
-        return self.call(lambda rid: Create(rid=rid, tenant=tenant, workflow=workflow, id=id,
-                                            params=data))
+        return self.call(
+            lambda rid: Create(rid=rid, tenant=tenant, workflow=workflow, id=id, params=data)
+        )
 
-    def create_batch(self, tenant: str, workflow: str,
-                     items: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
+    def create_batch(
+        self, tenant: str, workflow: str, items: Iterable[tuple[str, Any]]
+    ) -> list[dict[str, Any]]:
         batch = [BatchItem(id=i, params=_json(p, "params")) for i, p in items]
-        return self.call(lambda rid: CreateBatch(rid=rid, tenant=tenant, workflow=workflow,
-                                                 items=batch))
+        return self.call(
+            lambda rid: CreateBatch(rid=rid, tenant=tenant, workflow=workflow, items=batch)
+        )
 
     def status(self, tenant: str, id: str) -> dict[str, Any]:
         return self.call(lambda rid: GetStatus(rid=rid, tenant=tenant, id=id))
 
     def list(self, tenant: str, status: str | None = None, limit: int = 1000) -> list[Any]:
-        return self.call(lambda rid: ListInstances(rid=rid, tenant=tenant, status=status,  # type: ignore[arg-type]
-                                                   limit=limit))
+        return self.call(
+            lambda rid: ListInstances(
+                rid=rid,
+                tenant=tenant,
+                status=status,  # type: ignore[arg-type]
+                limit=limit,
+            )
+        )
 
     def history(self, tenant: str, id: str) -> dict[str, Any]:
         return self.call(lambda rid: GetHistory(rid=rid, tenant=tenant, id=id))
 
     def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> dict[str, Any]:
         data = _json(payload, "event payload")
-        return self.call(lambda rid: SendEvent(rid=rid, tenant=tenant, id=id, type=type,
-                                               payload=data))
+        return self.call(
+            lambda rid: SendEvent(rid=rid, tenant=tenant, id=id, type=type, payload=data)
+        )
 
     def control(self, tenant: str, id: str, op: str) -> dict[str, Any]:
         return self.call(lambda rid: Control(rid=rid, tenant=tenant, id=id, op=op))  # type: ignore[arg-type]
@@ -187,8 +208,15 @@ class Client:
     def ping(self, timeout_s: float | None = None) -> bool:
         return bool(self.call(lambda rid: Ping(rid=rid), timeout_s=timeout_s))
 
-    def wait(self, tenant: str, id: str, *, timeout_s: float = 300.0,
-             statuses: Iterable[str] = TERMINAL_STATUSES, poll_s: float = 0.05) -> dict[str, Any]:
+    def wait(
+        self,
+        tenant: str,
+        id: str,
+        *,
+        timeout_s: float = 300.0,
+        statuses: Iterable[str] = TERMINAL_STATUSES,
+        poll_s: float = 0.05,
+    ) -> dict[str, Any]:
         """Poll until the instance reaches one of `statuses`; raise TIMEOUT after `timeout_s`."""
         wanted = set(statuses)
         deadline = time.monotonic() + timeout_s
@@ -197,7 +225,9 @@ class Client:
             if st["status"] in wanted:
                 return st
             if time.monotonic() > deadline:
-                raise StepVisorError(ErrorCode.TIMEOUT.value,
-                                     f"instance {id!r} still {st['status']} after {timeout_s} s: "
-                                     f"{json.dumps(st)[:500]}")
+                raise StepVisorError(
+                    ErrorCode.TIMEOUT.value,
+                    f"instance {id!r} still {st['status']} after {timeout_s} s: "
+                    f"{json.dumps(st)[:500]}",
+                )
             time.sleep(poll_s)

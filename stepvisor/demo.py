@@ -23,9 +23,18 @@ def _start(base: Path) -> tuple[subprocess.Popen[bytes], Client, Path]:
     log_path = base / "supervisor.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stepvisor.cli", "serve", "--state-dir", str(base / "state"),
-             "--runtime-dir", str(base / "run")],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "stepvisor.cli",
+                "serve",
+                "--state-dir",
+                str(base / "state"),
+                "--runtime-dir",
+                str(base / "run"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     client = Client(f"ipc://{base / 'run' / 'api.sock'}", timeout_s=30)
     deadline = time.monotonic() + 30
@@ -46,8 +55,10 @@ def main(keep: bool = False) -> int:
     proc, c, log_path = _start(base)
     print(f"supervisor pid {proc.pid}, state in {base / 'state'}, log {log_path}\n")
     try:
-        for tenant, path in (("acme", EXAMPLES / "acme" / "onboarding.py"),
-                             ("globex", EXAMPLES / "globex" / "reports.py")):
+        for tenant, path in (
+            ("acme", EXAMPLES / "acme" / "onboarding.py"),
+            ("globex", EXAMPLES / "globex" / "reports.py"),
+        ):
             r = c.deploy(tenant, path)
             print(f"deployed {tenant}: {', '.join(r['workflows'])} (version {r['version']})")
         runs = [

@@ -1,4 +1,5 @@
-"""Names tenant workflow code imports: the `@workflow` decorator and the errors it can raise or catch.
+"""Names tenant workflow code imports: the `@workflow` decorator and the errors it raises or
+catches.
 
 Kept free of sockets and of the supervisor so that importing it inside an activation is cheap.
 """

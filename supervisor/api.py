@@ -40,8 +40,16 @@ class Host(Protocol):
     conn: sqlite3.Connection
     cfg: Config
 
-    def launch_inspection(self, identity: bytes, rid: int, tenant: str, kind: str,
-                          filename: str, code: bytes, version: str) -> None: ...
+    def launch_inspection(
+        self,
+        identity: bytes,
+        rid: int,
+        tenant: str,
+        kind: str,
+        filename: str,
+        code: bytes,
+        version: str,
+    ) -> None: ...
 
     def kill_instance_activation(self, tenant: str, instance: str, outcome: str) -> None: ...
 
@@ -67,8 +75,7 @@ def _error_view(text: str | None) -> dict[str, Any] | None:
     err = j.decode_error(text)
     if err is None:
         return None
-    return {"type": err.type, "message": err.message, "traceback": err.traceback,
-            "code": err.code}
+    return {"type": err.type, "message": err.message, "traceback": err.traceback, "code": err.code}
 
 
 def _tenant(host: Host, tenant: str) -> None:
@@ -112,8 +119,15 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
     return DEFERRED
 
 
-def _create_one(host: Host, tenant: str, workflow: str, version: str, instance: str | None,
-                params: bytes, now: float) -> tuple[sqlite3.Row, bool]:
+def _create_one(
+    host: Host,
+    tenant: str,
+    workflow: str,
+    version: str,
+    instance: str | None,
+    params: bytes,
+    now: float,
+) -> tuple[sqlite3.Row, bool]:
     params = _params(params, "params")
     instance = instance or secrets.token_hex(8)
     if j.insert_instance(host.conn, tenant, instance, workflow, version, params, now):
@@ -123,8 +137,10 @@ def _create_one(host: Host, tenant: str, workflow: str, version: str, instance: 
     row = j.get_instance(host.conn, tenant, instance)
     assert row is not None
     if row["workflow"] != workflow or bytes(row["params"]) != params:
-        raise ProtocolError(ErrorCode.ALREADY_EXISTS,
-                            f"instance {instance!r} exists with another workflow or params")
+        raise ProtocolError(
+            ErrorCode.ALREADY_EXISTS,
+            f"instance {instance!r} exists with another workflow or params",
+        )
     return row, False  # same id, same request: idempotent
 
 
@@ -132,16 +148,18 @@ def _deployed(host: Host, tenant: str, workflow: str) -> str:
     _tenant(host, tenant)
     version = j.get_deployment(host.conn, tenant, workflow)
     if version is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_WORKFLOW,
-                            f"tenant {tenant!r} has no workflow {workflow!r} deployed")
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_WORKFLOW, f"tenant {tenant!r} has no workflow {workflow!r} deployed"
+        )
     return version
 
 
 def _room(host: Host, tenant: str, adding: int) -> None:
     limit = host.cfg.limits_for(tenant).max_instances
     if j.count_live_instances(host.conn, tenant) + adding > limit:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                            f"tenant {tenant!r} may have at most {limit} live instances")
+        raise ProtocolError(
+            ErrorCode.LIMIT_EXCEEDED, f"tenant {tenant!r} may have at most {limit} live instances"
+        )
 
 
 def create(host: Host, req: Create, identity: bytes, now: float) -> object:
@@ -158,8 +176,9 @@ def create_batch(host: Host, req: CreateBatch, identity: bytes, now: float) -> o
     _room(host, req.tenant, len(req.items))
     out = []
     for item in req.items:
-        row, created = _create_one(host, req.tenant, req.workflow, version, item.id,
-                                   item.params, now)
+        row, created = _create_one(
+            host, req.tenant, req.workflow, version, item.id, item.params, now
+        )
         out.append({"id": row["id"], "created": created, "status": row["status"]})
     return out
 
@@ -177,22 +196,34 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
     entries = [
         {
-            "seq": r["seq"], "kind": r["kind"], "name": r["name"], "status": r["status"],
+            "seq": r["seq"],
+            "kind": r["kind"],
+            "name": r["name"],
+            "status": r["status"],
             "attempts": r["attempts"],
             "result": None if r["result"] is None else load_json(r["result"]),
             "error": _error_view(r["error"]),
-            "event_type": r["event_type"], "until": engine.iso(r["until"]),
+            "event_type": r["event_type"],
+            "until": engine.iso(r["until"]),
             "started_at": engine.iso(r["started_at"]),
-            "finished_at": engine.iso(r["finished_at"]), "duration_ms": r["duration_ms"],
+            "finished_at": engine.iso(r["finished_at"]),
+            "duration_ms": r["duration_ms"],
         }
         for r in j.journal_rows(host.conn, req.tenant, req.id)
     ]
     activations = [
         {
-            "id": a["id"], "seq": a["seq"], "step": a["step"], "outcome": a["outcome"],
-            "detail": a["detail"], "launched_at": engine.iso(a["launched_at"]),
-            "cold_start_ms": a["cold_start_ms"], "exec_ms": a["exec_ms"],
-            "total_ms": a["total_ms"], "cpu_ms": a["cpu_ms"], "max_rss_kib": a["max_rss_kib"],
+            "id": a["id"],
+            "seq": a["seq"],
+            "step": a["step"],
+            "outcome": a["outcome"],
+            "detail": a["detail"],
+            "launched_at": engine.iso(a["launched_at"]),
+            "cold_start_ms": a["cold_start_ms"],
+            "exec_ms": a["exec_ms"],
+            "total_ms": a["total_ms"],
+            "cpu_ms": a["cpu_ms"],
+            "max_rss_kib": a["max_rss_kib"],
         }
         for a in j.instance_activations(host.conn, req.tenant, req.id)
     ]
@@ -202,8 +233,9 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
 def send_event(host: Host, req: SendEvent, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
     if inst["status"] in TERMINAL_STATUSES:
-        raise ProtocolError(ErrorCode.INVALID_STATE,
-                            f"instance {req.id!r} is {inst['status']}; it takes no events")
+        raise ProtocolError(
+            ErrorCode.INVALID_STATE, f"instance {req.id!r} is {inst['status']}; it takes no events"
+        )
     payload = _params(req.payload, "event payload")
     event_id = j.add_event(host.conn, req.tenant, req.id, req.type, payload, now)
     delivered = engine.deliver_event(host.conn, inst, req.type, now)
@@ -220,8 +252,7 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
         if leased:
             j.update_instance(host.conn, tenant, iid, pause_requested=1, updated_at=now)
         elif state != "paused":
-            j.update_instance(host.conn, tenant, iid, status="paused", wake_at=None,
-                              updated_at=now)
+            j.update_instance(host.conn, tenant, iid, status="paused", wake_at=None, updated_at=now)
     elif req.op == "resume":
         if leased and inst["pause_requested"]:
             j.update_instance(host.conn, tenant, iid, pause_requested=0, updated_at=now)
@@ -229,15 +260,22 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
             raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot resume a {state} instance")
         else:
             resumed = "running" if inst["steps"] or inst["activations"] else "queued"
-            j.update_instance(host.conn, tenant, iid, status=resumed, wake_at=now,
-                              updated_at=now)
+            j.update_instance(host.conn, tenant, iid, status=resumed, wake_at=now, updated_at=now)
     elif req.op == "terminate":
         if state in TERMINAL_STATUSES:
             raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot terminate a {state} instance")
         if leased:
             host.kill_instance_activation(tenant, iid, "killed_by_operator")
-        j.update_instance(host.conn, tenant, iid, status="terminated", wake_at=None, lease=None,
-                          pause_requested=0, updated_at=now)
+        j.update_instance(
+            host.conn,
+            tenant,
+            iid,
+            status="terminated",
+            wake_at=None,
+            lease=None,
+            pause_requested=0,
+            updated_at=now,
+        )
     elif req.op == "restart":
         if leased:
             host.kill_instance_activation(tenant, iid, "killed_by_operator")

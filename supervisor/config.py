@@ -7,12 +7,13 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
 from protocol.limits import TENANT_RE
 
+T = TypeVar("T")
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 IPC_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
@@ -50,8 +51,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     launch_mode: Literal["spawn"] = "spawn"
     python: str = ""  # interpreter for activations; empty: the supervisor's own sys.executable
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
-    hello_timeout_s: PosFloat = 10.0
-    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 30.0
     require_declared_tenants: bool = False  # only [tenants.NAME] may deploy
     synchronous: Literal["full", "normal"] = "full"
     log_file: str = ""
@@ -128,18 +129,36 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        cfg = msgspec.convert(raw, Config)
-    except msgspec.ValidationError as exc:
-        # msgspec says "... - at `$.tenants.acme.memory_mib`"; keep that path, drop the `$.`
-        raise ConfigError(f"{source}: {str(exc).replace('`$.', '`')}") from None
-    for name in cfg.tenants:
+    tenants = raw.pop("tenants", {})
+    if not isinstance(tenants, dict):
+        raise ConfigError(f"{source}: `tenants` must be a table of [tenants.NAME] tables")
+    overrides: dict[str, TenantOverrides] = {}
+    for name, table in tenants.items():
         if not TENANT_RE.match(name):
-            raise ConfigError(f"{source}: `tenants.{name}`: invalid tenant name")
+            raise ConfigError(
+                f"{source}: `tenants.{name}`: invalid tenant name {name!r} (lowercase letters, "
+                "digits, '-' and '_', starting with a letter or digit, at most 63)"
+            )
+        # One tenant at a time: msgspec's error path does not name dict keys.
+        overrides[name] = _convert(table, TenantOverrides, f"tenants.{name}", source)
+    cfg = msgspec.structs.replace(_convert(raw, Config, "", source), tenants=overrides)
     if cfg.server.python and not os.access(cfg.server.python, os.X_OK):
         raise ConfigError(f"{source}: `server.python`: {cfg.server.python!r} is not executable")
     resolve_paths(cfg)
     return cfg
+
+
+def _convert(value: object, kind: type[T], prefix: str, source: str) -> T:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        # msgspec says "Expected `int`, got `str` - at `$.defaults.memory_mib`": keep the path,
+        # rooted at `prefix`.
+        text = str(exc).replace("`$.", f"`{prefix}." if prefix else "`")
+        text = text.replace("`$`", f"`{prefix}`")
+        if prefix and " - at " not in text:
+            text += f" - at `{prefix}`"
+        raise ConfigError(f"{source}: {text}") from None
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -150,4 +169,6 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text") from None
     return parse(text, source=str(path))

@@ -113,9 +113,15 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.tenants = j.tenant_names(self.conn)
-        self.log.info("supervisor.ready", api=self.paths.api_endpoint,
-                      sandbox=self.paths.sandbox_endpoint, state_dir=str(self.paths.state_dir),
-                      db=str(self.paths.db), python=self.paths.python, pid=os.getpid())
+        self.log.info(
+            "supervisor.ready",
+            api=self.paths.api_endpoint,
+            sandbox=self.paths.sandbox_endpoint,
+            state_dir=str(self.paths.state_dir),
+            db=str(self.paths.db),
+            python=self.paths.python,
+            pid=os.getpid(),
+        )
         sdnotify.notify("READY=1")
 
     def _bind(self, endpoint: str, mode: int) -> zmq.Socket[bytes]:
@@ -217,8 +223,11 @@ class Supervisor:
                 self.draining = True
                 self.drain_deadline = mono + self.cfg.server.drain_timeout_s
                 sdnotify.notify("STOPPING=1")
-                self.log.info("supervisor.draining", running=len(self.running),
-                              deadline_s=self.cfg.server.drain_timeout_s)
+                self.log.info(
+                    "supervisor.draining",
+                    running=len(self.running),
+                    deadline_s=self.cfg.server.drain_timeout_s,
+                )
             elif signum == signal.SIGHUP:
                 self._reload()
 
@@ -239,7 +248,7 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery
 
     def _recover(self) -> None:
-        """Kill what a dead supervisor left running; re-run interrupted steps, never journaled ones."""
+        """Kill what a dead supervisor left behind; re-run interrupted steps, not journaled ones."""
         now = time.time()
         with j.transaction(self.conn):
             leftovers = j.open_activations(self.conn)
@@ -250,9 +259,13 @@ class Supervisor:
                         if os.getpgid(proc.pid) in groups and proc.pid != os.getpid():
                             proc.kill()
             for a in leftovers:
-                j.update_activation(self.conn, a["id"], finished_at=now,
-                                    outcome=a["outcome"] or outcome.INTERRUPTED,
-                                    detail=a["detail"] or "the supervisor stopped while it ran")
+                j.update_activation(
+                    self.conn,
+                    a["id"],
+                    finished_at=now,
+                    outcome=a["outcome"] or outcome.INTERRUPTED,
+                    detail=a["detail"] or "the supervisor stopped while it ran",
+                )
             for inst in j.leased_instances(self.conn):
                 engine.interrupted(self.conn, inst["tenant"], inst["id"], now)
                 self.log.info("recovery.requeued", tenant=inst["tenant"], instance=inst["id"])
@@ -271,8 +284,11 @@ class Supervisor:
             if self.bad_peers.get(identity, 0) >= MAX_BAD_FRAMES:
                 continue
             if len(frames) != 2:
-                self._bad_client(identity, 0, ProtocolError(ErrorCode.MALFORMED,
-                                                            "expected one frame per request"))
+                self._bad_client(
+                    identity,
+                    0,
+                    ProtocolError(ErrorCode.MALFORMED, "expected one frame per request"),
+                )
                 continue
             try:
                 req = decode_request(frames[1])
@@ -288,10 +304,16 @@ class Supervisor:
         self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
         self._reply(identity, rid, error=exc)
 
-    def _reply(self, identity: bytes, rid: int, result: object = None,
-               error: ProtocolError | None = None) -> None:
-        info = None if error is None else ErrorInfo(type=error.code.value, code=error.code.value,
-                                                    message=error.message[:60_000])
+    def _reply(
+        self, identity: bytes, rid: int, result: object = None, error: ProtocolError | None = None
+    ) -> None:
+        info = (
+            None
+            if error is None
+            else ErrorInfo(
+                type=error.code.value, code=error.code.value, message=error.message[:60_000]
+            )
+        )
         reply = Reply(rid=rid, ok=error is None, result=result, error=info)
         self.outbox.append((self.client, [identity, encode(reply)]))
 
@@ -307,12 +329,15 @@ class Supervisor:
         except Exception as exc:
             self.conn.execute("ROLLBACK TO request")
             self.log.exception("api.internal_error", request=type(req).__name__)
-            self._reply(identity, req.rid,
-                        error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"))
+            self._reply(
+                identity,
+                req.rid,
+                error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"),
+            )
         else:
-            if getattr(req, "tenant", None) and req.tenant not in self.tenants:
-                if j.tenant_exists(self.conn, req.tenant):
-                    self.tenants.append(req.tenant)
+            tenant = getattr(req, "tenant", None)
+            if tenant and tenant not in self.tenants and j.tenant_exists(self.conn, tenant):
+                self.tenants.append(tenant)
             if result is not api.DEFERRED:
                 self._reply(identity, req.rid, result)
         finally:
@@ -320,8 +345,16 @@ class Supervisor:
 
     # Host protocol for api handlers ----------------------------------------------------
 
-    def launch_inspection(self, identity: bytes, rid: int, tenant: str, kind: str,
-                          filename: str, code: bytes, version: str) -> None:
+    def launch_inspection(
+        self,
+        identity: bytes,
+        rid: int,
+        tenant: str,
+        kind: str,
+        filename: str,
+        code: bytes,
+        version: str,
+    ) -> None:
         request = DeployRequest(identity, rid, kind, filename, code, version)
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
 
@@ -339,8 +372,10 @@ class Supervisor:
         if nxt is None or nxt > now:
             return
         launched = 0
-        order = self.tenants[self.rr % max(1, len(self.tenants)):] + self.tenants[
-            : self.rr % max(1, len(self.tenants))]
+        order = (
+            self.tenants[self.rr % max(1, len(self.tenants)) :]
+            + self.tenants[: self.rr % max(1, len(self.tenants))]
+        )
         self.rr += 1
         progress = True
         while progress:
@@ -359,20 +394,42 @@ class Supervisor:
                     launched += 1
                     progress = True
 
-    def _launch(self, tenant: str, instance: str | None, kind: str, now: float, mono: float,
-                deploy: DeployRequest | None = None) -> None:
+    def _launch(
+        self,
+        tenant: str,
+        instance: str | None,
+        kind: str,
+        now: float,
+        mono: float,
+        deploy: DeployRequest | None = None,
+    ) -> None:
         limits = self.cfg.limits_for(tenant)
         aid = j.insert_activation(self.conn, tenant, instance, kind, now)
         if instance is not None:
             row = j.get_instance(self.conn, tenant, instance)
             assert row is not None
-            j.update_instance(self.conn, tenant, instance, lease=aid, status="running",
-                              activations=row["activations"] + 1, updated_at=now)
+            j.update_instance(
+                self.conn,
+                tenant,
+                instance,
+                lease=aid,
+                status="running",
+                activations=row["activations"] + 1,
+                updated_at=now,
+            )
         token = secrets.token_hex(16)
         act = Activation(
-            aid=aid, token=token, tenant=tenant, kind=kind, instance=instance, limits=limits,
-            scratch=launcher.make_scratch(self.paths, aid), launched_at=now, launched_mono=mono,
-            deadline_mono=mono + self.cfg.server.hello_timeout_s, deploy=deploy,
+            aid=aid,
+            token=token,
+            tenant=tenant,
+            kind=kind,
+            instance=instance,
+            limits=limits,
+            scratch=launcher.make_scratch(self.paths, aid),
+            launched_at=now,
+            launched_mono=mono,
+            deadline_mono=mono + self.cfg.server.hello_timeout_s,
+            deploy=deploy,
         )
         self.running[token] = act
         self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
@@ -406,8 +463,13 @@ class Supervisor:
                     self.log.warning("sandbox.unknown_token", token=identity[:64].hex())
                 continue
             if act.state == SETTLED:
-                self.log.warning("sandbox.late_message", activation=act.aid, tenant=act.tenant,
-                                 instance=act.instance, outcome=act.outcome)
+                self.log.warning(
+                    "sandbox.late_message",
+                    activation=act.aid,
+                    tenant=act.tenant,
+                    instance=act.instance,
+                    outcome=act.outcome,
+                )
                 continue
             if len(frames) != 2:
                 self._protocol_error(act, "expected one frame per message", mono)
@@ -426,8 +488,9 @@ class Supervisor:
             except Exception as exc:
                 self.conn.execute("ROLLBACK TO message")
                 self.log.exception("sandbox.internal_error", activation=act.aid)
-                self._protocol_error(act, f"internal error handling {type(msg).__name__}: {exc!r}",
-                                     mono)
+                self._protocol_error(
+                    act, f"internal error handling {type(msg).__name__}: {exc!r}", mono
+                )
             finally:
                 self.conn.execute("RELEASE message")
 
@@ -452,8 +515,9 @@ class Supervisor:
         assert instance is not None
         if isinstance(msg, StepStarted) and act.state == CONNECTED:
             if msg.seq != act.expected_seq:
-                self._protocol_error(act, f"step at seq {msg.seq}, expected {act.expected_seq}",
-                                     mono)
+                self._protocol_error(
+                    act, f"step at seq {msg.seq}, expected {act.expected_seq}", mono
+                )
                 return
             engine.step_started(self.conn, tenant, instance, msg, now)
             act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
@@ -471,16 +535,21 @@ class Supervisor:
                 try:
                     load_json(msg.value or b"", what="step result")
                 except ProtocolError as exc:
-                    msg = StepResult(seq=msg.seq, ok=False, retryable=False,
-                                     duration_ms=msg.duration_ms,
-                                     error=ErrorInfo(type="StepResultError", message=exc.message))
+                    msg = StepResult(
+                        seq=msg.seq,
+                        ok=False,
+                        retryable=False,
+                        duration_ms=msg.duration_ms,
+                        error=ErrorInfo(type="StepResultError", message=exc.message),
+                    )
             engine.step_result(self.conn, tenant, instance, msg, now)
             self._settle(act, self._result_outcome(msg), "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, SleepCmd | WaitEventCmd) and act.state == CONNECTED:
             if msg.seq != act.expected_seq:
-                self._protocol_error(act, f"command at seq {msg.seq}, expected "
-                                     f"{act.expected_seq}", mono)
+                self._protocol_error(
+                    act, f"command at seq {msg.seq}, expected {act.expected_seq}", mono
+                )
                 return
             act.seq, act.step = msg.seq, msg.name
             if isinstance(msg, SleepCmd):
@@ -493,20 +562,29 @@ class Supervisor:
             try:
                 load_json(msg.output, what="workflow output")
             except ProtocolError as exc:
-                engine.fail(self.conn, tenant, instance,
-                            ErrorInfo(type="OutputError", message=exc.message), now)
+                engine.fail(
+                    self.conn,
+                    tenant,
+                    instance,
+                    ErrorInfo(type="OutputError", message=exc.message),
+                    now,
+                )
             else:
                 engine.complete(self.conn, tenant, instance, msg.output, now)
             self._settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, FailCmd) and act.state == CONNECTED:
             engine.fail(self.conn, tenant, instance, msg.error, now)
-            self._settle(act, outcome.ERROR, f"{msg.error.type}: {msg.error.message}"[:500], mono,
-                         committed=True)
+            self._settle(
+                act,
+                outcome.ERROR,
+                f"{msg.error.type}: {msg.error.message}"[:500],
+                mono,
+                committed=True,
+            )
             self._ack(act)
         else:
-            self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}",
-                                 mono)
+            self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
 
     @staticmethod
     def _result_outcome(msg: StepResult) -> str:
@@ -521,8 +599,9 @@ class Supervisor:
             self._protocol_error(act, "unexpected or forged Hello", mono)
             return
         if msg.protocol_version != PROTOCOL_VERSION:
-            self._protocol_error(act, f"protocol version {msg.protocol_version}, "
-                                 f"expected {PROTOCOL_VERSION}", mono)
+            self._protocol_error(
+                act, f"protocol version {msg.protocol_version}, expected {PROTOCOL_VERSION}", mono
+            )
             return
         act.state, act.hello_mono = CONNECTED, mono
         # Replaying and loading code gets the tenant's wall-clock cap too.
@@ -530,8 +609,14 @@ class Supervisor:
         if act.kind == "inspect":
             d = act.deploy
             assert d is not None
-            activate = Activate(mode="inspect", tenant=act.tenant, filename=d.filename,
-                                code_kind=d.kind, code=d.code, now=now)  # type: ignore[arg-type]
+            activate = Activate(
+                mode="inspect",
+                tenant=act.tenant,
+                filename=d.filename,
+                code_kind=d.kind,  # type: ignore[arg-type]
+                code=d.code,
+                now=now,
+            )
         else:
             assert act.instance is not None
             inst = j.get_instance(self.conn, act.tenant, act.instance)
@@ -549,16 +634,25 @@ class Supervisor:
         assert d is not None
         if isinstance(msg, Inspected) and act.state == CONNECTED:
             j.ensure_tenant(self.conn, act.tenant, now)
-            j.put_code(self.conn, act.tenant, d.version, d.kind, d.filename, d.code,
-                       msg.workflows, now)
+            j.put_code(
+                self.conn, act.tenant, d.version, d.kind, d.filename, d.code, msg.workflows, now
+            )
             for name in msg.workflows:
                 j.set_deployment(self.conn, act.tenant, name, d.version, now)
             if act.tenant not in self.tenants:
                 self.tenants.append(act.tenant)
-            self._reply(d.identity, d.rid, {"tenant": act.tenant, "version": d.version,
-                                            "workflows": msg.workflows})
-            self.log.info("code.deployed", tenant=act.tenant, version=d.version,
-                          workflows=msg.workflows, filename=d.filename)
+            self._reply(
+                d.identity,
+                d.rid,
+                {"tenant": act.tenant, "version": d.version, "workflows": msg.workflows},
+            )
+            self.log.info(
+                "code.deployed",
+                tenant=act.tenant,
+                version=d.version,
+                workflows=msg.workflows,
+                filename=d.filename,
+            )
             self._settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, FailCmd) and act.state == CONNECTED:
@@ -567,16 +661,18 @@ class Supervisor:
             if err.traceback:
                 text += "\n" + err.traceback
             self._reply(d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text))
-            self._settle(act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono,
-                         committed=True)
+            self._settle(
+                act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True
+            )
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} from an inspection", mono)
 
     # ------------------------------------------------------------------ fate of an activation
 
-    def _settle(self, act: Activation, how: str, detail: str, mono: float, *,
-                committed: bool = False) -> None:
+    def _settle(
+        self, act: Activation, how: str, detail: str, mono: float, *, committed: bool = False
+    ) -> None:
         """Decide an activation's fate once.
 
         `committed`: the caller already journaled the result (and replied to a deployer); only the
@@ -587,16 +683,20 @@ class Supervisor:
         was_step = act.state == IN_STEP
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
         now = time.time()
-        j.update_activation(self.conn, act.aid, outcome=how, detail=detail or None,
-                            seq=act.seq, step=act.step)
+        j.update_activation(
+            self.conn, act.aid, outcome=how, detail=detail or None, seq=act.seq, step=act.step
+        )
         if committed:
             return
         if act.kind == "inspect":
             if act.deploy is not None:
                 why = outcome.failure_message(how, detail)
                 tail = act.stderr_tail.decode("utf-8", "replace").strip()
-                self._reply(act.deploy.identity, act.deploy.rid, error=ProtocolError(
-                    ErrorCode.DEPLOY_FAILED, f"{why}\n{tail}".strip()))
+                self._reply(
+                    act.deploy.identity,
+                    act.deploy.rid,
+                    error=ProtocolError(ErrorCode.DEPLOY_FAILED, f"{why}\n{tail}".strip()),
+                )
             return
         instance = act.instance
         assert instance is not None
@@ -612,14 +712,22 @@ class Supervisor:
             code=None,
         )
         if was_step and act.seq is not None:
-            result = engine.step_failed(self.conn, act.tenant, instance, act.seq, err, now,
-                                        retryable=True)
+            result = engine.step_failed(
+                self.conn, act.tenant, instance, act.seq, err, now, retryable=True
+            )
         else:
-            result = engine.activation_failed(self.conn, act.tenant, instance, act.limits, err,
-                                              now)
-        self.log.warning("activation.failed", tenant=act.tenant, instance=instance,
-                         activation=act.aid, outcome=how, detail=detail, seq=act.seq,
-                         step=act.step, next=result)
+            result = engine.activation_failed(self.conn, act.tenant, instance, act.limits, err, now)
+        self.log.warning(
+            "activation.failed",
+            tenant=act.tenant,
+            instance=instance,
+            activation=act.aid,
+            outcome=how,
+            detail=detail,
+            seq=act.seq,
+            step=act.step,
+            next=result,
+        )
 
     def _check_deadlines(self, now: float, mono: float) -> None:
         for act in list(self.running.values()):
@@ -631,12 +739,15 @@ class Supervisor:
                 continue
             launcher.kill_group(act.pid)
             if act.state == LAUNCHED:
-                self._settle(act, outcome.NEVER_CONNECTED,
-                             f"no Hello within {self.cfg.server.hello_timeout_s:g} s", mono)
+                self._settle(
+                    act,
+                    outcome.NEVER_CONNECTED,
+                    f"no Hello within {self.cfg.server.hello_timeout_s:g} s",
+                    mono,
+                )
             else:
                 limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
-                self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s",
-                             mono)
+                self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
 
     def _reap(self, now: float, mono: float) -> None:
         for pid, act in list(self.by_pid.items()):
@@ -656,8 +767,9 @@ class Supervisor:
             self._finish_record(act, status, usage, now, mono)
             self._forget(act)
 
-    def _finish_record(self, act: Activation, status: int, usage: Any, now: float,
-                       mono: float) -> None:
+    def _finish_record(
+        self, act: Activation, status: int, usage: Any, now: float, mono: float
+    ) -> None:
         def ms(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round((b - a) * 1000, 3)
 
@@ -668,11 +780,25 @@ class Supervisor:
             "cpu_ms": round((usage.ru_utime + usage.ru_stime) * 1000, 3) if usage else None,
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
         }
-        j.update_activation(self.conn, act.aid, finished_at=now,
-                            exit_code=os.waitstatus_to_exitcode(status), **record)
-        self.log.info("activation.finished", tenant=act.tenant, instance=act.instance,
-                      activation=act.aid, kind=act.kind, seq=act.seq, step=act.step,
-                      outcome=act.outcome, detail=act.detail or None, **record)
+        j.update_activation(
+            self.conn,
+            act.aid,
+            finished_at=now,
+            exit_code=os.waitstatus_to_exitcode(status),
+            **record,
+        )
+        self.log.info(
+            "activation.finished",
+            tenant=act.tenant,
+            instance=act.instance,
+            activation=act.aid,
+            kind=act.kind,
+            seq=act.seq,
+            step=act.step,
+            outcome=act.outcome,
+            detail=act.detail or None,
+            **record,
+        )
 
     def _forget(self, act: Activation) -> None:
         for fd in [fd for fd, a in self.by_fd.items() if a is act]:
@@ -697,8 +823,13 @@ class Supervisor:
         act = self.by_fd.get(fd)
         if act is None:
             return
-        stream = "stdout" if act.proc is not None and act.proc.stdout is not None and \
-            act.proc.stdout.fileno() == fd else "stderr"
+        stream = (
+            "stdout"
+            if act.proc is not None
+            and act.proc.stdout is not None
+            and act.proc.stdout.fileno() == fd
+            else "stderr"
+        )
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -730,9 +861,16 @@ class Supervisor:
         act.output_bytes += len(line)
         if act.output_bytes > MAX_OUTPUT_BYTES:
             return
-        self.log.info("tenant.output", tenant=act.tenant, instance=act.instance,
-                      activation=act.aid, seq=act.seq, step=act.step, stream=stream,
-                      line=line.decode("utf-8", "replace"))
+        self.log.info(
+            "tenant.output",
+            tenant=act.tenant,
+            instance=act.instance,
+            activation=act.aid,
+            seq=act.seq,
+            step=act.step,
+            stream=stream,
+            line=line.decode("utf-8", "replace"),
+        )
 
     # ------------------------------------------------------------------ drain
 
@@ -752,8 +890,9 @@ class Supervisor:
         self.log.info("supervisor.drained")
 
 
-def serve(config_path: str | None, state_dir: str | None = None,
-          runtime_dir: str | None = None) -> int:
+def serve(
+    config_path: str | None, state_dir: str | None = None, runtime_dir: str | None = None
+) -> int:
     """`stepvisor serve`: validate config, recover, bind, loop until SIGTERM."""
     import msgspec
 
@@ -761,8 +900,10 @@ def serve(config_path: str | None, state_dir: str | None = None,
         cfg = load(config_path)
         if state_dir or runtime_dir:
             server = msgspec.structs.replace(
-                cfg.server, state_dir=state_dir or cfg.server.state_dir,
-                runtime_dir=runtime_dir or cfg.server.runtime_dir)
+                cfg.server,
+                state_dir=state_dir or cfg.server.state_dir,
+                runtime_dir=runtime_dir or cfg.server.runtime_dir,
+            )
             cfg = msgspec.structs.replace(cfg, server=server)
         paths = resolve_paths(cfg)
     except ConfigError as exc:
@@ -770,8 +911,9 @@ def serve(config_path: str | None, state_dir: str | None = None,
         return 2
     logs.configure(cfg.server.log_level, cfg.server.log_file)
     if config_path is None:
-        logs.get().info("config.embedded_default", state_dir=str(paths.state_dir),
-                        api=paths.api_endpoint)
+        logs.get().info(
+            "config.embedded_default", state_dir=str(paths.state_dir), api=paths.api_endpoint
+        )
     try:
         return Supervisor(cfg, paths, config_path).run()
     except StartupError as exc:

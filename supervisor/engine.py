@@ -37,11 +37,19 @@ def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
         return delay_s
     if backoff == "linear":
         return delay_s * attempt
-    return delay_s * 2 ** min(attempt - 1, 40)
+    return delay_s * float(2 ** min(attempt - 1, 40))
 
 
-def release(conn: sqlite3.Connection, tenant: str, instance: str, now: float, *, status: str,
-            wake_at: float | None, **fields: Any) -> None:
+def release(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    now: float,
+    *,
+    status: str,
+    wake_at: float | None,
+    **fields: Any,
+) -> None:
     """End the instance's lease and set its next state, honouring a pause requested meanwhile."""
     row = j.get_instance(conn, tenant, instance)
     if row is None:
@@ -53,8 +61,16 @@ def release(conn: sqlite3.Connection, tenant: str, instance: str, now: float, *,
         # first and started workflows finish before new ones start (depth first, not lockstep).
         wake_at = min(wake_at, float(row["created_at"]))
     j.update_instance(
-        conn, tenant, instance, status=status, wake_at=wake_at, lease=None, pause_requested=0,
-        steps=j.journal_length(conn, tenant, instance), updated_at=now, **fields,
+        conn,
+        tenant,
+        instance,
+        status=status,
+        wake_at=wake_at,
+        lease=None,
+        pause_requested=0,
+        steps=j.journal_length(conn, tenant, instance),
+        updated_at=now,
+        **fields,
     )
 
 
@@ -71,51 +87,120 @@ def prepare_replay(conn: sqlite3.Connection, tenant: str, instance: str, now: fl
             return seq + 1
         return seq
     if last["kind"] == "wait_event" and last["status"] == "waiting":
-        if last["until"] <= now:
+        if last["until"] > now:
+            return seq
+        # Past the deadline: an event that arrived in time (say, while paused) still wins.
+        event = j.consume_event(
+            conn, tenant, instance, last["event_type"], seq, before=float(last["until"])
+        )
+        if event is not None:
+            j.upsert_entry(
+                conn,
+                tenant,
+                instance,
+                seq,
+                status="ok",
+                finished_at=now,
+                result=event_result(event),
+            )
+        else:
             err = ErrorInfo(type="WaitTimeout", message=f"no {last['event_type']!r} event arrived")
-            j.upsert_entry(conn, tenant, instance, seq, status="timeout", finished_at=now,
-                           error=j.encode_error(err))
-            return seq + 1
-        return seq
+            j.upsert_entry(
+                conn,
+                tenant,
+                instance,
+                seq,
+                status="timeout",
+                finished_at=now,
+                error=j.encode_error(err),
+            )
+        return seq + 1
     if last["kind"] == "step" and last["status"] in PENDING_STEP:
         return seq
     return seq + 1
 
 
-def build_activate(conn: sqlite3.Connection, inst: sqlite3.Row, code: sqlite3.Row,
-                   limits: Limits, now: float) -> Activate:
+def build_activate(
+    conn: sqlite3.Connection, inst: sqlite3.Row, code: sqlite3.Row, limits: Limits, now: float
+) -> Activate:
     return Activate(
-        mode="run", tenant=inst["tenant"], filename=code["filename"], code_kind=code["kind"],
-        code=code["code"], instance=inst["id"], workflow=inst["workflow"], params=inst["params"],
-        created_at=inst["created_at"], journal=j.journal_entries(conn, inst["tenant"], inst["id"]),
-        now=now, max_timeout_s=limits.timeout_s,
+        mode="run",
+        tenant=inst["tenant"],
+        filename=code["filename"],
+        code_kind=code["kind"],
+        code=code["code"],
+        instance=inst["id"],
+        workflow=inst["workflow"],
+        params=inst["params"],
+        created_at=inst["created_at"],
+        journal=j.journal_entries(conn, inst["tenant"], inst["id"]),
+        now=now,
+        max_timeout_s=limits.timeout_s,
     )
 
 
-def step_started(conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted,
-                 now: float) -> None:
+def step_started(
+    conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted, now: float
+) -> None:
     j.upsert_entry(
-        conn, tenant, instance, msg.seq, kind="step", name=msg.name, status="running",
-        attempts=msg.attempt, retry_limit=msg.retry_limit, retry_delay_s=msg.retry_delay_s,
-        backoff=msg.backoff, timeout_s=msg.timeout_s, started_at=now,
+        conn,
+        tenant,
+        instance,
+        msg.seq,
+        kind="step",
+        name=msg.name,
+        status="running",
+        attempts=msg.attempt,
+        retry_limit=msg.retry_limit,
+        retry_delay_s=msg.retry_delay_s,
+        backoff=msg.backoff,
+        timeout_s=msg.timeout_s,
+        started_at=now,
     )
     j.update_instance(conn, tenant, instance, status="running", updated_at=now)
 
 
-def step_result(conn: sqlite3.Connection, tenant: str, instance: str, msg: StepResult,
-                now: float) -> None:
+def step_result(
+    conn: sqlite3.Connection, tenant: str, instance: str, msg: StepResult, now: float
+) -> None:
     if msg.ok:
-        j.upsert_entry(conn, tenant, instance, msg.seq, status="ok", result=msg.value,
-                       error=None, finished_at=now, duration_ms=msg.duration_ms)
+        j.upsert_entry(
+            conn,
+            tenant,
+            instance,
+            msg.seq,
+            status="ok",
+            result=msg.value,
+            error=None,
+            finished_at=now,
+            duration_ms=msg.duration_ms,
+        )
         release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
         return
     err = msg.error or ErrorInfo(type="Error", message="step failed")
-    step_failed(conn, tenant, instance, msg.seq, err, now, retryable=msg.retryable,
-                duration_ms=msg.duration_ms)
+    step_failed(
+        conn,
+        tenant,
+        instance,
+        msg.seq,
+        err,
+        now,
+        retryable=msg.retryable,
+        duration_ms=msg.duration_ms,
+    )
 
 
-def step_failed(conn: sqlite3.Connection, tenant: str, instance: str, seq: int, err: ErrorInfo,
-                now: float, *, retryable: bool, duration_ms: float | None = None) -> str:
+def step_failed(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    seq: int,
+    err: ErrorInfo,
+    now: float,
+    *,
+    retryable: bool,
+    duration_ms: float | None = None,
+) -> str:
     """A failed attempt: schedule the retry its policy allows, or journal the final error."""
     row = j.get_entry(conn, tenant, instance, seq)
     if row is None:  # cannot happen after StepStarted; be safe rather than crash the loop
@@ -124,12 +209,27 @@ def step_failed(conn: sqlite3.Connection, tenant: str, instance: str, seq: int, 
     attempt = int(row["attempts"])
     if retryable and attempt <= int(row["retry_limit"] or 0):
         wake = now + retry_delay_s(float(row["retry_delay_s"] or 0), row["backoff"], attempt)
-        j.upsert_entry(conn, tenant, instance, seq, status="retry", error=j.encode_error(err),
-                       duration_ms=duration_ms)
+        j.upsert_entry(
+            conn,
+            tenant,
+            instance,
+            seq,
+            status="retry",
+            error=j.encode_error(err),
+            duration_ms=duration_ms,
+        )
         release(conn, tenant, instance, now, status="running", wake_at=wake, failures=0)
         return "retry"
-    j.upsert_entry(conn, tenant, instance, seq, status="error", error=j.encode_error(err),
-                   finished_at=now, duration_ms=duration_ms)
+    j.upsert_entry(
+        conn,
+        tenant,
+        instance,
+        seq,
+        status="error",
+        error=j.encode_error(err),
+        finished_at=now,
+        duration_ms=duration_ms,
+    )
     release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
     return "error"
 
@@ -137,9 +237,17 @@ def step_failed(conn: sqlite3.Connection, tenant: str, instance: str, seq: int, 
 def sleep(conn: sqlite3.Connection, tenant: str, instance: str, msg: SleepCmd, now: float) -> None:
     existing = j.get_entry(conn, tenant, instance, msg.seq)
     until = float(existing["until"]) if existing is not None else msg.until
-    j.upsert_entry(conn, tenant, instance, msg.seq, kind="sleep", name=msg.name,
-                   status="sleeping", until=until, started_at=now if existing is None
-                   else existing["started_at"])
+    j.upsert_entry(
+        conn,
+        tenant,
+        instance,
+        msg.seq,
+        kind="sleep",
+        name=msg.name,
+        status="sleeping",
+        until=until,
+        started_at=now if existing is None else existing["started_at"],
+    )
     release(conn, tenant, instance, now, status="waiting", wake_at=max(until, now), failures=0)
 
 
@@ -148,20 +256,42 @@ def event_result(row: sqlite3.Row) -> bytes:
     return f'{head[:-1]}, "payload": '.encode() + bytes(row["payload"]) + b"}"
 
 
-def wait_event(conn: sqlite3.Connection, tenant: str, instance: str, msg: WaitEventCmd,
-               now: float) -> None:
+def wait_event(
+    conn: sqlite3.Connection, tenant: str, instance: str, msg: WaitEventCmd, now: float
+) -> None:
     existing = j.get_entry(conn, tenant, instance, msg.seq)
     deadline = float(existing["until"]) if existing is not None else now + msg.timeout_s
     started = existing["started_at"] if existing is not None else now
     event = j.consume_event(conn, tenant, instance, msg.type, msg.seq)
     if event is not None:
-        j.upsert_entry(conn, tenant, instance, msg.seq, kind="wait_event", name=msg.name,
-                       status="ok", event_type=msg.type, until=deadline, started_at=started,
-                       finished_at=now, result=event_result(event))
+        j.upsert_entry(
+            conn,
+            tenant,
+            instance,
+            msg.seq,
+            kind="wait_event",
+            name=msg.name,
+            status="ok",
+            event_type=msg.type,
+            until=deadline,
+            started_at=started,
+            finished_at=now,
+            result=event_result(event),
+        )
         release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
         return
-    j.upsert_entry(conn, tenant, instance, msg.seq, kind="wait_event", name=msg.name,
-                   status="waiting", event_type=msg.type, until=deadline, started_at=started)
+    j.upsert_entry(
+        conn,
+        tenant,
+        instance,
+        msg.seq,
+        kind="wait_event",
+        name=msg.name,
+        status="waiting",
+        event_type=msg.type,
+        until=deadline,
+        started_at=started,
+    )
     release(conn, tenant, instance, now, status="waiting", wake_at=deadline, failures=0)
 
 
@@ -178,40 +308,77 @@ def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: 
     event = j.consume_event(conn, inst["tenant"], inst["id"], type_, int(last["seq"]))
     if event is None:
         return False
-    j.upsert_entry(conn, inst["tenant"], inst["id"], int(last["seq"]), status="ok",
-                   finished_at=now, result=event_result(event))
-    j.update_instance(conn, inst["tenant"], inst["id"], status="running", wake_at=now,
-                      updated_at=now)
+    j.upsert_entry(
+        conn,
+        inst["tenant"],
+        inst["id"],
+        int(last["seq"]),
+        status="ok",
+        finished_at=now,
+        result=event_result(event),
+    )
+    j.update_instance(
+        conn, inst["tenant"], inst["id"], status="running", wake_at=now, updated_at=now
+    )
     return True
 
 
-def complete(conn: sqlite3.Connection, tenant: str, instance: str, output: bytes,
-             now: float) -> None:
-    release(conn, tenant, instance, now, status="complete", wake_at=None, output=output,
-            error=None, failures=0)
+def complete(
+    conn: sqlite3.Connection, tenant: str, instance: str, output: bytes, now: float
+) -> None:
+    release(
+        conn,
+        tenant,
+        instance,
+        now,
+        status="complete",
+        wake_at=None,
+        output=output,
+        error=None,
+        failures=0,
+    )
 
 
 def fail(conn: sqlite3.Connection, tenant: str, instance: str, err: ErrorInfo, now: float) -> None:
-    release(conn, tenant, instance, now, status="errored", wake_at=None,
-            error=j.encode_error(err))
+    release(conn, tenant, instance, now, status="errored", wake_at=None, error=j.encode_error(err))
 
 
-def activation_failed(conn: sqlite3.Connection, tenant: str, instance: str, limits: Limits,
-                      err: ErrorInfo, now: float) -> str:
+def activation_failed(
+    conn: sqlite3.Connection, tenant: str, instance: str, limits: Limits, err: ErrorInfo, now: float
+) -> str:
     """An activation died before its step started: back off, and give up after a bound."""
     row = j.get_instance(conn, tenant, instance)
     if row is None:
         return "gone"
     failures = int(row["failures"]) + 1
     if failures >= limits.max_activation_failures:
-        final = ErrorInfo(type="ActivationFailed", code=err.code, traceback=err.traceback,
-                          message=f"{failures} activations in a row failed; last: {err.message}")
-        release(conn, tenant, instance, now, status="errored", wake_at=None, failures=failures,
-                error=j.encode_error(final))
+        final = ErrorInfo(
+            type="ActivationFailed",
+            code=err.code,
+            traceback=err.traceback,
+            message=f"{failures} activations in a row failed; last: {err.message}",
+        )
+        release(
+            conn,
+            tenant,
+            instance,
+            now,
+            status="errored",
+            wake_at=None,
+            failures=failures,
+            error=j.encode_error(final),
+        )
         return "errored"
     status = "running" if row["status"] not in ("queued",) else "queued"
-    release(conn, tenant, instance, now, status=status,
-            wake_at=now + min(60.0, 0.5 * 2 ** (failures - 1)), failures=failures)
+    release(
+        conn,
+        tenant,
+        instance,
+        now,
+        status=status,
+        wake_at=now + min(60.0, 0.5 * 2 ** (failures - 1)),
+        failures=failures,
+    )
     return "backoff"
 
 
@@ -220,8 +387,14 @@ def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float
     rows = j.journal_rows(conn, tenant, instance)
     if rows and rows[-1]["kind"] == "step" and rows[-1]["status"] == "running":
         last = rows[-1]
-        j.upsert_entry(conn, tenant, instance, int(last["seq"]), status="retry",
-                       attempts=max(0, int(last["attempts"]) - 1))
+        j.upsert_entry(
+            conn,
+            tenant,
+            instance,
+            int(last["seq"]),
+            status="retry",
+            attempts=max(0, int(last["attempts"]) - 1),
+        )
     row = j.get_instance(conn, tenant, instance)
     if row is not None and row["status"] not in ("complete", "errored", "terminated", "paused"):
         j.update_instance(conn, tenant, instance, lease=None, wake_at=now, updated_at=now)

@@ -181,8 +181,9 @@ def decode_error(text: str | None) -> ErrorInfo | None:
 
 
 def ensure_tenant(conn: sqlite3.Connection, tenant: str, now: float) -> None:
-    conn.execute("INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                 (tenant, now))
+    conn.execute(
+        "INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (tenant, now)
+    )
 
 
 def tenant_exists(conn: sqlite3.Connection, tenant: str) -> bool:
@@ -201,8 +202,14 @@ def get_code(conn: sqlite3.Connection, tenant: str, version: str) -> sqlite3.Row
 
 
 def put_code(
-    conn: sqlite3.Connection, tenant: str, version: str, kind: str, filename: str, code: bytes,
-    workflows: list[str], now: float,
+    conn: sqlite3.Connection,
+    tenant: str,
+    version: str,
+    kind: str,
+    filename: str,
+    code: bytes,
+    workflows: list[str],
+    now: float,
 ) -> None:
     """Store an immutable code version; a second put of the same hash changes nothing."""
     conn.execute(
@@ -250,8 +257,13 @@ def count_live_instances(conn: sqlite3.Connection, tenant: str) -> int:
 
 
 def insert_instance(
-    conn: sqlite3.Connection, tenant: str, instance: str, workflow: str, version: str,
-    params: bytes, now: float,
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    workflow: str,
+    version: str,
+    params: bytes,
+    now: float,
 ) -> bool:
     """Create a queued instance. False when the id is already taken (the row is left untouched)."""
     cur = conn.execute(
@@ -296,8 +308,18 @@ def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: fl
         "DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq IS NOT NULL", args
     )
     update_instance(
-        conn, tenant, instance, status="queued", output=None, error=None, wake_at=now, lease=None,
-        pause_requested=0, failures=0, steps=0, updated_at=now,
+        conn,
+        tenant,
+        instance,
+        status="queued",
+        output=None,
+        error=None,
+        wake_at=now,
+        lease=None,
+        pause_requested=0,
+        failures=0,
+        steps=0,
+        updated_at=now,
     )
 
 
@@ -338,8 +360,13 @@ def journal_entries(conn: sqlite3.Connection, tenant: str, instance: str) -> lis
     """The journal as replay sees it."""
     return [
         JournalEntry(
-            seq=r["seq"], kind=r["kind"], name=r["name"], status=r["status"],
-            attempts=r["attempts"], result=r["result"], error=decode_error(r["error"]),
+            seq=r["seq"],
+            kind=r["kind"],
+            name=r["name"],
+            status=r["status"],
+            attempts=r["attempts"],
+            result=r["result"],
+            error=decode_error(r["error"]),
             until=r["until"],
         )
         for r in conn.execute(
@@ -399,13 +426,18 @@ def add_event(
 
 
 def consume_event(
-    conn: sqlite3.Connection, tenant: str, instance: str, type_: str, seq: int
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    type_: str,
+    seq: int,
+    before: float | None = None,
 ) -> sqlite3.Row | None:
-    """Take the oldest unconsumed event of `type_` for the wait at `seq`, or None."""
+    """Take the oldest unconsumed event of `type_` (sent no later than `before`), or None."""
     row: sqlite3.Row | None = conn.execute(
         "SELECT id, type, payload, created_at FROM events WHERE tenant = ? AND instance = ?"
-        " AND type = ? AND consumed_seq IS NULL ORDER BY id LIMIT 1",
-        (tenant, instance, type_),
+        " AND type = ? AND consumed_seq IS NULL AND created_at <= ? ORDER BY id LIMIT 1",
+        (tenant, instance, type_, float("inf") if before is None else before),
     ).fetchone()
     if row is not None:
         conn.execute("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, row["id"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,11 +36,18 @@ def spawn(paths: Paths, limits: Limits, token: str, scratch: Path) -> subprocess
     env = dict(_BASE_ENV, HOME=str(scratch), TMPDIR=str(scratch))
     proc = subprocess.Popen(
         [
-            paths.python, "-I", "-m", "sandbox_host",
-            "--endpoint", paths.sandbox_endpoint,
-            "--ppid", str(os.getpid()),
-            "--memory-mib", str(limits.memory_mib),
-            "--cpu-seconds", str(limits.cpu_seconds),
+            paths.python,
+            "-I",
+            "-m",
+            "sandbox_host",
+            "--endpoint",
+            paths.sandbox_endpoint,
+            "--ppid",
+            str(os.getpid()),
+            "--memory-mib",
+            str(limits.memory_mib),
+            "--cpu-seconds",
+            str(limits.cpu_seconds),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -63,7 +71,5 @@ def kill_group(pid: int) -> None:
     """SIGKILL the activation's whole process group (it is a session leader: pgid == pid)."""
     if pid <= 0:  # never started; killpg(0) would hit the supervisor's own group
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,7 +64,9 @@ class Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.base,
         )
         log.close()
         probe = Client(self.endpoint, timeout_s=0.5)
@@ -104,15 +107,16 @@ class Daemon:
         out = []
         for line in self.log_path.read_bytes().splitlines():
             if line.startswith(b"{"):
-                try:
+                with contextlib.suppress(orjson.JSONDecodeError):
                     out.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    pass
         return out
 
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.logs()
-                if e.get("event") == name and all(e.get(k) == v for k, v in match.items())]
+        return [
+            e
+            for e in self.logs()
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+        ]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Kill the supervisor (SIGKILL) or stop it (SIGTERM) mid-flight: nothing journaled is lost or redone."""
+"""Kill the supervisor (SIGKILL) or stop it (SIGTERM) mid-flight: nothing journaled is lost or
+redone."""
 
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def executions(log: Path) -> dict[tuple[str, int], list[str]]:
 
 
 def sandbox_processes(daemon: Daemon) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if f"ipc://{daemon.run_dir}" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if f"ipc://{daemon.run_dir}" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
@@ -60,7 +64,7 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
     ids = [f"i{n}" for n in range(6)]
     c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 5, "pause": 0.15}) for i in ids])
     for threshold in (4, 12):
-        wait_for(lambda t=threshold: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
+        wait_for(lambda t=threshold, c=c: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
         daemon.stop(signal.SIGKILL)
         # PDEATHSIG: the running activations die with their supervisor.
         wait_for(lambda: not sandbox_processes(daemon), 10, "orphaned activations to die")
@@ -112,6 +116,9 @@ def test_drain_deadline_kills_and_the_step_reruns_after_restart(
     c = daemon.start().client()
     assert c.history("acme", "d")["activations"][0]["outcome"] == "interrupted"
     wait_for(lambda: len(executions(log)[("d", 0)]) == 2, 30, "the step to re-run")
-    entry = wait_for(lambda: (e := c.history("acme", "d")["entries"][0])["status"] == "running"
-                     and e, 30, "the re-run to be journaled as started")
+    entry = wait_for(
+        lambda: (e := c.history("acme", "d")["entries"][0])["status"] == "running" and e,
+        30,
+        "the re-run to be journaled as started",
+    )
     assert entry["attempts"] == 1  # the interrupted attempt did not count

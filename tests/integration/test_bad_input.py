@@ -45,18 +45,33 @@ def ask(sock: zmq.Socket, *frames: bytes) -> dict:
         ([b"\xc1 garbage"], "MALFORMED"),
         ([b""], "MALFORMED"),
         ([msgspec.msgpack.encode({"t": "launch_missiles", "rid": 1})], "BAD_REQUEST"),
-        ([msgspec.msgpack.encode({"t": "status", "rid": "one", "tenant": "a", "id": "x"})],
-         "BAD_REQUEST"),
-        ([msgspec.msgpack.encode({"t": "status", "rid": 1, "tenant": "../etc", "id": "x"})],
-         "BAD_REQUEST"),
-        ([msgspec.msgpack.encode({"t": "status", "rid": 1, "tenant": "a", "id": "a/b"})],
-         "BAD_REQUEST"),
+        (
+            [msgspec.msgpack.encode({"t": "status", "rid": "one", "tenant": "a", "id": "x"})],
+            "BAD_REQUEST",
+        ),
+        (
+            [msgspec.msgpack.encode({"t": "status", "rid": 1, "tenant": "../etc", "id": "x"})],
+            "BAD_REQUEST",
+        ),
+        (
+            [msgspec.msgpack.encode({"t": "status", "rid": 1, "tenant": "a", "id": "a/b"})],
+            "BAD_REQUEST",
+        ),
         ([msgspec.msgpack.encode([1, 2, 3])], "BAD_REQUEST"),
         ([encode(Ping(rid=1)), b"extra frame"], "MALFORMED"),
         ([b"\x00" * (17 << 20)], "TOO_LARGE"),
     ],
-    ids=["garbage", "empty", "unknown-tag", "wrong-type", "bad-tenant", "bad-id", "not-a-map",
-         "two-frames", "oversize"],
+    ids=[
+        "garbage",
+        "empty",
+        "unknown-tag",
+        "wrong-type",
+        "bad-tenant",
+        "bad-id",
+        "not-a-map",
+        "two-frames",
+        "oversize",
+    ],
 )
 def test_malformed_requests_get_typed_errors(daemon: Daemon, raw, frames, expected) -> None:
     assert ask(raw, *frames)["code"] == expected
@@ -114,13 +129,17 @@ def test_forged_tokens_on_the_sandbox_socket_are_dropped(daemon: Daemon) -> None
 
 def test_hostile_step_results_do_not_hurt_the_daemon(daemon: Daemon) -> None:
     c = daemon.client()
-    deploy_source(c, "acme", """
+    deploy_source(
+        c,
+        "acme",
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             big = step.do("too big", lambda: "x" * (2 << 20), retries={"limit": 0})
-    """)
+    """,
+    )
     c.create("acme", "w", id="big")
     st = c.wait("acme", "big", timeout_s=30)
     assert st["status"] == "errored"

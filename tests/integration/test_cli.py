@@ -11,32 +11,63 @@ from pathlib import Path
 from tests.conftest import ROOT, Daemon
 
 
-def cli(daemon: Daemon | None, *args: str, socket: str | None = None) -> subprocess.CompletedProcess:
+def cli(
+    daemon: Daemon | None, *args: str, socket: str | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if daemon is not None:
         env["STEPVISOR_SOCKET"] = str(daemon.run_dir / "api.sock")
     extra = ["--socket", socket] if socket else []
-    return subprocess.run([sys.executable, "-m", "stepvisor.cli", *extra, *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stepvisor.cli", *extra, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_deploy_run_wait_history_and_events(daemon: Daemon) -> None:
     r = cli(daemon, "deploy", "acme", str(ROOT / "examples" / "acme" / "onboarding.py"))
     assert r.returncode == 0, r.stderr
     assert "deployed onboard for acme" in r.stdout
-    r = cli(daemon, "run", "acme", "onboard", "--id", "ann", "--params",
-            '{"email": "ann@example.com"}')
+    r = cli(
+        daemon, "run", "acme", "onboard", "--id", "ann", "--params", '{"email": "ann@example.com"}'
+    )
     assert (r.returncode, r.stdout.strip()) == (0, "ann")
     r = cli(daemon, "event", "acme", "ann", "email-confirmed", "--payload", '{"at": "noon"}')
     assert r.returncode == 0 and "stored" in r.stdout
-    r = cli(daemon, "--json", "run", "acme", "onboard", "--id", "bob", "--params",
-            '{"email": "bob@example.com"}', "--wait", "--wait-timeout", "1")
+    r = cli(
+        daemon,
+        "--json",
+        "run",
+        "acme",
+        "onboard",
+        "--id",
+        "bob",
+        "--params",
+        '{"email": "bob@example.com"}',
+        "--wait",
+        "--wait-timeout",
+        "1",
+    )
     assert r.returncode == 1 and r.stderr.startswith("error TIMEOUT:")  # bob gets no event
     cli(daemon, "event", "acme", "bob", "email-confirmed", "--payload", '{"at": "one"}')
     r = cli(daemon, "--json", "status", "acme", "ann")
     st = json.loads(r.stdout)
-    for key in ("tenant", "id", "workflow", "version", "status", "output", "error",
-                "created_at", "updated_at", "steps", "activations"):
+    for key in (
+        "tenant",
+        "id",
+        "workflow",
+        "version",
+        "status",
+        "output",
+        "error",
+        "created_at",
+        "updated_at",
+        "steps",
+        "activations",
+    ):
         assert key in st
     r = cli(daemon, "history", "acme", "ann")
     assert r.returncode == 0 and "create account" in r.stdout
@@ -46,8 +77,10 @@ def test_cli_deploy_run_wait_history_and_events(daemon: Daemon) -> None:
 
 def test_cli_run_wait_prints_final_status(daemon: Daemon, tmp_short: Path) -> None:
     f = tmp_short / "hello.py"
-    f.write_text("from stepvisor import workflow\n\n@workflow('hi')\n"
-                 "def hi(event, step):\n    return step.do('greet', lambda: 'hi ' + event.payload)\n")
+    f.write_text(
+        "from stepvisor import workflow\n\n@workflow('hi')\n"
+        "def hi(event, step):\n    return step.do('greet', lambda: 'hi ' + event.payload)\n"
+    )
     assert cli(daemon, "deploy", "acme", str(f)).returncode == 0
     r = cli(daemon, "--json", "run", "acme", "hi", "--params", '"ann"', "--wait")
     assert r.returncode == 0, r.stderr
@@ -76,7 +109,11 @@ def test_cli_errors_are_one_line_with_a_code(daemon: Daemon, tmp_short: Path) ->
 def test_serve_rejects_an_invalid_config(tmp_short: Path) -> None:
     cfg = tmp_short / "bad.toml"
     cfg.write_text("[defaults]\nmemory_mib = 'lots'\n")
-    r = subprocess.run([sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "defaults.memory_mib" in r.stderr and r.stderr.startswith("error CONFIG:")

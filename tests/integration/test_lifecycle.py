@@ -59,8 +59,11 @@ def test_pause_during_a_step_takes_effect_after_it(daemon: Daemon) -> None:
     c.create("acme", "w", {"step_s": 1.0, "rest_s": 0}, id="i1")
     wait_for(lambda: c.history("acme", "i1")["entries"], 30, "first step to start")
     c.pause("acme", "i1")
-    st = wait_for(lambda: (s := c.status("acme", "i1"))["status"] == "paused" and s, 30,
-                  "pause to take effect")
+    st = wait_for(
+        lambda: (s := c.status("acme", "i1"))["status"] == "paused" and s,
+        30,
+        "pause to take effect",
+    )
     entries = c.history("acme", "i1")["entries"]
     assert entries[0]["status"] == "ok"  # the running step finished and was kept
     assert c.status("acme", "i1")["activations"] == st["activations"]
@@ -74,8 +77,11 @@ def test_terminate_kills_a_running_activation(daemon: Daemon) -> None:
     c.create("acme", "w", id="i1")
     wait_for(lambda: c.history("acme", "i1")["entries"], 30, "the long step to start")
     assert c.terminate("acme", "i1")["status"] == "terminated"
-    wait_for(lambda: c.history("acme", "i1")["activations"][-1]["outcome"]
-             == "killed_by_operator", 30, "the activation to be recorded as killed")
+    wait_for(
+        lambda: c.history("acme", "i1")["activations"][-1]["outcome"] == "killed_by_operator",
+        30,
+        "the activation to be recorded as killed",
+    )
     with pytest.raises(StepVisorError) as exc:
         c.terminate("acme", "i1")
     assert code(exc) == "INVALID_STATE"
@@ -131,9 +137,12 @@ def test_tenants_cannot_see_or_touch_each_other(daemon: Daemon) -> None:
     assert [r["tenant"] for r in c.list("globex")] == ["globex"]
     assert c.status("acme", "secret")["status"] in ("running", "waiting", "queued")
     c.create("globex", "w", id="g2")
-    for call in (lambda: c.status("globex", "a-only"), lambda: c.pause("globex", "a-only"),
-                 lambda: c.send_event("globex", "a-only", "x"),
-                 lambda: c.history("globex", "a-only")):
+    for call in (
+        lambda: c.status("globex", "a-only"),
+        lambda: c.pause("globex", "a-only"),
+        lambda: c.send_event("globex", "a-only", "x"),
+        lambda: c.history("globex", "a-only"),
+    ):
         with pytest.raises(StepVisorError) as exc:
             call()
         assert code(exc) == "NOT_FOUND"

@@ -29,8 +29,10 @@ def intervals(daemon: Daemon, tenant: str, ids: list[str]) -> list[tuple[float, 
 
 
 def max_overlap(spans: list[tuple[float, float]], slack_s: float = 0.005) -> int:
-    points = sorted([(s + slack_s, 1) for s, _ in spans] + [(e - slack_s, -1) for _, e in spans],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(s + slack_s, 1) for s, _ in spans] + [(e - slack_s, -1) for _, e in spans],
+        key=lambda p: (p[0], p[1]),
+    )
     best = cur = 0
     for _, d in points:
         cur += d

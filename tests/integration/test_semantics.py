@@ -10,8 +10,16 @@ import pytest
 from tests.conftest import Daemon, deploy_source, wait_for
 
 
-def run(daemon: Daemon, source: str, params: object = None, *, tenant: str = "acme",
-        workflow: str = "w", iid: str = "i1", timeout_s: float = 60) -> dict:
+def run(
+    daemon: Daemon,
+    source: str,
+    params: object = None,
+    *,
+    tenant: str = "acme",
+    workflow: str = "w",
+    iid: str = "i1",
+    timeout_s: float = 60,
+) -> dict:
     c = daemon.client()
     deploy_source(c, tenant, source)
     c.create(tenant, workflow, params, id=iid)
@@ -23,7 +31,9 @@ def history(daemon: Daemon, iid: str = "i1", tenant: str = "acme") -> dict:
 
 
 def test_retries_with_backoff_and_ctx_attempt(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import workflow
 
         def flaky(ctx):
@@ -35,7 +45,8 @@ def test_retries_with_backoff_and_ctx_attempt(daemon: Daemon) -> None:
         def w(event, step):
             return step.do("flaky", flaky,
                            retries={"limit": 4, "delay": 0.05, "backoff": "exponential"})
-    """)
+    """,
+    )
     assert st["status"] == "complete"
     assert st["output"] == {"attempt": 3}
     (entry,) = history(daemon)["entries"]
@@ -44,7 +55,9 @@ def test_retries_with_backoff_and_ctx_attempt(daemon: Daemon) -> None:
 
 
 def test_exhausted_retries_raise_catchable_step_failed(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import StepFailed, workflow
 
         def always_fails():
@@ -56,7 +69,8 @@ def test_exhausted_retries_raise_catchable_step_failed(daemon: Daemon) -> None:
                 step.do("doomed", always_fails, retries={"limit": 2, "delay": 0})
             except StepFailed as exc:
                 return {"caught": exc.error_type, "step": exc.step}
-    """)
+    """,
+    )
     assert st["output"] == {"caught": "KeyError", "step": "doomed"}
     (entry,) = history(daemon)["entries"]
     assert (entry["status"], entry["attempts"]) == ("error", 3)  # limit 2 = 1 try + 2 retries
@@ -64,14 +78,17 @@ def test_exhausted_retries_raise_catchable_step_failed(daemon: Daemon) -> None:
 
 
 def test_non_retryable_error_fails_at_once(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import NonRetryableError, workflow
 
         @workflow("w")
         def w(event, step):
             step.do("charge", lambda: (_ for _ in ()).throw(NonRetryableError("card declined")),
                     retries={"limit": 5, "delay": 0})
-    """)
+    """,
+    )
     assert st["status"] == "errored"
     assert st["error"]["type"] == "StepFailed"
     assert "card declined" in st["error"]["message"]
@@ -80,7 +97,9 @@ def test_non_retryable_error_fails_at_once(daemon: Daemon) -> None:
 
 
 def test_uncaught_error_keeps_tenant_traceback_with_source_lines(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import workflow
 
         @workflow("w")
@@ -88,7 +107,8 @@ def test_uncaught_error_keeps_tenant_traceback_with_source_lines(daemon: Daemon)
             n = step.do("count", lambda: 41)
             if n == 41:
                 raise ValueError(f"unexpected count {n}")
-    """)
+    """,
+    )
     assert st["status"] == "errored"
     err = st["error"]
     assert (err["type"], err["message"]) == ("ValueError", "unexpected count 41")
@@ -99,7 +119,10 @@ def test_uncaught_error_keeps_tenant_traceback_with_source_lines(daemon: Daemon)
 
 def test_sleep_leaves_no_process_and_resumes(daemon: Daemon) -> None:
     c = daemon.client()
-    deploy_source(c, "acme", """
+    deploy_source(
+        c,
+        "acme",
+        """
         import time
         from stepvisor import workflow
 
@@ -108,11 +131,15 @@ def test_sleep_leaves_no_process_and_resumes(daemon: Daemon) -> None:
             step.sleep("nap", 1.5)
             step.sleep_until("until", time.time() + 0.3)   # only evaluated on the first run
             return "rested"
-    """)
+    """,
+    )
     c.create("acme", "w", id="i1")
     wait_for(lambda: c.status("acme", "i1")["status"] == "waiting", 30, "instance to sleep")
-    procs = [p for p in psutil.process_iter(["cmdline"])
-             if str(daemon.run_dir) in " ".join(p.info["cmdline"] or [])]
+    procs = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(daemon.run_dir) in " ".join(p.info["cmdline"] or [])
+    ]
     assert procs == []  # nothing runs for a sleeping instance
     st = c.wait("acme", "i1", timeout_s=30)
     assert st["output"] == "rested"
@@ -122,7 +149,10 @@ def test_sleep_leaves_no_process_and_resumes(daemon: Daemon) -> None:
 
 def test_events_are_buffered_fifo_per_type(daemon: Daemon) -> None:
     c = daemon.client()
-    deploy_source(c, "acme", """
+    deploy_source(
+        c,
+        "acme",
+        """
         from stepvisor import workflow
 
         @workflow("w")
@@ -131,7 +161,8 @@ def test_events_are_buffered_fifo_per_type(daemon: Daemon) -> None:
             got = [step.wait_for_event(f"w{i}", type=t, timeout=30)["payload"]
                    for i, t in enumerate(["x", "x", "y"])]
             return got
-    """)
+    """,
+    )
     c.create("acme", "w", id="i1")
     c.send_event("acme", "i1", "y", "why")
     c.send_event("acme", "i1", "x", 1)
@@ -144,14 +175,18 @@ def test_events_are_buffered_fifo_per_type(daemon: Daemon) -> None:
 
 def test_event_wakes_a_waiting_instance(daemon: Daemon) -> None:
     c = daemon.client()
-    deploy_source(c, "acme", """
+    deploy_source(
+        c,
+        "acme",
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             ev = step.wait_for_event("approval", type="approved", timeout="1 hour")
             return ev["payload"]
-    """)
+    """,
+    )
     c.create("acme", "w", id="i1")
     wait_for(lambda: c.status("acme", "i1")["status"] == "waiting", 30, "instance to wait")
     assert c.send_event("acme", "i1", "other", 1)["delivered"] is False
@@ -160,7 +195,9 @@ def test_event_wakes_a_waiting_instance(daemon: Daemon) -> None:
 
 
 def test_wait_timeout_raises_inside_workflow(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import WaitTimeout, workflow
 
         @workflow("w")
@@ -169,14 +206,17 @@ def test_wait_timeout_raises_inside_workflow(daemon: Daemon) -> None:
                 step.wait_for_event("approval", type="approved", timeout=0.3)
             except WaitTimeout as exc:
                 return f"timed out waiting for {exc.event_type}"
-    """)
+    """,
+    )
     assert st["output"] == "timed out waiting for approved"
     (entry,) = history(daemon)["entries"]
     assert entry["status"] == "timeout"
 
 
 def test_nondeterminism_is_detected_and_named(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         import random
         from stepvisor import workflow
 
@@ -184,28 +224,36 @@ def test_nondeterminism_is_detected_and_named(daemon: Daemon) -> None:
         def w(event, step):
             step.do(f"pick-{random.random()}", lambda: 1)   # a different name on every replay
             return "unreachable"
-    """)
+    """,
+    )
     assert st["status"] == "errored"
     assert st["error"]["code"] == "NONDETERMINISM"
     assert "pick-" in st["error"]["message"] and "seq 0" in st["error"]["message"]
 
 
 def test_event_fields_and_params(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             return {"payload": event.payload, "id": event.instance_id,
                     "ts": event.timestamp.isoformat()}
-    """, {"email": "a@b.c"}, iid="order-7")
+    """,
+        {"email": "a@b.c"},
+        iid="order-7",
+    )
     assert st["output"]["payload"] == {"email": "a@b.c"}
     assert st["output"]["id"] == "order-7"
     assert st["output"]["ts"].startswith(st["created_at"][:19])
 
 
 def test_replayed_output_is_logged_once(daemon: Daemon) -> None:
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         from stepvisor import workflow
 
         @workflow("w")
@@ -215,34 +263,44 @@ def test_replayed_output_is_logged_once(daemon: Daemon) -> None:
                 step.do(f"s{i}", lambda i=i: print(f"inside step {i}") or i)
             print("body ends")
             return "done"
-    """)
+    """,
+    )
     assert st["status"] == "complete"
     lines = [e["line"] for e in daemon.events("tenant.output", instance="i1")]
-    assert sorted(lines) == sorted(["body starts", "inside step 0", "inside step 1",
-                                    "inside step 2", "body ends"])
+    assert sorted(lines) == sorted(
+        ["body starts", "inside step 0", "inside step 1", "inside step 2", "body ends"]
+    )
     (step1,) = daemon.events("tenant.output", instance="i1", line="inside step 1")
     assert step1["step"] == "s1" and step1["tenant"] == "acme"
 
 
 def test_code_is_pinned_per_instance(daemon: Daemon) -> None:
     c = daemon.client()
-    v1 = deploy_source(c, "acme", """
+    v1 = deploy_source(
+        c,
+        "acme",
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             step.sleep("pause", 1)
             return "v1"
-    """)["version"]
+    """,
+    )["version"]
     c.create("acme", "w", id="old")
-    v2 = deploy_source(c, "acme", """
+    v2 = deploy_source(
+        c,
+        "acme",
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             step.sleep("pause", 0)
             return "v2"
-    """)["version"]
+    """,
+    )["version"]
     c.create("acme", "w", id="new")
     assert v1 != v2
     assert c.wait("acme", "old", timeout_s=30)["output"] == "v1"
@@ -252,7 +310,9 @@ def test_code_is_pinned_per_instance(daemon: Daemon) -> None:
 
 def test_step_timeout_kills_the_whole_process_group(daemon: Daemon, tmp_short: Path) -> None:
     pidfile = tmp_short / "grandchild.pid"
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         import subprocess, time
         from stepvisor import workflow
 
@@ -264,16 +324,23 @@ def test_step_timeout_kills_the_whole_process_group(daemon: Daemon, tmp_short: P
         @workflow("w")
         def w(event, step):
             step.do("slow", lambda: slow(event.payload), timeout=1, retries={"limit": 0})
-    """, str(pidfile))
+    """,
+        str(pidfile),
+    )
     assert st["status"] == "errored"
     (entry,) = history(daemon)["entries"]
     assert entry["error"]["type"] == "StepTimeout"
     outcomes = [a["outcome"] for a in history(daemon)["activations"]]
     assert outcomes[0] == "wall_timeout"
     grandchild = int(pidfile.read_text())
-    wait_for(lambda: not psutil.pid_exists(grandchild)
-             or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE,
-             10, "the step's grandchild to be killed")
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(grandchild)
+            or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        ),
+        10,
+        "the step's grandchild to be killed",
+    )
 
 
 @pytest.mark.parametrize(
@@ -290,7 +357,9 @@ def test_crashes_are_classified_and_count_as_attempts(
     make_daemon, body: str, tenant_cfg: str, outcome: str, error_type: str
 ) -> None:
     daemon = make_daemon(f"[tenants.acme]\n{tenant_cfg}\n")
-    st = run(daemon, f"""
+    st = run(
+        daemon,
+        f"""
         from stepvisor import workflow
 
         def bad():
@@ -299,7 +368,8 @@ def test_crashes_are_classified_and_count_as_attempts(
         @workflow("w")
         def w(event, step):
             step.do("bad", bad, retries={{"limit": 1, "delay": 0}})
-    """)
+    """,
+    )
     assert st["status"] == "errored"
     h = history(daemon)
     (entry,) = h["entries"]
@@ -311,14 +381,17 @@ def test_crashes_are_classified_and_count_as_attempts(
 
 def test_crash_before_any_step_errors_after_bounded_failures(make_daemon) -> None:
     daemon = make_daemon("[tenants.acme]\nmax_activation_failures = 2\n")
-    st = run(daemon, """
+    st = run(
+        daemon,
+        """
         import os
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             os._exit(3)
-    """)
+    """,
+    )
     assert st["status"] == "errored"
     assert st["error"]["type"] == "ActivationFailed"
     assert "2 activations" in st["error"]["message"]
@@ -328,21 +401,29 @@ def test_crash_before_any_step_errors_after_bounded_failures(make_daemon) -> Non
 def test_long_running_time_is_not_spent_in_the_supervisor(daemon: Daemon) -> None:
     """Another tenant progresses while one tenant's step is busy for seconds."""
     c = daemon.client()
-    deploy_source(c, "slow", """
+    deploy_source(
+        c,
+        "slow",
+        """
         import time
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             step.do("busy", lambda: time.sleep(3))
-    """)
-    deploy_source(c, "fast", """
+    """,
+    )
+    deploy_source(
+        c,
+        "fast",
+        """
         from stepvisor import workflow
 
         @workflow("w")
         def w(event, step):
             return step.do("quick", lambda: 1)
-    """)
+    """,
+    )
     c.create("slow", "w", id="s")
     wait_for(lambda: c.history("slow", "s")["entries"], 30, "the slow step to start")
     c.create("fast", "w", id="f")

@@ -27,8 +27,14 @@ def conn(db_path: Path) -> Iterator[sqlite3.Connection]:
     c.close()
 
 
-def add(conn: sqlite3.Connection, iid: str, *, tenant: str = "acme", now: float = T0,
-        params: bytes = b"null") -> bool:
+def add(
+    conn: sqlite3.Connection,
+    iid: str,
+    *,
+    tenant: str = "acme",
+    now: float = T0,
+    params: bytes = b"null",
+) -> bool:
     return j.insert_instance(conn, tenant, iid, "wf", "v1", params, now)
 
 
@@ -44,8 +50,15 @@ def test_connect_creates_a_wal_database_at_the_current_schema(db_path: Path) -> 
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         assert conn.in_transaction is False  # autocommit; callers use transaction()
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"tenants", "code_versions", "deployments", "instances", "journal", "events",
-                "activations"} <= tables
+        assert {
+            "tenants",
+            "code_versions",
+            "deployments",
+            "instances",
+            "journal",
+            "events",
+            "activations",
+        } <= tables
     finally:
         conn.close()
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
@@ -131,8 +144,13 @@ def test_put_code_is_immutable_per_hash(conn: sqlite3.Connection) -> None:
     j.put_code(conn, "acme", "h1", "pickle", "b.py", b"second", ["other"], T0 + 10)
     row = j.get_code(conn, "acme", "h1")
     assert row is not None
-    assert (row["kind"], row["filename"], bytes(row["code"]), row["workflows"],
-            row["created_at"]) == ("source", "a.py", b"first", "w1,w2", T0)
+    assert (
+        row["kind"],
+        row["filename"],
+        bytes(row["code"]),
+        row["workflows"],
+        row["created_at"],
+    ) == ("source", "a.py", b"first", "w1,w2", T0)
     assert conn.execute("SELECT count(*) FROM code_versions").fetchone()[0] == 1
     # the same hash is a separate version for another tenant
     j.put_code(conn, "beta", "h1", "source", "b.py", b"beta code", ["w"], T0)
@@ -174,21 +192,29 @@ def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: sqlite3.Co
     assert j.insert_instance(conn, "acme", "i1", "other", "v9", b"2", T0 + 50) is False
     row = j.get_instance(conn, "acme", "i1")
     assert row is not None
-    assert (row["workflow"], row["version"], bytes(row["params"]), row["status"], row["lease"],
-            row["created_at"]) == ("wf", "v1", b"1", "running", 7, T0)
+    assert (
+        row["workflow"],
+        row["version"],
+        bytes(row["params"]),
+        row["status"],
+        row["lease"],
+        row["created_at"],
+    ) == ("wf", "v1", b"1", "running", 7, T0)
     # the same id in another tenant is a different instance
     assert add(conn, "i1", tenant="beta") is True
 
 
 def test_count_and_list_instances(conn: sqlite3.Connection) -> None:
-    for n, status in enumerate(["queued", "running", "complete", "errored", "terminated",
-                                "paused", "waiting"]):
+    for n, status in enumerate(
+        ["queued", "running", "complete", "errored", "terminated", "paused", "waiting"]
+    ):
         add(conn, f"i{n}", now=T0 + n)
         j.update_instance(conn, "acme", f"i{n}", status=status)
     add(conn, "other", tenant="beta")
     assert j.count_live_instances(conn, "acme") == 4
     assert [r["id"] for r in j.list_instances(conn, "acme", None, 100)] == [
-        f"i{n}" for n in range(7)]
+        f"i{n}" for n in range(7)
+    ]
     assert [r["id"] for r in j.list_instances(conn, "acme", None, 2)] == ["i0", "i1"]
     assert [r["id"] for r in j.list_instances(conn, "acme", "complete", 100)] == ["i2"]
     assert [r["id"] for r in j.list_instances(conn, "beta", None, 100)] == ["other"]
@@ -215,8 +241,11 @@ def test_consume_event_is_fifo_per_type_and_never_repeats(conn: sqlite3.Connecti
     b = j.consume_event(conn, "acme", "i1", "b", 7)
     assert b is not None and bytes(b["payload"]) == b"b1"
     assert j.consume_event(conn, "acme", "i1", "b", 8) is None
-    consumed = dict(conn.execute("SELECT id, consumed_seq FROM events WHERE tenant = 'acme' "
-                                 "AND instance = 'i1'").fetchall())
+    consumed = dict(
+        conn.execute(
+            "SELECT id, consumed_seq FROM events WHERE tenant = 'acme' AND instance = 'i1'"
+        ).fetchall()
+    )
     assert consumed[e1] == 3 and consumed[e3] == 5
     # the other instance's and the other tenant's events are untouched
     assert conn.execute("SELECT count(*) FROM events WHERE consumed_seq IS NULL").fetchone()[0] == 2
@@ -226,7 +255,8 @@ def test_consume_event_is_fifo_per_type_and_never_repeats(conn: sqlite3.Connecti
 
 
 def test_due_instances_orders_by_wake_at_and_skips_leased_and_future(
-        conn: sqlite3.Connection) -> None:
+    conn: sqlite3.Connection,
+) -> None:
     add(conn, "late", now=T0 + 30)
     add(conn, "early", now=T0 + 10)
     add(conn, "middle", now=T0 + 20)
@@ -267,14 +297,34 @@ def test_next_wake(conn: sqlite3.Connection) -> None:
 
 def test_upsert_entry_inserts_then_updates(conn: sqlite3.Connection) -> None:
     add(conn, "i1")
-    j.upsert_entry(conn, "acme", "i1", 0, kind="step", name="a", status="running", attempts=1,
-                   started_at=T0)
+    j.upsert_entry(
+        conn, "acme", "i1", 0, kind="step", name="a", status="running", attempts=1, started_at=T0
+    )
     j.upsert_entry(conn, "acme", "i1", 0, status="ok", result=b"42", finished_at=T0 + 1)
     err = ErrorInfo(type="ValueError", message="bad", traceback="tb")
-    j.upsert_entry(conn, "acme", "i1", 1, kind="step", name="b", status="error", attempts=3,
-                   error=j.encode_error(err), started_at=T0 + 2)
-    j.upsert_entry(conn, "acme", "i1", 2, kind="sleep", name="s", status="sleeping",
-                   until=T0 + 99, started_at=T0 + 3)
+    j.upsert_entry(
+        conn,
+        "acme",
+        "i1",
+        1,
+        kind="step",
+        name="b",
+        status="error",
+        attempts=3,
+        error=j.encode_error(err),
+        started_at=T0 + 2,
+    )
+    j.upsert_entry(
+        conn,
+        "acme",
+        "i1",
+        2,
+        kind="sleep",
+        name="s",
+        status="sleeping",
+        until=T0 + 99,
+        started_at=T0 + 3,
+    )
     assert j.journal_length(conn, "acme", "i1") == 3
     assert j.journal_entries(conn, "acme", "i1") == [
         JournalEntry(seq=0, kind="step", name="a", status="ok", attempts=1, result=b"42"),
@@ -298,15 +348,25 @@ def test_error_encoding_round_trips() -> None:
 
 def _instance_with_history(conn: sqlite3.Connection, iid: str) -> None:
     add(conn, iid, params=b'{"p":1}')
-    j.upsert_entry(conn, "acme", iid, 0, kind="step", name="a", status="ok", result=b"1",
-                   started_at=T0)
-    j.upsert_entry(conn, "acme", iid, 1, kind="wait_event", name="w", status="ok",
-                   started_at=T0)
+    j.upsert_entry(
+        conn, "acme", iid, 0, kind="step", name="a", status="ok", result=b"1", started_at=T0
+    )
+    j.upsert_entry(conn, "acme", iid, 1, kind="wait_event", name="w", status="ok", started_at=T0)
     j.add_event(conn, "acme", iid, "e", b"consumed", T0)
     j.consume_event(conn, "acme", iid, "e", 1)
     j.add_event(conn, "acme", iid, "e", b"pending", T0 + 1)
-    j.update_instance(conn, "acme", iid, status="complete", output=b"1", wake_at=None,
-                      failures=2, steps=2, pause_requested=1, error='{"type":"x"}')
+    j.update_instance(
+        conn,
+        "acme",
+        iid,
+        status="complete",
+        output=b"1",
+        wake_at=None,
+        failures=2,
+        steps=2,
+        pause_requested=1,
+        error='{"type":"x"}',
+    )
 
 
 def test_delete_instance_removes_journal_and_events(conn: sqlite3.Connection) -> None:
@@ -329,9 +389,16 @@ def test_reset_instance_clears_the_journal_and_requeues(conn: sqlite3.Connection
     row = j.get_instance(conn, "acme", "i1")
     assert row is not None
     assert j.journal_rows(conn, "acme", "i1") == []
-    assert (row["status"], row["wake_at"], row["output"], row["error"], row["lease"],
-            row["failures"], row["steps"], row["pause_requested"]) == (
-        "queued", T0 + 500, None, None, None, 0, 0, 0)
+    assert (
+        row["status"],
+        row["wake_at"],
+        row["output"],
+        row["error"],
+        row["lease"],
+        row["failures"],
+        row["steps"],
+        row["pause_requested"],
+    ) == ("queued", T0 + 500, None, None, None, 0, 0, 0)
     assert (bytes(row["params"]), row["version"]) == (b'{"p":1}', "v1")  # pinned code kept
     payloads = [bytes(r[0]) for r in conn.execute("SELECT payload FROM events WHERE instance='i1'")]
     assert payloads == [b"pending"]  # consumed events are dropped, pending ones stay buffered
