@@ -88,6 +88,19 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        # Signals first: a SIGTERM during recovery is queued and drains the first tick.
+        self.wake_r, self.wake_w = socket.socketpair()
+        for s in (self.wake_r, self.wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+        if self.config_path is None:
+            print(
+                f"stepvisor: embedded default config; state in {self.paths.state_dir}, "
+                f"API at {self.paths.api_endpoint}",
+                file=sys.stderr,
+            )
         self.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         self._lock = open(self.paths.state_dir / "supervisor.lock", "w")  # noqa: SIM115
@@ -105,12 +118,6 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
-        self.wake_r, self.wake_w = socket.socketpair()
-        for s in (self.wake_r, self.wake_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, self._on_signal)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.tenants = j.tenant_names(self.conn)
         self.log.info(
@@ -752,11 +759,15 @@ class Supervisor:
     def _reap(self, now: float, mono: float) -> None:
         for pid, act in list(self.by_pid.items()):
             try:
-                got, status, usage = os.wait4(pid, os.WNOHANG)
+                # Look without reaping: while the exited leader is a zombie its pid, and so its
+                # process group id, cannot be reused, so killing the group hits only what the
+                # activation left behind (a step's background children).
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    continue
+                launcher.kill_group(pid)
+                _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
-                got, status, usage = pid, 0, None
-            if got == 0:
-                continue
+                status, usage = 0, None
             if act.proc is not None:
                 act.proc.returncode = os.waitstatus_to_exitcode(status)
             self._drain_output(act)

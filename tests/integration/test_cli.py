@@ -86,10 +86,12 @@ def test_cli_run_wait_prints_final_status(daemon: Daemon, tmp_short: Path) -> No
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert (st["status"], st["output"]) == ("complete", "hi ann")
-    for op, status in (("pause", None), ("restart", "queued"), ("terminate", "terminated")):
-        r = cli(daemon, op, "acme", st["id"])
-        if status:
-            assert status in r.stdout
+    r = cli(daemon, "restart", "acme", st["id"])
+    assert r.returncode == 0 and "queued" in r.stdout
+    r = cli(daemon, "--json", "run", "acme", "hi", "--id", st["id"], "--params", '"ann"', "--wait")
+    assert json.loads(r.stdout)["status"] == "complete"  # same id, same params: idempotent
+    r = cli(daemon, "terminate", "acme", st["id"])
+    assert r.returncode == 1 and r.stderr.startswith("error INVALID_STATE: ")
     r = cli(daemon, "delete", "acme", st["id"])
     assert r.returncode == 0 and "deleted" in r.stdout
 
@@ -117,3 +119,56 @@ def test_serve_rejects_an_invalid_config(tmp_short: Path) -> None:
     )
     assert r.returncode == 2
     assert "defaults.memory_mib" in r.stderr and r.stderr.startswith("error CONFIG:")
+
+
+def test_serve_on_the_embedded_default_says_where(tmp_short: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stepvisor.cli",
+            "serve",
+            "--state-dir",
+            str(tmp_short / "st"),
+            "--runtime-dir",
+            str(tmp_short / "rt"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proc.stderr.readline() if proc.stderr else ""
+        assert f"state in {tmp_short / 'st'}" in first
+        assert f"ipc://{tmp_short / 'rt' / 'api.sock'}" in first
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert '"event":"supervisor.stopped"' in out
+
+
+def test_api_socket_is_group_only_and_logs_go_to_the_file(make_daemon, tmp_short: Path) -> None:
+    log_file = tmp_short / "sv.jsonl"
+    daemon = make_daemon(server=f'log_file = "{log_file}"\n')
+    assert (daemon.run_dir / "api.sock").stat().st_mode & 0o777 == 0o660
+    assert (daemon.state / "stepvisor.db").stat().st_mode & 0o777 == 0o600
+    c = daemon.client()
+    c.deploy("acme", ROOT / "examples" / "globex" / "reports.py")
+    c.create("acme", "nightly-report", {"factor": 1}, id="r")
+    assert c.wait("acme", "r", timeout_s=60)["status"] == "complete"
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    canonical = [x for x in lines if x["event"] == "activation.finished" and x["instance"] == "r"]
+    assert len(canonical) == c.status("acme", "r")["activations"]
+    for key in (
+        "tenant",
+        "instance",
+        "seq",
+        "step",
+        "outcome",
+        "cold_start_ms",
+        "exec_ms",
+        "cpu_ms",
+        "max_rss_kib",
+    ):
+        assert key in canonical[0]

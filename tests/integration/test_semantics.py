@@ -135,12 +135,17 @@ def test_sleep_leaves_no_process_and_resumes(daemon: Daemon) -> None:
     )
     c.create("acme", "w", id="i1")
     wait_for(lambda: c.status("acme", "i1")["status"] == "waiting", 30, "instance to sleep")
-    procs = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if str(daemon.run_dir) in " ".join(p.info["cmdline"] or [])
-    ]
-    assert procs == []  # nothing runs for a sleeping instance
+
+    def activations_alive() -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if str(daemon.run_dir) in " ".join(p.info["cmdline"] or [])
+        ]
+
+    # The activation that journaled the sleep exits right after its ack; then nothing runs.
+    wait_for(lambda: not activations_alive(), 1.0, "the sleeping instance to have no process")
+    assert c.status("acme", "i1")["status"] == "waiting"
     st = c.wait("acme", "i1", timeout_s=30)
     assert st["output"] == "rested"
     kinds = [(e["kind"], e["name"], e["status"]) for e in c.history("acme", "i1")["entries"]]
@@ -429,3 +434,33 @@ def test_long_running_time_is_not_spent_in_the_supervisor(daemon: Daemon) -> Non
     c.create("fast", "w", id="f")
     assert c.wait("fast", "f", timeout_s=30)["output"] == 1
     assert c.history("slow", "s")["entries"][0]["status"] == "running"  # still in its step
+
+
+def test_a_step_leaves_no_background_process_behind(daemon: Daemon, tmp_short: Path) -> None:
+    pidfile = tmp_short / "background.pid"
+    st = run(
+        daemon,
+        """
+        import subprocess
+        from stepvisor import workflow
+
+        def start_background(path):
+            child = subprocess.Popen(["sleep", "300"])
+            open(path, "w").write(str(child.pid))
+            return child.pid
+
+        @workflow("w")
+        def w(event, step):
+            return step.do("fire and forget", lambda: start_background(event.payload))
+        """,
+        str(pidfile),
+    )
+    assert st["status"] == "complete"
+    orphan = int(pidfile.read_text())
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
+        ),
+        10,
+        "the step's background process to be killed with its activation",
+    )
