@@ -214,6 +214,7 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     activations = [
         {
             "id": a["id"],
+            "pid": a["pid"],
             "seq": a["seq"],
             "step": a["step"],
             "outcome": a["outcome"],

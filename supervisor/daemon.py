@@ -803,6 +803,7 @@ class Supervisor:
             tenant=act.tenant,
             instance=act.instance,
             activation=act.aid,
+            pid=act.pid,
             kind=act.kind,
             seq=act.seq,
             step=act.step,

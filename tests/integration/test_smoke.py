@@ -21,5 +21,7 @@ def test_plain_workflow_runs_one_process_per_step(daemon: Daemon) -> None:
     assert st["output"] == {"sum": 6}
     assert st["steps"] == 3
     assert st["activations"] == 4  # N steps + 1 to return
-    pids = {e["activation"] for e in daemon.events("activation.finished", instance="i1")}
-    assert len(pids) == 4
+    pids = {a["pid"] for a in c.history("acme", "i1")["activations"]}
+    assert len(pids) == 4  # a fresh process each time
+    logged = {e["pid"] for e in daemon.events("activation.finished", instance="i1")}
+    assert logged == pids
