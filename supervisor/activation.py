@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from supervisor.config import Limits
 
@@ -52,6 +55,13 @@ class Activation:
     partial: dict[int, bytes] = field(default_factory=dict)  # unterminated output per fd
     stderr_tail: bytes = b""
     output_bytes: int = 0
+    log: Any = None  # the supervisor's logger bound to tenant, instance and activation
+
+    def __post_init__(self) -> None:
+        if self.log is None:
+            self.log = structlog.get_logger().bind(
+                tenant=self.tenant, instance=self.instance, activation=self.aid
+            )
 
     @property
     def identity(self) -> bytes:

@@ -470,13 +470,7 @@ class Supervisor:
                     self.log.warning("sandbox.unknown_token", token=identity[:64].hex())
                 continue
             if act.state == SETTLED:
-                self.log.warning(
-                    "sandbox.late_message",
-                    activation=act.aid,
-                    tenant=act.tenant,
-                    instance=act.instance,
-                    outcome=act.outcome,
-                )
+                act.log.warning("sandbox.late_message", outcome=act.outcome)
                 continue
             if len(frames) != 2:
                 self._protocol_error(act, "expected one frame per message", mono)
@@ -724,11 +718,8 @@ class Supervisor:
             )
         else:
             result = engine.activation_failed(self.conn, act.tenant, instance, act.limits, err, now)
-        self.log.warning(
+        act.log.warning(
             "activation.failed",
-            tenant=act.tenant,
-            instance=instance,
-            activation=act.aid,
             outcome=how,
             detail=detail,
             seq=act.seq,
@@ -798,11 +789,8 @@ class Supervisor:
             exit_code=os.waitstatus_to_exitcode(status),
             **record,
         )
-        self.log.info(
+        act.log.info(
             "activation.finished",
-            tenant=act.tenant,
-            instance=act.instance,
-            activation=act.aid,
             pid=act.pid,
             kind=act.kind,
             seq=act.seq,
@@ -873,11 +861,8 @@ class Supervisor:
         act.output_bytes += len(line)
         if act.output_bytes > MAX_OUTPUT_BYTES:
             return
-        self.log.info(
+        act.log.info(
             "tenant.output",
-            tenant=act.tenant,
-            instance=act.instance,
-            activation=act.aid,
             seq=act.seq,
             step=act.step,
             stream=stream,

@@ -262,6 +262,13 @@ def wait_event(
     existing = j.get_entry(conn, tenant, instance, msg.seq)
     deadline = float(existing["until"]) if existing is not None else now + msg.timeout_s
     started = existing["started_at"] if existing is not None else now
+    entry = {
+        "kind": "wait_event",
+        "name": msg.name,
+        "event_type": msg.type,
+        "until": deadline,
+        "started_at": started,
+    }
     event = j.consume_event(conn, tenant, instance, msg.type, msg.seq)
     if event is not None:
         j.upsert_entry(
@@ -269,29 +276,14 @@ def wait_event(
             tenant,
             instance,
             msg.seq,
-            kind="wait_event",
-            name=msg.name,
             status="ok",
-            event_type=msg.type,
-            until=deadline,
-            started_at=started,
             finished_at=now,
             result=event_result(event),
+            **entry,
         )
         release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
         return
-    j.upsert_entry(
-        conn,
-        tenant,
-        instance,
-        msg.seq,
-        kind="wait_event",
-        name=msg.name,
-        status="waiting",
-        event_type=msg.type,
-        until=deadline,
-        started_at=started,
-    )
+    j.upsert_entry(conn, tenant, instance, msg.seq, status="waiting", **entry)
     release(conn, tenant, instance, now, status="waiting", wake_at=deadline, failures=0)
 
 
