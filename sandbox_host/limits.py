@@ -20,7 +20,12 @@ def _prctl(option: int, arg: int) -> None:
 
 
 def apply_rlimits(
-    *, memory_mib: int, cpu_seconds: int, max_files: int = 256, max_file_mib: int = 64
+    *,
+    memory_mib: int,
+    cpu_seconds: int,
+    max_processes: int | None = None,
+    max_files: int = 256,
+    max_file_mib: int = 64,
 ) -> None:
     """Address space, CPU seconds (soft → SIGXCPU, hard a second later → SIGKILL), files, core."""
     mem = memory_mib * 1024 * 1024
@@ -30,6 +35,12 @@ def apply_rlimits(
     size = max_file_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if max_processes is not None:
+        # Counted per uid, so only meaningful when this activation has a uid of its own.
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+    if max_processes is not None:
+        # Counted per uid, so only meaningful when this activation has a uid of its own.
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
 
 
 def no_new_privs() -> None:

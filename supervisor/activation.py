@@ -55,6 +55,9 @@ class Activation:
     partial: dict[int, bytes] = field(default_factory=dict)  # unterminated output per fd
     stderr_tail: bytes = b""
     output_bytes: int = 0
+    uid: int | None = None  # its sandbox uid, when it has one
+    gid: int | None = None  # its tenant's sandbox group
+    oom_kills_before: int = 0  # the tenant cgroup's OOM-kill count at launch
     log: Any = None  # the supervisor's logger bound to tenant, instance and activation
 
     def __post_init__(self) -> None:

@@ -23,24 +23,69 @@ class ConfigError(Exception):
     """The config file is missing, unreadable or invalid; the message names the key."""
 
 
+# Each limit's type once, shared by [defaults] and the optional [tenants.NAME] overrides.
+MemoryMiB = Annotated[int, msgspec.Meta(ge=64, le=1 << 20)]
+CpuSeconds = Annotated[int, msgspec.Meta(ge=1, le=86_400)]
+TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+MaxConcurrent = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+MaxInstances = Annotated[int, msgspec.Meta(ge=1)]
+MaxFailures = Annotated[int, msgspec.Meta(ge=1, le=100)]
+MaxPids = Annotated[int, msgspec.Meta(ge=8, le=1_000_000)]
+CpuQuota = Annotated[float, msgspec.Meta(ge=0, le=1024)]
+AbsPath = Annotated[str, msgspec.Meta(pattern=r"^/")]
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-tenant limits. Every activation of the tenant runs under these."""
 
-    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 512  # address-space rlimit
-    cpu_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 60  # CPU time per activation
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0  # wall-clock cap per step
-    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 4  # running activations
-    max_instances: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000  # non-terminal instances
-    max_activation_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    memory_mib: MemoryMiB = 512  # the tenant's memory (cgroup) and each activation's address space
+    cpu_seconds: CpuSeconds = 60  # CPU time of one activation
+    timeout_s: TimeoutS = 600.0  # wall-clock cap of one step
+    max_concurrent: MaxConcurrent = 4  # running activations
+    max_instances: MaxInstances = 1_000_000  # live (non-terminal) instances
+    max_activation_failures: MaxFailures = 5
+    max_pids: MaxPids = 128  # processes + threads of the tenant (cgroup) and of one activation
+    cpu_quota: CpuQuota = 0.0  # CPUs the tenant may use at once (cgroup); 0 = no quota
+    network: bool = False  # False: private network namespace and no sockets
+    python: str = ""  # the tenant's own interpreter / virtualenv python; empty: the server's
+    readable_paths: tuple[AbsPath, ...] = ()  # extra read-only paths (Landlock)
+    writable_paths: tuple[AbsPath, ...] = ()  # extra read-write paths (Landlock)
 
 
 class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
-    cpu_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] | None = None
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None
-    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
-    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_activation_failures: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    memory_mib: MemoryMiB | None = None
+    cpu_seconds: CpuSeconds | None = None
+    timeout_s: TimeoutS | None = None
+    max_concurrent: MaxConcurrent | None = None
+    max_instances: MaxInstances | None = None
+    max_activation_failures: MaxFailures | None = None
+    max_pids: MaxPids | None = None
+    cpu_quota: CpuQuota | None = None
+    network: bool | None = None
+    python: str | None = None
+    readable_paths: tuple[AbsPath, ...] | None = None
+    writable_paths: tuple[AbsPath, ...] | None = None
+
+
+Mode = Literal["auto", "required", "off"]
+
+
+class Isolation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which isolation layers to use. auto: when the host supports it (else warn); required:
+    refuse to start without it; off: never."""
+
+    uid: Mode = "auto"  # a sandbox uid/gid per running activation (needs root)
+    cgroup: Mode = "auto"  # per-tenant cgroups for memory, CPU quota and pids (needs root)
+    network: Mode = "auto"  # private network namespace for tenants without `network` (root)
+    landlock: Mode = "auto"  # filesystem: read-only interpreter, read-write scratch only
+    seccomp: Mode = "auto"  # no new sockets (only IPv4/IPv6 for tenants with `network`)
+    sandbox_uid_range: tuple[
+        Annotated[int, msgspec.Meta(ge=1000, le=4_294_967_294)],
+        Annotated[int, msgspec.Meta(ge=1000, le=4_294_967_294)],
+    ] = (900_000, 999_999)
+    # Each tenant's activations share one group (base + the tenant's number), so files a step
+    # writes under `writable_paths` stay usable by the tenant's next activation and no other.
+    sandbox_gid_base: Annotated[int, msgspec.Meta(ge=1000, le=4_000_000_000)] = 2_000_000
 
 
 class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +106,7 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: Server = Server()
+    isolation: Isolation = Isolation()
     defaults: Limits = Limits()
     tenants: dict[str, TenantOverrides] = {}
 
@@ -144,6 +190,17 @@ def parse(text: str, *, source: str = "<config>") -> Config:
     cfg = msgspec.structs.replace(_convert(raw, Config, "", source), tenants=overrides)
     if cfg.server.python and not os.access(cfg.server.python, os.X_OK):
         raise ConfigError(f"{source}: `server.python`: {cfg.server.python!r} is not executable")
+    pythons = [("defaults", cfg.defaults.python)]
+    pythons += [(f"tenants.{t}", o.python) for t, o in overrides.items() if o.python]
+    for name, python in pythons:
+        if python and not os.access(python, os.X_OK):
+            raise ConfigError(f"{source}: `{name}.python`: {python!r} is not executable")
+    low, high = cfg.isolation.sandbox_uid_range
+    if high - low + 1 < cfg.server.max_activations:
+        raise ConfigError(
+            f"{source}: `isolation.sandbox_uid_range`: needs at least `server.max_activations` "
+            f"({cfg.server.max_activations}) uids"
+        )
     resolve_paths(cfg)
     return cfg
 

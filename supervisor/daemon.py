@@ -37,7 +37,7 @@ from protocol.messages import (
     StepStarted,
     WaitEventCmd,
 )
-from supervisor import api, engine, launcher, logs, outcome, sdnotify
+from supervisor import api, engine, isolation, launcher, logs, outcome, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     CONNECTED,
@@ -47,7 +47,7 @@ from supervisor.activation import (
     Activation,
     DeployRequest,
 )
-from supervisor.config import Config, ConfigError, Paths, load, resolve_paths
+from supervisor.config import Config, ConfigError, Limits, Paths, load, resolve_paths
 
 MAX_MESSAGES_PER_TICK = 1000
 MAX_LAUNCHES_PER_TICK = 32
@@ -110,11 +110,31 @@ class Supervisor:
             raise StartupError(
                 f"another supervisor is running on state dir {self.paths.state_dir}"
             ) from None
+        try:
+            self.layers, self.cgroups = isolation.resolve(self.cfg, self.paths.state_dir)
+        except (isolation.IsolationError, OSError) as exc:
+            raise StartupError(str(exc)) from None
+        for layer in self.layers.values():
+            if layer.enabled:
+                self.log.info("isolation.layer", layer=layer.name, detail=layer.detail)
+            elif getattr(self.cfg.isolation, layer.name) != "off":
+                self.log.warning("isolation.unavailable", layer=layer.name, reason=layer.detail)
+        low, high = self.cfg.isolation.sandbox_uid_range
+        self.uids = isolation.UidPool(low, high) if self.layers["uid"].enabled else None
+        if self.uids is not None:
+            for parent in [self.paths.runtime_dir, *self.paths.runtime_dir.parents]:
+                if not parent.stat().st_mode & 0o001:
+                    raise StartupError(
+                        f"activations run as sandbox uids and cannot reach the runtime dir "
+                        f"{self.paths.runtime_dir}: {parent} is not searchable by others "
+                        "(chmod o+x it, or pick another runtime_dir)"
+                    )
         self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client = self._bind(self.paths.api_endpoint, 0o660)
-        self.sandbox = self._bind(self.paths.sandbox_endpoint, 0o660)
+        # Activations with their own uids must be able to connect; their tokens guard the rest.
+        self.sandbox = self._bind(self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660)
         self.poller = zmq.Poller()
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
@@ -168,6 +188,8 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 Path(ep.removeprefix("ipc://")).unlink()
         self.conn.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
         self._lock.close()
 
     # ------------------------------------------------------------------ one iteration
@@ -257,6 +279,10 @@ class Supervisor:
     def _recover(self) -> None:
         """Kill what a dead supervisor left behind; re-run interrupted steps, not journaled ones."""
         now = time.time()
+        if self.cgroups is not None:
+            killed = self.cgroups.sweep()
+            if killed:
+                self.log.info("recovery.killed_leftovers", processes=killed)
         with j.transaction(self.conn):
             leftovers = j.open_activations(self.conn)
             groups = {int(a["pid"]) for a in leftovers if a["pid"]}
@@ -363,6 +389,7 @@ class Supervisor:
         version: str,
     ) -> None:
         request = DeployRequest(identity, rid, kind, filename, code, version)
+        j.ensure_tenant(self.conn, tenant, time.time())  # numbered now: its sandbox group
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
 
     def kill_instance_activation(self, tenant: str, instance: str, why: str) -> None:
@@ -425,6 +452,10 @@ class Supervisor:
                 updated_at=now,
             )
         token = secrets.token_hex(16)
+        uid = self.uids.acquire() if self.uids is not None else None
+        gid = None
+        if uid is not None:
+            gid = self.cfg.isolation.sandbox_gid_base + j.tenant_number(self.conn, tenant)
         act = Activation(
             aid=aid,
             token=token,
@@ -432,7 +463,9 @@ class Supervisor:
             kind=kind,
             instance=instance,
             limits=limits,
-            scratch=launcher.make_scratch(self.paths, aid),
+            scratch=launcher.make_scratch(self.paths, aid, uid, gid),
+            uid=uid,
+            gid=gid,
             launched_at=now,
             launched_mono=mono,
             deadline_mono=mono + self.cfg.server.hello_timeout_s,
@@ -441,18 +474,44 @@ class Supervisor:
         self.running[token] = act
         self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
-            act.proc = launcher.spawn(self.paths, limits, token, act.scratch)
+            if self.cgroups is not None:
+                self.cgroups.tenant(tenant, limits)
+                act.oom_kills_before = self.cgroups.oom_kills(tenant)
+            act.proc = launcher.spawn(self.paths, limits, self._sandbox(limits, act))
+            act.pid = act.proc.pid
+            if self.cgroups is not None:
+                self.cgroups.add(tenant, aid, act.pid)
         except OSError as exc:
+            launcher.kill_group(act.pid)
             self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
+            if act.proc is not None:
+                act.proc.wait()
             self._forget(act)
             return
-        act.pid = act.proc.pid
+        launcher.send_token(act.proc, token)
         self.by_pid[act.pid] = act
         for stream in (act.proc.stdout, act.proc.stderr):
             assert stream is not None
             self.by_fd[stream.fileno()] = act
             self.poller.register(stream.fileno(), zmq.POLLIN)
         j.update_activation(self.conn, aid, pid=act.pid, pid_started=now)
+
+    def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
+        on = {name: layer.enabled for name, layer in self.layers.items()}
+        return launcher.Sandbox(
+            memory_mib=limits.memory_mib,
+            cpu_seconds=limits.cpu_seconds,
+            max_pids=limits.max_pids,
+            scratch=str(act.scratch),
+            uid=act.uid,
+            gid=act.gid,
+            network_namespace=on["network"] and not limits.network,
+            landlock=on["landlock"],
+            read_only=limits.readable_paths,
+            read_write=limits.writable_paths,
+            seccomp=on["seccomp"],
+            allow_inet=limits.network,
+        )
 
     # ------------------------------------------------------------------ activation messages
 
@@ -756,6 +815,8 @@ class Supervisor:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                     continue
                 launcher.kill_group(pid)
+                if self.cgroups is not None:  # also what left the group (setsid, double fork)
+                    self.cgroups.kill(act.tenant, act.aid)
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
                 status, usage = 0, None
@@ -764,7 +825,12 @@ class Supervisor:
             self._drain_output(act)
             cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
             if act.state != SETTLED:
-                how, detail = outcome.classify_exit(status, cpu_s, act.limits.cpu_seconds)
+                oom = self.cgroups is not None and (
+                    self.cgroups.oom_kills(act.tenant) > act.oom_kills_before
+                )
+                how, detail = outcome.classify_exit(
+                    status, cpu_s, act.limits.cpu_seconds, oom_killed=oom
+                )
                 self._settle(act, how, detail, mono)
             self._finish_record(act, status, usage, now, mono)
             self._forget(act)
@@ -811,6 +877,10 @@ class Supervisor:
         self.by_pid.pop(act.pid, None)
         self.running.pop(act.token, None)
         self.per_tenant[act.tenant] = self.per_tenant.get(act.tenant, 1) - 1
+        if self.cgroups is not None:
+            self.cgroups.kill(act.tenant, act.aid)
+        if self.uids is not None and act.uid is not None:
+            self.uids.release(act.uid)
         launcher.remove_scratch(act.scratch)
 
     # ------------------------------------------------------------------ tenant output

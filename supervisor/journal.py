@@ -187,7 +187,15 @@ def ensure_tenant(conn: sqlite3.Connection, tenant: str, now: float) -> None:
 
 
 def tenant_exists(conn: sqlite3.Connection, tenant: str) -> bool:
-    return conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is not None
+    """A tenant exists once it has deployed code successfully."""
+    row = conn.execute("SELECT 1 FROM deployments WHERE tenant = ? LIMIT 1", (tenant,))
+    return row.fetchone() is not None
+
+
+def tenant_number(conn: sqlite3.Connection, tenant: str) -> int:
+    """A small, stable number per tenant (its rowid): the basis of its sandbox group id."""
+    row = conn.execute("SELECT rowid FROM tenants WHERE name = ?", (tenant,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def tenant_names(conn: sqlite3.Connection) -> list[str]:

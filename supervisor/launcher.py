@@ -9,6 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import msgspec
+
 from supervisor.config import Limits, Paths
 
 # Everything an activation sees of the environment; nothing of the supervisor's leaks in.
@@ -21,9 +23,30 @@ _BASE_ENV = {
 }
 
 
-def make_scratch(paths: Paths, activation: int) -> Path:
+class Sandbox(msgspec.Struct, frozen=True):
+    """The isolation an activation applies to itself (`sandbox_host.__main__` reads it)."""
+
+    memory_mib: int
+    cpu_seconds: int
+    max_pids: int
+    scratch: str
+    uid: int | None = None  # drop to this uid (root only)
+    gid: int | None = None  # and this group, shared by the tenant's activations
+    network_namespace: bool = False  # unshare a private network namespace (root only)
+    landlock: bool = False
+    read_only: tuple[str, ...] = ()  # on top of the interpreter's own paths
+    read_write: tuple[str, ...] = ()  # on top of the scratch dir
+    seccomp: bool = False
+    allow_inet: bool = False
+
+
+def make_scratch(paths: Paths, activation: int, uid: int | None, gid: int | None) -> Path:
+    """A private directory for one activation: 0700, owned by its sandbox uid when it has one."""
     scratch = paths.runtime_dir / "scratch" / str(activation)
-    scratch.mkdir(parents=True, mode=0o700)
+    scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    scratch.mkdir(mode=0o700)
+    if uid is not None and gid is not None:
+        os.chown(scratch, uid, gid)
     return scratch
 
 
@@ -31,40 +54,39 @@ def remove_scratch(scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def spawn(paths: Paths, limits: Limits, token: str, scratch: Path) -> subprocess.Popen[bytes]:
-    """`python -I -m sandbox_host` in its own session, clean env, scratch cwd, token on stdin."""
-    env = dict(_BASE_ENV, HOME=str(scratch), TMPDIR=str(scratch))
+def spawn(paths: Paths, limits: Limits, sandbox: Sandbox) -> subprocess.Popen[bytes]:
+    """`python -I -m sandbox_host` in its own session with a clean env and the scratch as cwd.
+
+    The child blocks reading its token from stdin: the caller first puts it in its cgroups,
+    then calls `send_token`, so no line of it runs outside its limits for long.
+    """
+    env = dict(_BASE_ENV, HOME=sandbox.scratch, TMPDIR=sandbox.scratch)
     proc = subprocess.Popen(
         [
-            paths.python,
-            "-I",
-            "-m",
-            "sandbox_host",
-            "--endpoint",
-            paths.sandbox_endpoint,
-            "--ppid",
-            str(os.getpid()),
-            "--memory-mib",
-            str(limits.memory_mib),
-            "--cpu-seconds",
-            str(limits.cpu_seconds),
+            limits.python or paths.python, "-I", "-m", "sandbox_host",
+            "--endpoint", paths.sandbox_endpoint,
+            "--ppid", str(os.getpid()),
+            "--sandbox", msgspec.json.encode(sandbox).decode(),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        cwd=scratch,
+        cwd=sandbox.scratch,
         env=env,
         close_fds=True,
         start_new_session=True,
-    )
-    assert proc.stdin is not None
-    # A 33-byte write to a fresh pipe never blocks.
-    proc.stdin.write(token.encode() + b"\n")
-    proc.stdin.close()
+    )  # fmt: skip
     for stream in (proc.stdout, proc.stderr):
         assert stream is not None
         os.set_blocking(stream.fileno(), False)
     return proc
+
+
+def send_token(proc: subprocess.Popen[bytes], token: str) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it died already; the reaper will say why
+        proc.stdin.write(token.encode() + b"\n")  # 33 bytes into a fresh pipe never block
+        proc.stdin.close()
 
 
 def kill_group(pid: int) -> None:

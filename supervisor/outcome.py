@@ -16,11 +16,15 @@ INTERRUPTED = "interrupted"  # the supervisor stopped or died while it ran
 CRASHED = "crashed"
 
 
-def classify_exit(status: int, cpu_s: float, cpu_limit_s: int) -> tuple[str, str]:
+def classify_exit(
+    status: int, cpu_s: float, cpu_limit_s: int, *, oom_killed: bool = False
+) -> tuple[str, str]:
     """(outcome, detail) for an activation that exited without a committed result."""
     if status < 0 or (status & 0x7F):  # killed by a signal
         signum = -status if status < 0 else status & 0x7F
         name = _signame(signum)
+        if signum == signal.SIGKILL and oom_killed:
+            return OOM, "killed by the kernel: the tenant's cgroup ran out of memory"
         if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= cpu_limit_s):
             return CPU_LIMIT, f"{name} after {cpu_s:.2f} s of CPU (limit {cpu_limit_s} s)"
         return f"signalled({name})", f"killed by {name}"

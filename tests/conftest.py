@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -123,8 +124,25 @@ class Daemon:
 def tmp_short() -> Iterator[Path]:
     # ipc:// paths must fit in sun_path (108 bytes): pytest's tmp_path is often too long.
     path = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
+    path.chmod(0o711)  # activations with sandbox uids must reach the sockets below it
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(tmp_short: Path) -> Path:
+    """A directory tenant code may write (tests record side effects there): world-writable for
+    sandbox uids, and granted to tenants with `writable_paths` (see `SHARED_CONFIG`)."""
+    path = tmp_short / "shared"
+    path.mkdir(mode=0o777)
+    path.chmod(0o777)
+    return path
+
+
+def writable(path: Path, **defaults: object) -> str:
+    """A [defaults] table granting tenants `path` read-write, plus other default limits."""
+    lines = [f'writable_paths = ["{path}"]', *(f"{k} = {v}" for k, v in defaults.items())]
+    return "[defaults]\n" + "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -142,9 +160,19 @@ def make_daemon(tmp_short: Path) -> Iterator[Callable[..., Daemon]]:
             c.close()
         if d.alive():
             d.stop(signal.SIGKILL)
-        # Activations die with their supervisor (PDEATHSIG); make sure none is left behind.
+        # Activations die with their supervisor (PDEATHSIG); make sure none is left behind,
+        # nor the cgroups a SIGKILLed supervisor could not remove.
         if d.proc is not None:
             os.system(f"pkill -KILL -f 'sandbox_host --endpoint ipc://{d.run_dir}' 2>/dev/null")
+            remove_cgroups(d.state)
+
+
+def remove_cgroups(state_dir: Path) -> None:
+    name = "stepvisor-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
+    for base in Path("/sys/fs/cgroup").glob(f"**/{name}"):
+        for leaf in sorted(base.glob("*/*/"), reverse=True) + sorted(base.glob("*/")) + [base]:
+            with contextlib.suppress(OSError):
+                leaf.rmdir()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Daemon, deploy_source, wait_for
+from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 pytestmark = pytest.mark.chaos
 
@@ -38,6 +38,14 @@ def journaled_steps(c, ids: list[str]) -> int:
     return sum(sum(e["status"] == "ok" for e in c.history("acme", i)["entries"]) for i in ids)
 
 
+def make_log(shared: Path) -> Path:
+    """Every activation has its own uid: the log must be writable by all of them."""
+    log = shared / "executions.log"
+    log.touch()
+    log.chmod(0o666)
+    return log
+
+
 def executions(log: Path) -> dict[tuple[str, int], list[str]]:
     runs: dict[tuple[str, int], list[str]] = defaultdict(list)
     for line in log.read_text().splitlines():
@@ -55,10 +63,10 @@ def sandbox_processes(daemon: Daemon) -> list[psutil.Process]:
 
 
 def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
-    make_daemon, tmp_short: Path
+    make_daemon, shared: Path
 ) -> None:
-    daemon = make_daemon("[defaults]\nmax_concurrent = 3\n")
-    log = tmp_short / "executions.log"
+    daemon = make_daemon(writable(shared, max_concurrent=3))
+    log = make_log(shared)
     c = daemon.client()
     deploy_source(c, "acme", SRC)
     ids = [f"i{n}" for n in range(6)]
@@ -85,13 +93,13 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
     assert outcomes.count(None) == 0
 
 
-def test_sigterm_drains_running_activations(make_daemon, tmp_short: Path) -> None:
-    daemon = make_daemon()
-    log = tmp_short / "executions.log"
+def test_sigterm_drains_running_activations(make_daemon, shared: Path) -> None:
+    daemon = make_daemon(writable(shared))
+    log = make_log(shared)
     c = daemon.client()
     deploy_source(c, "acme", SRC)
     c.create("acme", "w", {"log": str(log), "steps": 2, "pause": 1.0}, id="d")
-    wait_for(lambda: log.exists(), 30, "the first step to start")
+    wait_for(lambda: log.stat().st_size, 30, "the first step to start")
     assert daemon.stop(signal.SIGTERM) == 0
     assert daemon.events("supervisor.draining") and daemon.events("supervisor.stopped")
     daemon.start()
@@ -102,15 +110,13 @@ def test_sigterm_drains_running_activations(make_daemon, tmp_short: Path) -> Non
     assert len(runs[("d", 0)]) == 1  # finished during the drain; not re-run after restart
 
 
-def test_drain_deadline_kills_and_the_step_reruns_after_restart(
-    make_daemon, tmp_short: Path
-) -> None:
-    daemon = make_daemon(server="drain_timeout_s = 0.3\n")
-    log = tmp_short / "executions.log"
+def test_drain_deadline_kills_and_the_step_reruns_after_restart(make_daemon, shared: Path) -> None:
+    daemon = make_daemon(writable(shared), server="drain_timeout_s = 0.3\n")
+    log = make_log(shared)
     c = daemon.client()
     deploy_source(c, "acme", SRC)
     c.create("acme", "w", {"log": str(log), "steps": 1, "pause": 30}, id="d")
-    wait_for(lambda: log.exists(), 30, "the step to start")
+    wait_for(lambda: log.stat().st_size, 30, "the step to start")
     assert daemon.stop(signal.SIGTERM) == 0
     assert not sandbox_processes(daemon)
     c = daemon.start().client()

@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Daemon, deploy_source, wait_for
+from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 
 def run(
@@ -313,8 +313,9 @@ def test_code_is_pinned_per_instance(daemon: Daemon) -> None:
     assert c.status("acme", "old")["version"] == v1
 
 
-def test_step_timeout_kills_the_whole_process_group(daemon: Daemon, tmp_short: Path) -> None:
-    pidfile = tmp_short / "grandchild.pid"
+def test_step_timeout_kills_the_whole_process_group(make_daemon, shared: Path) -> None:
+    daemon = make_daemon(writable(shared))
+    pidfile = shared / "grandchild.pid"
     st = run(
         daemon,
         """
@@ -436,8 +437,9 @@ def test_long_running_time_is_not_spent_in_the_supervisor(daemon: Daemon) -> Non
     assert c.history("slow", "s")["entries"][0]["status"] == "running"  # still in its step
 
 
-def test_a_step_leaves_no_background_process_behind(daemon: Daemon, tmp_short: Path) -> None:
-    pidfile = tmp_short / "background.pid"
+def test_a_step_leaves_no_background_process_behind(make_daemon, shared: Path) -> None:
+    daemon = make_daemon(writable(shared))
+    pidfile = shared / "background.pid"
     st = run(
         daemon,
         """

@@ -135,8 +135,11 @@ def test_tenants(conn: sqlite3.Connection) -> None:
     j.ensure_tenant(conn, "zeta", T0)
     j.ensure_tenant(conn, "acme", T0)
     j.ensure_tenant(conn, "acme", T0 + 5)  # idempotent
-    assert j.tenant_exists(conn, "acme")
+    assert not j.tenant_exists(conn, "acme")  # known, numbered, but nothing deployed yet
     assert j.tenant_names(conn) == ["acme", "zeta"]
+    assert (j.tenant_number(conn, "zeta"), j.tenant_number(conn, "acme")) == (1, 2)
+    j.set_deployment(conn, "acme", "w", "h1", T0)
+    assert j.tenant_exists(conn, "acme")
 
 
 def test_put_code_is_immutable_per_hash(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,297 @@
+"""Which isolation layers this host supports, and the supervisor's side of them: sandbox uids and
+per-tenant cgroups. What happens inside the activation lives in `sandbox_host.isolation`."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from supervisor.config import Config, Limits
+
+LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("memory", "pids", "cpu")
+
+
+class IsolationError(Exception):
+    """A layer the config requires is not available on this host."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    available: bool
+    enabled: bool
+    detail: str  # why unavailable, or how it is provided
+
+
+def landlock_abi() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(0, int(libc.syscall(444, None, 0, 1)))  # landlock_create_ruleset(VERSION)
+
+
+def unreadable_by_others(paths: list[str]) -> str | None:
+    """Why a process with another uid could not use these paths (a dir not o+x, a file not
+    o+r), or None. Sandbox uids must read the interpreter, its library and the import path."""
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            continue
+        for parent in [*reversed(path.parents), path]:
+            mode = parent.stat().st_mode
+            need = 0o005 if parent == path and parent.is_dir() else 0o001
+            if parent == path and not parent.is_dir():
+                need = 0o004
+            if mode & need != need:
+                return f"{parent} (mode {mode & 0o777:o}) keeps sandbox uids from {raw}"
+    return None
+
+
+def interpreter_paths() -> list[str]:
+    real = os.path.realpath(sys.executable)  # resolved only to check it, never to run it
+    return [real, sys.base_prefix, sys.prefix, *(p for p in sys.path if os.path.isabs(p))]
+
+
+def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[bool, str]:
+    root = os.geteuid() == 0
+    if name == "uid":
+        if not root:
+            return False, "needs root"
+        blocked = unreadable_by_others(interpreter_paths())
+        if blocked:
+            return False, blocked
+        return True, "a sandbox uid/gid per activation"
+    if name == "network":
+        return (root, "private network namespace") if root else (False, "needs root")
+    if name == "landlock":
+        abi = landlock_abi()
+        return (abi > 0, f"Landlock ABI {abi}") if abi else (False, "kernel has no Landlock")
+    if name == "seccomp":
+        ok = platform.machine() in ("x86_64", "aarch64")
+        return (ok, "socket filter") if ok else (False, f"no filter for {platform.machine()}")
+    if cgroups is not None:
+        return True, cgroups.describe()
+    return False, cgroup_why
+
+
+def resolve(cfg: Config, state_dir: Path) -> tuple[dict[str, Layer], Cgroups | None]:
+    """Decide each layer: enabled when available and not off; IsolationError when a required
+    layer is missing."""
+    cgroups, why = (None, "turned off")
+    if cfg.isolation.cgroup != "off":
+        cgroups, why = Cgroups.detect(state_dir)
+    layers: dict[str, Layer] = {}
+    missing = []
+    for name in LAYERS:
+        mode = getattr(cfg.isolation, name)
+        available, detail = _available(name, cgroups, why)
+        if mode == "required" and not available:
+            missing.append(f"{name} ({detail})")
+        layers[name] = Layer(name, available, available and mode != "off", detail)
+    if missing:
+        raise IsolationError("required isolation unavailable: " + ", ".join(missing))
+    if not layers["cgroup"].enabled:
+        cgroups = None
+    return layers, cgroups
+
+
+class UidPool:
+    """Hands out a uid no running activation holds, cycling so a uid is reused as late as can be."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self.next = low
+        self.used: set[int] = set()
+
+    def acquire(self) -> int | None:
+        size = self.high - self.low + 1
+        for _ in range(min(size, len(self.used) + 1)):
+            uid = self.next
+            self.next = self.low if uid >= self.high else uid + 1
+            if uid not in self.used:
+                self.used.add(uid)
+                return uid
+        return None
+
+    def release(self, uid: int) -> None:
+        self.used.discard(uid)
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+@dataclass
+class Cgroups:
+    """One cgroup per tenant (its limits hold across its concurrent activations), with one child
+    per activation so that everything an activation started can be found and killed."""
+
+    version: Literal[1, 2]
+    bases: dict[str, Path]  # controller → this supervisor's directory (v2: one shared dir)
+    applied: dict[str, Limits] = field(default_factory=dict)
+
+    @classmethod
+    def detect(cls, state_dir: Path) -> tuple[Cgroups | None, str]:
+        if os.geteuid() != 0:
+            return None, "needs root"
+        # Stable across restarts, distinct per state dir: recovery finds what a dead run left.
+        name = "stepvisor-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
+        own = _own_cgroups()
+        if (CGROUP_ROOT / "cgroup.controllers").exists():  # unified hierarchy only
+            return cls._detect_v2(own.get("", "/"), name)
+        bases = {}
+        for ctrl in CONTROLLERS:
+            mount = CGROUP_ROOT / ctrl
+            if ctrl not in own or not mount.is_dir():
+                return None, f"cgroup v1 controller {ctrl} is not mounted"
+            base = mount / own[ctrl].lstrip("/") / name
+            try:
+                base.mkdir(exist_ok=True)
+            except OSError as exc:
+                return None, f"cannot create {base}: {exc.strerror}"
+            bases[ctrl] = base
+        return cls(1, bases), ""
+
+    @classmethod
+    def _detect_v2(cls, own: str, name: str) -> tuple[Cgroups | None, str]:
+        parent = CGROUP_ROOT / own.lstrip("/")
+        enabled = set((parent / "cgroup.controllers").read_text().split())
+        if not set(CONTROLLERS) <= enabled:
+            return None, f"cgroup v2 lacks {sorted(set(CONTROLLERS) - enabled)} here"
+        try:
+            # A v2 cgroup with controllers for its children may hold no process: move the
+            # supervisor into a leaf of its (delegated) cgroup first.
+            leaf = parent / "supervisor"
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", str(os.getpid()))
+            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+            base = parent / name
+            base.mkdir(exist_ok=True)
+            _write(base / "cgroup.subtree_control", "+memory +pids +cpu")
+        except OSError as exc:
+            return None, (
+                f"cgroup v2 subtree {parent} is not delegated to us ({exc.strerror}); "
+                "run under systemd with Delegate=yes"
+            )
+        return cls(2, dict.fromkeys(CONTROLLERS, base)), ""
+
+    def describe(self) -> str:
+        return f"cgroup v{self.version} at {sorted({str(b) for b in self.bases.values()})[0]}"
+
+    # -- tenants
+
+    def tenant(self, tenant: str, limits: Limits) -> None:
+        """Create the tenant's cgroups and (re)apply its limits when they changed."""
+        if self.applied.get(tenant) == limits:
+            return
+        mem = limits.memory_mib * 1024 * 1024
+        quota = int(limits.cpu_quota * 100_000)
+        if self.version == 2:
+            d = self.bases["memory"] / tenant
+            d.mkdir(exist_ok=True)
+            _write(d / "cgroup.subtree_control", "+memory +pids +cpu")
+            _write(d / "memory.max", str(mem))
+            _write(d / "memory.swap.max", "0") if (d / "memory.swap.max").exists() else None
+            _write(d / "pids.max", str(limits.max_pids))
+            _write(d / "cpu.max", f"{quota} 100000" if quota else "max 100000")
+        else:
+            for base in self.bases.values():
+                (base / tenant).mkdir(exist_ok=True)
+            m = self.bases["memory"] / tenant
+            _write(m / "memory.limit_in_bytes", str(mem))
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                _write(m / "memory.memsw.limit_in_bytes", str(mem))
+            _write(self.bases["pids"] / tenant / "pids.max", str(limits.max_pids))
+            c = self.bases["cpu"] / tenant
+            _write(c / "cpu.cfs_period_us", "100000")
+            _write(c / "cpu.cfs_quota_us", str(quota) if quota else "-1")
+        self.applied[tenant] = limits
+
+    def oom_kills(self, tenant: str) -> int:
+        """How many processes the kernel has OOM-killed in the tenant's cgroup so far."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            text = (self.bases["memory"] / tenant / name).read_text()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    # -- activations
+
+    def _dirs(self, tenant: str, activation: int) -> list[Path]:
+        leaf = f"act-{activation}"
+        return sorted({base / tenant / leaf for base in self.bases.values()})
+
+    def add(self, tenant: str, activation: int, pid: int) -> None:
+        """Put a just-started activation (still waiting for its token) in its cgroups."""
+        for d in self._dirs(tenant, activation):
+            d.mkdir(exist_ok=True)
+            _write(d / "cgroup.procs", str(pid))
+
+    def kill(self, tenant: str, activation: int) -> None:
+        """SIGKILL every process left in the activation's cgroup, including ones that left its
+        process group, then remove the cgroup."""
+        _kill_and_remove(self._dirs(tenant, activation))
+
+    def close(self) -> None:
+        """At shutdown: remove the (empty) tenant cgroups and this supervisor's own directory."""
+        self.sweep()
+        for base in {*self.bases.values()}:
+            for d in [*(p for p in base.iterdir() if p.is_dir()), base]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+    def sweep(self) -> int:
+        """Recovery: kill whatever a previous run left in any activation cgroup."""
+        dirs = [leaf for base in self.bases.values() for leaf in base.glob("*/act-*")]
+        return _kill_and_remove(sorted(set(dirs)))
+
+
+def _kill_and_remove(dirs: list[Path]) -> int:
+    killed = 0
+    deadline = time.monotonic() + 5.0
+    for d in dirs:
+        while True:
+            try:
+                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            except OSError:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            try:
+                d.rmdir()  # fails with EBUSY until every process is gone
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)  # bounded: SIGKILLed processes leave within microseconds
+    return killed
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller → this process's cgroup path ('' for the v2 hierarchy)."""
+    out: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for ctrl in ctrls.split(",") if ctrls else [""]:
+            out[ctrl] = path
+    return out
