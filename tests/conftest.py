@@ -168,11 +168,26 @@ def make_daemon(tmp_short: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 def remove_cgroups(state_dir: Path) -> None:
+    """What a SIGKILLed supervisor leaves: its activations' cgroups, emptied as they die."""
     name = "stepvisor-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
-    for base in Path("/sys/fs/cgroup").glob(f"**/{name}"):
-        for leaf in sorted(base.glob("*/*/"), reverse=True) + sorted(base.glob("*/")) + [base]:
-            with contextlib.suppress(OSError):
-                leaf.rmdir()
+    for base in Path("/sys/fs/cgroup").glob(f"*/**/{name}"):
+        tenants = [t for t in base.iterdir() if t.is_dir()]
+        for leaf in [a for t in tenants for a in t.iterdir() if a.is_dir()] + tenants + [base]:
+
+            def gone(leaf: Path = leaf) -> bool:
+                with contextlib.suppress(OSError):
+                    for pid in (leaf / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(OSError):
+                            os.kill(int(pid), signal.SIGKILL)
+                try:
+                    leaf.rmdir()
+                except FileNotFoundError:
+                    return True
+                except OSError:
+                    return False
+                return True
+
+            wait_for(gone, 10, f"cgroup {leaf} to empty")
 
 
 @pytest.fixture
