@@ -57,7 +57,7 @@ class Activation:
     output_bytes: int = 0
     uid: int | None = None  # its sandbox uid, when it has one
     gid: int | None = None  # its tenant's sandbox group
-    oom_kills_before: int = 0  # the tenant cgroup's OOM-kill count at launch
+    oom_killed: bool = False  # the kernel OOM-killed one of its processes (cgroup)
     log: Any = None  # the supervisor's logger bound to tenant, instance and activation
 
     def __post_init__(self) -> None:

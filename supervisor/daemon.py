@@ -476,7 +476,6 @@ class Supervisor:
         try:
             if self.cgroups is not None:
                 self.cgroups.tenant(tenant, limits)
-                act.oom_kills_before = self.cgroups.oom_kills(tenant)
             act.proc = launcher.spawn(self.paths, limits, self._sandbox(limits, act))
             act.pid = act.proc.pid
             if self.cgroups is not None:
@@ -816,6 +815,7 @@ class Supervisor:
                     continue
                 launcher.kill_group(pid)
                 if self.cgroups is not None:  # also what left the group (setsid, double fork)
+                    act.oom_killed = self.cgroups.oom_killed(act.tenant, act.aid)
                     self.cgroups.kill(act.tenant, act.aid)
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
@@ -825,11 +825,8 @@ class Supervisor:
             self._drain_output(act)
             cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
             if act.state != SETTLED:
-                oom = self.cgroups is not None and (
-                    self.cgroups.oom_kills(act.tenant) > act.oom_kills_before
-                )
                 how, detail = outcome.classify_exit(
-                    status, cpu_s, act.limits.cpu_seconds, oom_killed=oom
+                    status, cpu_s, act.limits.cpu_seconds, oom_killed=act.oom_killed
                 )
                 self._settle(act, how, detail, mono)
             self._finish_record(act, status, usage, now, mono)

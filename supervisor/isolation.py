@@ -218,18 +218,21 @@ class Cgroups:
             _write(c / "cpu.cfs_quota_us", str(quota) if quota else "-1")
         self.applied[tenant] = limits
 
-    def oom_kills(self, tenant: str) -> int:
-        """How many processes the kernel has OOM-killed in the tenant's cgroup so far."""
+    def oom_killed(self, tenant: str, activation: int) -> bool:
+        """Whether the kernel OOM-killed a process of this activation (read before `kill`).
+
+        The activation's own cgroup, not the tenant's: v1 counts a kill in the victim's cgroup
+        only, and it cannot be confused with a sibling activation's kill."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
-            text = (self.bases["memory"] / tenant / name).read_text()
+            text = (self.bases["memory"] / tenant / f"act-{activation}" / name).read_text()
         except OSError:
-            return 0
+            return False
         for line in text.splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
-                return int(value)
-        return 0
+                return int(value) > 0
+        return False
 
     # -- activations
 

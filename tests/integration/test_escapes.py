@@ -1,0 +1,349 @@
+"""Hostile tenant code against a real supervisor: every attack must fail, be classified, and
+leave the daemon and the other tenant untouched. Layers this host lacks are skipped, not faked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from stepvisor import Client
+from tests.conftest import Daemon, deploy_source, wait_for
+
+ATTACKER = """
+from stepvisor import workflow
+
+@workflow("attack")
+def attack(event, step):
+    def run():
+        scope = {"params": event.payload}
+        exec(event.payload["code"], scope)
+        return scope.get("result")
+    return step.do("attack", run, retries={"limit": 0}, timeout=event.payload.get("timeout", 60))
+"""
+
+VICTIM = """
+from stepvisor import workflow
+
+@workflow("keep")
+def keep(event, step):
+    secret = step.do("remember", lambda: {"secret": "victim-data"})
+    step.wait_for_event("go", type="go", timeout=600)
+    return secret
+"""
+
+
+class Arena:
+    """A supervisor with an attacking tenant `evil` and a tenant `victim` that must not notice."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.client: Client = daemon.client(timeout_s=60)
+        deploy_source(self.client, "evil", ATTACKER)
+        deploy_source(self.client, "victim", VICTIM)
+        self.client.create("victim", "keep", id="v1")
+        wait_for(lambda: self.client.status("victim", "v1")["status"] == "waiting", 30, "victim")
+        self.layers = {e["layer"] for e in daemon.events("isolation.layer")}
+
+    def need(self, *any_of: str) -> None:
+        if not self.layers & set(any_of):
+            missing = " or ".join(any_of)
+            pytest.skip(f"isolation layer {missing} is not available on this host")
+
+    def attack(self, code: str, iid: str = "a", **params: Any) -> dict[str, Any]:
+        payload = {"code": textwrap.dedent(code), **params}
+        self.client.create("evil", "attack", payload, id=iid)
+        return self.client.wait("evil", iid, timeout_s=120)
+
+    def outcomes(self, iid: str = "a") -> list[str]:
+        return [a["outcome"] for a in self.client.history("evil", iid)["activations"]]
+
+    def assert_unharmed(self) -> None:
+        assert self.daemon.alive()
+        st = self.client.status("victim", "v1")
+        assert st["status"] == "waiting"
+        self.client.send_event("victim", "v1", "go")
+        st = self.client.wait("victim", "v1", timeout_s=60)
+        assert st["output"] == {"secret": "victim-data"}
+
+
+@pytest.fixture
+def arena(make_daemon: Callable[..., Daemon]) -> Iterator[Arena]:
+    config = """
+        [tenants.evil]
+        memory_mib = 256
+        cpu_seconds = 2
+        timeout_s = 30
+        max_pids = 32
+        max_concurrent = 2
+    """
+    a = Arena(make_daemon(config))
+    yield a
+    a.assert_unharmed()
+
+
+def test_cannot_read_the_journal_database(arena: Arena) -> None:
+    arena.need("uid", "landlock")
+    db = arena.daemon.state / "stepvisor.db"
+    st = arena.attack(
+        """
+        try:
+            result = {"read": len(open(params["db"], "rb").read())}
+        except OSError as exc:
+            result = {"refused": exc.strerror}
+        """,
+        db=str(db),
+    )
+    assert st["output"] == {"refused": "Permission denied"}
+    assert arena.outcomes() == ["ok", "ok"]
+
+
+def test_cannot_read_another_tenants_scratch(arena: Arena) -> None:
+    arena.need("uid", "landlock")
+    c = arena.client
+    deploy_source(c, "victim", """
+        import os, time
+        from stepvisor import workflow
+
+        @workflow("hold")
+        def hold(event, step):
+            def write_and_wait():
+                open("secret.txt", "w").write("victim scratch secret")
+                time.sleep(20)
+            step.do("hold", write_and_wait, timeout=60)
+    """, filename="hold.py")  # fmt: skip
+    c.create("victim", "hold", id="h")
+    scratch_root = arena.daemon.run_dir / "scratch"
+    wait_for(lambda: list(scratch_root.glob("*/secret.txt")), 30, "the victim's secret")
+    st = arena.attack(
+        """
+        import os
+        found, refused = [], []
+        try:
+            os.listdir(params["root"])
+        except OSError as exc:
+            refused.append(exc.strerror)
+        for n in range(1, 40):  # activation ids are small numbers: guess the victim's dir
+            d = os.path.join(params["root"], str(n))
+            if d == os.getcwd():
+                continue
+            try:
+                found.append(open(os.path.join(d, "secret.txt")).read())
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                refused.append(exc.strerror)
+        result = {"found": found, "refused": refused}
+        """,
+        root=str(scratch_root),
+    )
+    assert st["output"]["found"] == []
+    assert "Permission denied" in st["output"]["refused"]
+    c.terminate("victim", "h")
+
+
+def test_cannot_use_the_api_socket(arena: Arena) -> None:
+    arena.need("uid", "seccomp")
+    st = arena.attack(
+        """
+        import zmq
+        from protocol.codec import encode, decode_reply
+        from protocol.messages import ListInstances
+        try:
+            ctx = zmq.Context()
+            s = ctx.socket(zmq.DEALER)
+            s.connect(params["api"])
+            s.send(encode(ListInstances(rid=1, tenant="victim")))
+            got = s.poll(3000)
+            result = {"answer": decode_reply(s.recv()).result if got else None}
+            s.close(linger=0)
+            ctx.term()
+        except Exception as exc:
+            result = {"refused": repr(exc)}
+        """,
+        api=arena.daemon.endpoint,
+    )
+    out = st["output"]
+    assert out.get("answer") is None, out  # no listing of the victim's instances, ever
+    assert arena.daemon.alive()
+
+
+def test_cannot_open_a_tcp_connection(arena: Arena) -> None:
+    arena.need("network", "seccomp")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    accepted: list[Any] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the timeout: nobody connected
+            accepted.append(server.accept())
+
+    listener = threading.Thread(target=accept)
+    listener.start()
+    try:
+        st = arena.attack(
+            """
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", params["port"]), timeout=3)
+                result = {"connected": True}
+            except OSError as exc:
+                result = {"refused": exc.strerror}
+            """,
+            port=server.getsockname()[1],
+        )
+    finally:
+        listener.join()
+        server.close()
+    assert st["output"]["refused"] in ("Operation not permitted", "Network is unreachable")
+    assert accepted == []
+
+
+def test_a_fork_bomb_hits_the_process_limit(arena: Arena) -> None:
+    arena.need("uid", "cgroup")
+    st = arena.attack(
+        """
+        import os, time
+        children = 0
+        try:
+            for _ in range(2000):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(120)
+                    os._exit(0)
+                children += 1
+        except OSError as exc:
+            result = {"children": children, "stopped_by": exc.strerror}
+        else:
+            result = {"children": children}
+        """
+    )
+    out = st["output"]
+    assert out["children"] < 32, out  # max_pids of the tenant
+    assert out["stopped_by"] == "Resource temporarily unavailable"
+    uid_procs = [p for p in psutil.process_iter(["uids"]) if p.info["uids"].real >= 900_000]
+    wait_for(
+        lambda: not [p for p in uid_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+        10,
+        "the bomb to be killed",
+    )
+
+
+def test_memory_limit_holds_for_the_tenant_as_a_whole(arena: Arena) -> None:
+    arena.need("cgroup")
+    code = """
+        import time
+        block = bytearray(135 * 1024 * 1024)  # under the address-space cap alone
+        for i in range(0, len(block), 4096):
+            block[i] = 1  # touch every page: resident, not just reserved
+        time.sleep(4)
+        result = "held 135 MiB"
+    """
+    c = arena.client
+    for iid in ("m1", "m2"):
+        c.create("evil", "attack", {"code": textwrap.dedent(code)}, id=iid)
+    finals = [c.wait("evil", iid, timeout_s=120) for iid in ("m1", "m2")]
+    # Each fits under memory_mib = 256 alone; together they do not: the kernel kills one.
+    outcomes = arena.outcomes("m1")[:1] + arena.outcomes("m2")[:1]
+    assert "oom" in outcomes, (outcomes, finals)
+    errored = [f for f in finals if f["status"] == "errored"]
+    assert errored and "memory" in errored[0]["error"]["message"].lower()
+
+
+def test_a_huge_file_is_cut_off(arena: Arena) -> None:
+    st = arena.attack(
+        """
+        written = 0
+        try:
+            with open("huge.bin", "wb") as f:
+                chunk = b"x" * (1 << 20)
+                for _ in range(1024):
+                    f.write(chunk)
+                    f.flush()
+                    written += 1
+        except OSError as exc:
+            result = {"mib": written, "stopped_by": exc.strerror}
+        else:
+            result = {"mib": written}
+        """
+    )
+    assert st["output"]["stopped_by"] == "File too large"
+    assert st["output"]["mib"] <= 64
+
+
+def test_cannot_become_root(arena: Arena) -> None:
+    if os.geteuid() == 0:
+        arena.need("uid")
+    st = arena.attack(
+        """
+        import os
+        try:
+            os.setuid(0)
+            result = {"uid": os.getuid()}
+        except OSError as exc:
+            result = {"refused": exc.strerror, "uid": os.getuid()}
+        """
+    )
+    assert st["output"]["refused"] == "Operation not permitted"
+    assert st["output"]["uid"] != 0 or os.geteuid() != 0
+
+
+def test_cannot_kill_the_supervisor(arena: Arena) -> None:
+    arena.need("uid")
+    assert arena.daemon.proc is not None
+    st = arena.attack(
+        """
+        import os, signal
+        try:
+            os.kill(params["pid"], signal.SIGKILL)
+            result = {"killed": True}
+        except OSError as exc:
+            result = {"refused": exc.strerror}
+        """,
+        pid=arena.daemon.proc.pid,
+    )
+    assert st["output"] == {"refused": "Operation not permitted"}
+    assert arena.daemon.alive()
+
+
+def test_a_daemonised_grandchild_dies_with_its_activation(arena: Arena, shared: Path) -> None:
+    arena.need("cgroup")
+    pidfile = shared / "escapee.pid"
+    pidfile.touch()
+    pidfile.chmod(0o666)
+    arena.daemon.stop()
+    arena.daemon.write_config(f'[tenants.evil]\nwritable_paths = ["{shared}"]\n')
+    arena.daemon.start()
+    arena.client = arena.daemon.client(timeout_s=60)
+    st = arena.attack(
+        """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()              # leave the activation's process group and session
+            if os.fork() == 0:
+                open(params["pidfile"], "w").write(str(os.getpid()))
+                time.sleep(300)
+            os._exit(0)
+        time.sleep(0.5)
+        result = "left a daemon behind"
+        """,
+        pidfile=str(pidfile),
+    )
+    assert st["status"] == "complete"
+    escapee = int(pidfile.read_text())
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(escapee)
+            or psutil.Process(escapee).status() == psutil.STATUS_ZOMBIE
+        ),
+        10,
+        "the daemonised grandchild to be killed with its activation's cgroup",
+    )
