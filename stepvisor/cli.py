@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", help="override [server] state_dir")
     s.add_argument("--runtime-dir", help="override [server] runtime_dir")
 
+    s = sub.add_parser("doctor", help="check each isolation layer with a probe activation")
+    s.add_argument("--config", help="stepvisor.toml (default: the embedded default)")
+
     s = sub.add_parser("deploy", help="deploy every @workflow in a Python file")
     s.add_argument("tenant")
     s.add_argument("file")
@@ -130,6 +133,15 @@ def _run(args: argparse.Namespace) -> int:
         from supervisor.daemon import serve
 
         return serve(args.config, args.state_dir, args.runtime_dir)
+    if args.cmd == "doctor":
+        from supervisor import config, doctor
+
+        try:
+            cfg = config.load(args.config)
+        except config.ConfigError as exc:
+            print(f"error CONFIG: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return doctor.main(cfg, args.json)
     if args.cmd == "demo":
         from stepvisor.demo import main as demo
 

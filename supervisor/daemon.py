@@ -497,20 +497,7 @@ class Supervisor:
 
     def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
-        return launcher.Sandbox(
-            memory_mib=limits.memory_mib,
-            cpu_seconds=limits.cpu_seconds,
-            max_pids=limits.max_pids,
-            scratch=str(act.scratch),
-            uid=act.uid,
-            gid=act.gid,
-            network_namespace=on["network"] and not limits.network,
-            landlock=on["landlock"],
-            read_only=limits.readable_paths,
-            read_write=limits.writable_paths,
-            seccomp=on["seccomp"],
-            allow_inet=limits.network,
-        )
+        return launcher.sandbox_for(on, limits, act.scratch, act.uid, act.gid)
 
     # ------------------------------------------------------------------ activation messages
 

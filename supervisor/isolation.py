@@ -20,6 +20,7 @@ from supervisor.config import Config, Limits
 LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids", "cpu")
+CGROUP_NAME_PREFIX = "stepvisor-"
 
 
 class IsolationError(Exception):
@@ -146,7 +147,7 @@ class Cgroups:
         if os.geteuid() != 0:
             return None, "needs root"
         # Stable across restarts, distinct per state dir: recovery finds what a dead run left.
-        name = "stepvisor-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
+        name = CGROUP_NAME_PREFIX + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
         own = _own_cgroups()
         if (CGROUP_ROOT / "cgroup.controllers").exists():  # unified hierarchy only
             return cls._detect_v2(own.get("", "/"), name)

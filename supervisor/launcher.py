@@ -40,6 +40,26 @@ class Sandbox(msgspec.Struct, frozen=True):
     allow_inet: bool = False
 
 
+def sandbox_for(
+    on: dict[str, bool], limits: Limits, scratch: Path, uid: int | None, gid: int | None
+) -> Sandbox:
+    """The sandbox of one activation of a tenant, given which layers are enabled."""
+    return Sandbox(
+        memory_mib=limits.memory_mib,
+        cpu_seconds=limits.cpu_seconds,
+        max_pids=limits.max_pids,
+        scratch=str(scratch),
+        uid=uid,
+        gid=gid,
+        network_namespace=on["network"] and not limits.network,
+        landlock=on["landlock"],
+        read_only=limits.readable_paths,
+        read_write=limits.writable_paths,
+        seccomp=on["seccomp"],
+        allow_inet=limits.network,
+    )
+
+
 def make_scratch(paths: Paths, activation: int, uid: int | None, gid: int | None) -> Path:
     """A private directory for one activation: 0700, owned by its sandbox uid when it has one."""
     scratch = paths.runtime_dir / "scratch" / str(activation)

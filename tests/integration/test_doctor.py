@@ -1,0 +1,65 @@
+"""`stepvisor doctor` and refusing to start without a required layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
+
+
+def doctor(config: Path, *, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stepvisor.cli", "--json", "doctor", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, user=user,
+    )  # fmt: skip
+
+
+def test_doctor_verifies_each_layer_with_a_probe(make_daemon) -> None:
+    daemon: Daemon = make_daemon(start=False)
+    r = doctor(daemon.config_path)
+    report = json.loads(r.stdout)
+    rows = {row["layer"]: row for row in report["layers"]}
+    assert set(rows) == {"uid", "cgroup", "network", "landlock", "seccomp"}
+    assert "error" not in report["probe"], report["probe"]
+    for row in rows.values():
+        # whatever this host offers is not only enabled but seen in force by the probe
+        assert row["effective"] == row["available"], row
+    assert r.returncode == 0
+    assert report["interpreter"] == sys.executable
+
+
+def test_doctor_reports_a_layer_turned_off(make_daemon) -> None:
+    daemon: Daemon = make_daemon('[isolation]\nlandlock = "off"\n', start=False)
+    report = json.loads(doctor(daemon.config_path).stdout)
+    (row,) = [r for r in report["layers"] if r["layer"] == "landlock"]
+    assert (row["mode"], row["enabled"], row["effective"]) == ("off", False, False)
+
+
+@root_only
+def test_a_required_layer_that_is_missing_refuses_the_start(tmp_short: Path) -> None:
+    nobody = 65534
+    base = tmp_short / "nobody"
+    base.mkdir()
+    os.chown(base, nobody, nobody)
+    config = base / "stepvisor.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{base}/state"\nruntime_dir = "{base}/run"\n'
+        '[isolation]\nuid = "required"\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, user=nobody,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "error STARTUP: required isolation unavailable: uid (needs root)" in r.stderr
+    d = doctor(config, user=nobody)
+    assert d.returncode == 1
+    assert "uid (needs root)" in json.loads(d.stdout)["error"]
