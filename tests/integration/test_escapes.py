@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from stepvisor import Client
+from stepvisor.client import StepVisorError
 from tests.conftest import Daemon, deploy_source, wait_for
 
 ATTACKER = """
@@ -90,19 +91,21 @@ def arena(make_daemon: Callable[..., Daemon]) -> Iterator[Arena]:
     a.assert_unharmed()
 
 
-def test_cannot_read_the_journal_database(arena: Arena) -> None:
+def test_cannot_read_the_journal_database_or_the_config(arena: Arena) -> None:
     arena.need("uid", "landlock")
-    db = arena.daemon.state / "stepvisor.db"
     st = arena.attack(
         """
-        try:
-            result = {"read": len(open(params["db"], "rb").read())}
-        except OSError as exc:
-            result = {"refused": exc.strerror}
+        result = {}
+        for name in ("db", "config"):
+            try:
+                result[name] = len(open(params[name], "rb").read())
+            except OSError as exc:
+                result[name] = exc.strerror
         """,
-        db=str(db),
+        db=str(arena.daemon.state / "stepvisor.db"),
+        config=str(arena.daemon.config_path),
     )
-    assert st["output"] == {"refused": "Permission denied"}
+    assert st["output"] == {"db": "Permission denied", "config": "Permission denied"}
     assert arena.outcomes() == ["ok", "ok"]
 
 
@@ -347,3 +350,35 @@ def test_a_daemonised_grandchild_dies_with_its_activation(arena: Arena, shared: 
         10,
         "the daemonised grandchild to be killed with its activation's cgroup",
     )
+
+
+def test_garbage_on_its_own_channel_is_a_protocol_error(arena: Arena) -> None:
+    st = arena.attack(
+        """
+        import gc
+        (channel,) = [o for o in gc.get_objects() if type(o).__name__ == "Channel"]
+        channel.sock.send(b"\\xc1 not a message")
+        import time
+        time.sleep(30)
+        """
+    )
+    assert st["status"] == "errored"
+    assert arena.outcomes()[0] == "protocol_error"
+    assert "undecodable" in arena.client.history("evil", "a")["activations"][0]["detail"]
+
+
+def test_an_activation_that_never_says_hello_is_killed(make_daemon, tmp_short: Path) -> None:
+    hang = tmp_short / "hanging-python"
+    hang.write_text("#!/bin/sh\nexec sleep 300\n")
+    hang.chmod(0o755)
+    daemon = make_daemon(f'[tenants.evil]\npython = "{hang}"\n', server="hello_timeout_s = 0.5\n")
+    c = daemon.client()
+    deploy_source(c, "victim", VICTIM)  # other tenants use the server's interpreter
+    with pytest.raises(StepVisorError) as exc:
+        deploy_source(c, "evil", ATTACKER)
+    assert exc.value.code == "DEPLOY_FAILED"
+    assert "never_connected" in exc.value.message
+    finished = wait_for(lambda: daemon.events("activation.finished", tenant="evil"), 10, "reap")
+    assert finished[0]["outcome"] == "never_connected"
+    c.create("victim", "keep", id="v")
+    wait_for(lambda: c.status("victim", "v")["status"] == "waiting", 30, "the victim to run")
