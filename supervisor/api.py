@@ -29,6 +29,7 @@ from protocol.messages import (
 )
 from supervisor import engine
 from supervisor import journal as j
+from supervisor.activation import DeployRequest
 from supervisor.config import Config
 
 DEFERRED = object()
@@ -40,16 +41,7 @@ class Host(Protocol):
     conn: sqlite3.Connection
     cfg: Config
 
-    def launch_inspection(
-        self,
-        identity: bytes,
-        rid: int,
-        tenant: str,
-        kind: str,
-        filename: str,
-        code: bytes,
-        version: str,
-    ) -> None: ...
+    def launch_inspection(self, tenant: str, request: DeployRequest) -> None: ...
 
     def kill_instance_activation(self, tenant: str, instance: str, outcome: str) -> None: ...
 
@@ -115,7 +107,8 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
         for name in workflows:
             j.set_deployment(host.conn, req.tenant, name, version, now)
         return {"tenant": req.tenant, "version": version, "workflows": workflows}
-    host.launch_inspection(identity, req.rid, req.tenant, kind, req.filename, code, version)
+    request = DeployRequest(identity, req.rid, kind, req.filename, code, version)
+    host.launch_inspection(req.tenant, request)
     return DEFERRED
 
 

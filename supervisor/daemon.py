@@ -378,17 +378,7 @@ class Supervisor:
 
     # Host protocol for api handlers ----------------------------------------------------
 
-    def launch_inspection(
-        self,
-        identity: bytes,
-        rid: int,
-        tenant: str,
-        kind: str,
-        filename: str,
-        code: bytes,
-        version: str,
-    ) -> None:
-        request = DeployRequest(identity, rid, kind, filename, code, version)
+    def launch_inspection(self, tenant: str, request: DeployRequest) -> None:
         j.ensure_tenant(self.conn, tenant, time.time())  # numbered now: its sandbox group
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
 
