@@ -52,6 +52,7 @@ def _start(base: Path) -> tuple[subprocess.Popen[bytes], Client, Path]:
 
 def main(keep: bool = False) -> int:
     base = Path(tempfile.mkdtemp(prefix="stepvisor-demo-", dir="/tmp"))
+    base.chmod(0o711)  # activations running as sandbox uids must reach the sockets inside
     proc, c, log_path = _start(base)
     print(f"supervisor pid {proc.pid}, state in {base / 'state'}, log {log_path}\n")
     try:

@@ -172,3 +172,14 @@ def test_api_socket_is_group_only_and_logs_go_to_the_file(make_daemon, tmp_short
         "max_rss_kib",
     ):
         assert key in canonical[0]
+
+
+def test_the_quick_start_demo_runs_both_tenants() -> None:
+    r = subprocess.run([sys.executable, "-m", "stepvisor.cli", "demo"], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "acme/ann  workflow=onboard" in r.stdout and "globex/night-1" in r.stdout
+    assert r.stdout.count("status=complete") == 2
+    assert "acme/bob  workflow=onboard" in r.stdout and "status=errored" in r.stdout
+    assert "[acme/ann step 'create account'] creating account" in r.stdout
+    assert "supervisor stopped (exit 0)" in r.stdout
