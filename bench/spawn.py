@@ -18,28 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
-from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
+from bench.harness import (
+    DEFAULT_OUT,
+    BenchError,
+    environment,
+    guarded,
+    log,
+    markdown_rows,
+    run_workload,
+    summarize,
+    supervised,
+    write_atomic,
+)
 
-from stepvisor.client import Client, StepVisorError
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-TENANT = "bench"
-WORKFLOW = "noop"
 IMPORTS = "import zmq, msgspec, cloudpickle"
 # The same kind of clean environment the launcher gives an activation (supervisor/launcher.py).
 FLOOR_ENV = {
@@ -48,43 +46,6 @@ FLOOR_ENV = {
     "LC_ALL": "C.UTF-8",
     "MALLOC_ARENA_MAX": "2",
 }
-ACTIVATION_FIELDS = ("cold_start_ms", "exec_ms", "total_ms", "cpu_ms", "max_rss_kib")
-
-
-class BenchError(Exception):
-    """The benchmark could not produce its figures; the message says why."""
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), on sorted input."""
-    if not sorted_values:
-        raise ValueError("no values")
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-    xs = sorted(v for v in values if v is not None)
-    if not xs:
-        return {"n": 0}
-    return {
-        "n": len(xs),
-        "min": round(xs[0], 3),
-        "p50": round(percentile(xs, 50), 3),
-        "p95": round(percentile(xs, 95), 3),
-        "p99": round(percentile(xs, 99), 3),
-        "max": round(xs[-1], 3),
-        "mean": round(sum(xs) / len(xs), 3),
-    }
 
 
 # ---------------------------------------------------------------------------- floors
@@ -175,198 +136,6 @@ def measure_floors(
     log(f"floor: {exe} -I -c {IMPORTS!r} x{import_runs}")
     imports = summarize(spawn_floor([exe, "-I", "-c", IMPORTS], import_runs))
     return {"fork_exit_wait_ms": fork, "python_pass_ms": bare, "python_imports_ms": imports}
-
-
-# ---------------------------------------------------------------------------- supervisor
-
-
-class Supervisor:
-    """`python -m stepvisor.cli serve --config FILE` in `base`, logging to base/supervisor.log."""
-
-    def __init__(self, base: Path, concurrency: int) -> None:
-        self.base = base
-        self.state = base / "state"
-        self.run_dir = base / "run"
-        self.config_path = base / "stepvisor.toml"
-        self.log_path = base / "supervisor.log"
-        self.endpoint = f"ipc://{self.run_dir / 'api.sock'}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.config_text = textwrap.dedent(f"""\
-            [server]
-            state_dir = {json.dumps(str(self.state))}
-            runtime_dir = {json.dumps(str(self.run_dir))}
-            launch_mode = "spawn"
-            max_activations = {concurrency}
-            synchronous = "full"
-            hello_timeout_s = 30
-            drain_timeout_s = 10
-
-            [defaults]
-            max_concurrent = {concurrency}
-        """)
-        self.config_path.write_text(self.config_text)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log at {self.log_path}: {exc.strerror})"
-        return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.base,
-            )
-        deadline = time.monotonic() + timeout_s
-        with Client(self.endpoint, timeout_s=0.5) as probe:
-            while True:
-                rc = self.proc.poll()
-                if rc is not None:
-                    raise BenchError(
-                        f"supervisor exited with status {rc} before answering ping; "
-                        f"last lines of its log:\n{self.log_tail()}"
-                    )
-                try:
-                    if probe.ping(timeout_s=0.5):
-                        return
-                except StepVisorError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise BenchError(
-                        f"supervisor did not answer ping within {timeout_s:g} s at "
-                        f"{self.endpoint}; last lines of its log:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (the supervisor drains), then SIGKILL after `timeout_s`. Returns the status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log(f"supervisor ignored SIGTERM for {timeout_s:g} s; sending SIGKILL")
-            self.proc.kill()
-            return self.proc.wait()
-
-
-# ---------------------------------------------------------------------------- workload
-
-
-def workflow_source(steps: int) -> str:
-    return textwrap.dedent(f"""\
-        from stepvisor import workflow
-
-
-        @workflow({WORKFLOW!r})
-        def noop(event, step):
-            for i in range({steps}):
-                step.do(f"s{{i}}", lambda: i)
-            return {steps}
-    """)
-
-
-def wait_complete(
-    client: Client, sup: Supervisor, workflows: int, timeout_s: float, poll_s: float = 0.1
-) -> None:
-    """Poll list(status="complete") until all `workflows` are; fail fast on errored ones."""
-    deadline = time.monotonic() + timeout_s
-    last_check = last_report = time.monotonic()
-    while True:
-        done = len(client.list(TENANT, status="complete", limit=workflows))
-        if done >= workflows:
-            return
-        now = time.monotonic()
-        if not sup.alive():
-            raise BenchError(
-                f"supervisor died with {done}/{workflows} instances complete; "
-                f"last lines of its log:\n{sup.log_tail()}"
-            )
-        if now - last_check >= 2.0:
-            last_check = now
-            for bad in ("errored", "terminated"):
-                rows = client.list(TENANT, status=bad, limit=1)
-                if rows:
-                    raise BenchError(
-                        f"instance {rows[0]['id']} is {bad}: "
-                        f"{json.dumps(rows[0].get('error'))[:2000]}"
-                    )
-        if now - last_report >= 10.0:
-            last_report = now
-            log(f"{done}/{workflows} instances complete")
-        if now > deadline:
-            raise BenchError(
-                f"only {done}/{workflows} instances complete after {timeout_s:g} s "
-                f"(raise --timeout, or lower --workflows/--steps)"
-            )
-        time.sleep(poll_s)
-
-
-def cpu_ms(before: Any, after: Any, *fields: str) -> float:
-    return round(float(sum(getattr(after, f) - getattr(before, f) for f in fields)) * 1000, 1)
-
-
-def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) -> dict[str, Any]:
-    with Client(sup.endpoint, timeout_s=60.0) as client:
-        log(f"deploying workflow {WORKFLOW!r} ({steps} no-op steps) for tenant {TENANT!r}")
-        deployed = client.deploy(TENANT, workflow_source(steps), filename="bench_noop.py")
-        if WORKFLOW not in deployed.get("workflows", []):
-            raise BenchError(f"deploy did not register {WORKFLOW!r}: {deployed}")
-        ids = [f"w{k:06d}" for k in range(workflows)]
-        assert sup.proc is not None
-        sproc = psutil.Process(sup.proc.pid)
-        cpu0, me0 = sproc.cpu_times(), psutil.Process().cpu_times()
-        log(f"creating {workflows} instances (create_batch) and waiting for completion")
-        t0 = time.perf_counter()
-        created = client.create_batch(TENANT, WORKFLOW, [(i, None) for i in ids])
-        t_created = time.perf_counter()
-        if sum(1 for r in created if r["created"]) != workflows:
-            raise BenchError(
-                f"create_batch created {sum(r['created'] for r in created)} of "
-                f"{workflows} instances"
-            )
-        wait_complete(client, sup, workflows, timeout_s)
-        wall = time.perf_counter() - t0
-        cpu1, me1 = sproc.cpu_times(), psutil.Process().cpu_times()
-        log(f"all {workflows} complete in {wall:.2f} s; reading {workflows} histories")
-
-        records: list[dict[str, Any]] = []
-        for i in ids:
-            records.extend(client.history(TENANT, i)["activations"])
-    activations = workflows * (steps + 1)
-    outcomes = Counter(str(r.get("outcome")) for r in records)
-    sup_ms = cpu_ms(cpu0, cpu1, "user", "system")
-    child_ms = cpu_ms(cpu0, cpu1, "children_user", "children_system")
-    return {
-        "deployed_version": deployed.get("version"),
-        "create_batch_s": round(t_created - t0, 4),
-        "wall_s": round(wall, 3),
-        "steps_per_s": round(workflows * steps / wall, 2),
-        "activations_per_s": round(activations / wall, 2),
-        "activations_expected": activations,
-        "activations_recorded": len(records),
-        "outcomes": dict(outcomes),
-        "activation": {f: summarize([r.get(f) for r in records]) for f in ACTIVATION_FIELDS},
-        "cpu": {
-            "supervisor_ms": sup_ms,
-            "activations_ms": child_ms,  # reaped children of the supervisor during the run
-            "bench_client_ms": cpu_ms(me0, me1, "user", "system"),
-            "supervisor_ms_per_activation": round(sup_ms / activations, 3),
-            "utilisation_of_all_cpus": round(
-                (sup_ms + child_ms) / 1000 / (wall * (os.cpu_count() or 1)), 3
-            ),
-        },
-    }
 
 
 # ---------------------------------------------------------------------------- report
@@ -491,41 +260,7 @@ def markdown_table(res: dict[str, Any]) -> str:
             "",
         ),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if k == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            r = subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-    }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return markdown_rows(rows)
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -583,33 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     env = environment()
     floors = measure_floors()  # first, on a quiet machine: no supervisor running yet
-    base = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
-    sup = Supervisor(base, args.concurrency)
-    failed = True
-    try:
-        log(f"starting supervisor in {base}")
-        sup.start()
+    with supervised(args.concurrency) as sup:
         result = run_workload(sup, args.workflows, args.steps, args.timeout)
-        failed = False
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let cleanup finish
-        try:
-            rc = sup.stop()
-            if rc not in (None, 0):
-                log(f"supervisor exited with status {rc}")
-            if failed and sup.proc is not None:
-                log(f"last lines of the supervisor log:\n{sup.log_tail()}")
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
-            signal.signal(signal.SIGTERM, _raise_exit)
+    rc = sup.exit_status
     res = {
         "benchmark": "spawn",
         "started_at": started,
@@ -632,22 +347,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
-    try:
-        res = run(args)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    except StepVisorError as exc:
-        print(f"bench failed: supervisor error {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exc:  # SIGTERM / SIGHUP, via _raise_exit; cleanup has run
-        print(f"bench stopped by a signal (exit status {exc.code})", file=sys.stderr)
-        return int(exc.code or 1)
+    status, res = guarded(lambda: run(args))
+    if res is None:
+        return status
     md = render_markdown(res)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "spawn.json", json.dumps(res, indent=2) + "\n")

@@ -119,16 +119,12 @@ class Supervisor:
                 self.log.info("isolation.layer", layer=layer.name, detail=layer.detail)
             elif getattr(self.cfg.isolation, layer.name) != "off":
                 self.log.warning("isolation.unavailable", layer=layer.name, reason=layer.detail)
-        low, high = self.cfg.isolation.sandbox_uid_range
-        self.uids = isolation.UidPool(low, high) if self.layers["uid"].enabled else None
-        if self.uids is not None:
-            for parent in [self.paths.runtime_dir, *self.paths.runtime_dir.parents]:
-                if not parent.stat().st_mode & 0o001:
-                    raise StartupError(
-                        f"activations run as sandbox uids and cannot reach the runtime dir "
-                        f"{self.paths.runtime_dir}: {parent} is not searchable by others "
-                        "(chmod o+x it, or pick another runtime_dir)"
-                    )
+        try:
+            self._check_uid_reach()
+        except StartupError:
+            if self.cgroups is not None:
+                self.cgroups.close()
+            raise
         self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -150,6 +146,19 @@ class Supervisor:
             pid=os.getpid(),
         )
         sdnotify.notify("READY=1")
+
+    def _check_uid_reach(self) -> None:
+        """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
+        low, high = self.cfg.isolation.sandbox_uid_range
+        self.uids = isolation.UidPool(low, high) if self.layers["uid"].enabled else None
+        if self.uids is not None:
+            for parent in [self.paths.runtime_dir, *self.paths.runtime_dir.parents]:
+                if not parent.stat().st_mode & 0o001:
+                    raise StartupError(
+                        f"activations run as sandbox uids and cannot reach the runtime dir "
+                        f"{self.paths.runtime_dir}: {parent} is not searchable by others "
+                        "(chmod o+x it, or pick another runtime_dir)"
+                    )
 
     def _bind(self, endpoint: str, mode: int) -> zmq.Socket[bytes]:
         sock = self.zctx.socket(zmq.ROUTER)
@@ -457,7 +466,7 @@ class Supervisor:
             uid=uid,
             gid=gid,
             launched_at=now,
-            launched_mono=mono,
+            launched_mono=time.monotonic(),  # not the tick's start: earlier work is not its own
             deadline_mono=mono + self.cfg.server.hello_timeout_s,
             deploy=deploy,
         )
@@ -806,7 +815,7 @@ class Supervisor:
                     status, cpu_s, act.limits.cpu_seconds, oom_killed=act.oom_killed
                 )
                 self._settle(act, how, detail, mono)
-            self._finish_record(act, status, usage, now, mono)
+            self._finish_record(act, status, usage, now, time.monotonic())
             self._forget(act)
 
     def _finish_record(

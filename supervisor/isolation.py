@@ -59,8 +59,12 @@ def unreadable_by_others(paths: list[str]) -> str | None:
 
 
 def interpreter_paths() -> list[str]:
+    """What an activation (`python -I`) reads: the interpreter, its prefixes, its import path.
+    The supervisor's own cwd, which `python -m` puts on its path, is not among them."""
     real = os.path.realpath(sys.executable)  # resolved only to check it, never to run it
-    return [real, sys.base_prefix, sys.prefix, *(p for p in sys.path if os.path.isabs(p))]
+    cwd = os.getcwd()
+    imports = [p for p in sys.path if os.path.isabs(p) and p != cwd]
+    return [real, sys.base_prefix, sys.prefix, *imports]
 
 
 def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[bool, str]:
@@ -100,6 +104,8 @@ def resolve(cfg: Config, state_dir: Path) -> tuple[dict[str, Layer], Cgroups | N
             missing.append(f"{name} ({detail})")
         layers[name] = Layer(name, available, available and mode != "off", detail)
     if missing:
+        if cgroups is not None:
+            cgroups.close()  # do not leave this run's cgroup directories behind
         raise IsolationError("required isolation unavailable: " + ", ".join(missing))
     if not layers["cgroup"].enabled:
         cgroups = None

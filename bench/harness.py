@@ -1,0 +1,422 @@
+"""What every benchmark shares: a real supervisor in a temp dir, the no-op workload, statistics
+and atomic report writing. `bench.spawn` and `bench.isolation` build on it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from stepvisor.client import Client, StepVisorError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+TENANT = "bench"
+WORKFLOW = "noop"
+T = TypeVar("T")
+ACTIVATION_FIELDS = ("cold_start_ms", "exec_ms", "total_ms", "cpu_ms", "max_rss_kib")
+
+
+class BenchError(Exception):
+    """The benchmark could not produce its figures; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on sorted input."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, Any]:
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return {"n": 0}
+    return {
+        "n": len(xs),
+        "min": round(xs[0], 3),
+        "p50": round(percentile(xs, 50), 3),
+        "p95": round(percentile(xs, 95), 3),
+        "p99": round(percentile(xs, 99), 3),
+        "max": round(xs[-1], 3),
+        "mean": round(sum(xs) / len(xs), 3),
+    }
+
+
+# ---------------------------------------------------------------------------- supervisor
+
+
+class Supervisor:
+    """`python -m stepvisor.cli serve --config FILE` in `base`, logging to base/supervisor.log.
+
+    `isolation` (layer → "auto" | "required" | "off") adds an `[isolation]` table; without it the
+    supervisor uses its defaults."""
+
+    def __init__(
+        self, base: Path, concurrency: int, isolation: Mapping[str, str] | None = None
+    ) -> None:
+        self.base = base
+        self.state = base / "state"
+        self.run_dir = base / "run"
+        self.config_path = base / "stepvisor.toml"
+        self.log_path = base / "supervisor.log"
+        self.endpoint = f"ipc://{self.run_dir / 'api.sock'}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_status: int | None = None
+        self.config_text = textwrap.dedent(f"""\
+            [server]
+            state_dir = {json.dumps(str(self.state))}
+            runtime_dir = {json.dumps(str(self.run_dir))}
+            launch_mode = "spawn"
+            max_activations = {concurrency}
+            synchronous = "full"
+            hello_timeout_s = 30
+            drain_timeout_s = 10
+
+            [defaults]
+            max_concurrent = {concurrency}
+        """)
+        if isolation is not None:
+            self.config_text += "\n[isolation]\n" + "".join(
+                f"{name} = {json.dumps(mode)}\n" for name, mode in isolation.items()
+            )
+        self.config_path.write_text(self.config_text)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log at {self.log_path}: {exc.strerror})"
+        return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The supervisor's structured log lines (JSON) whose `event` is `event`."""
+        out = []
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if line.startswith("{"):
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if rec.get("event") == event:
+                            out.append(rec)
+        return out
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.base,
+            )
+        deadline = time.monotonic() + timeout_s
+        with Client(self.endpoint, timeout_s=0.5) as probe:
+            while True:
+                rc = self.proc.poll()
+                if rc is not None:
+                    raise BenchError(
+                        f"supervisor exited with status {rc} before answering ping; "
+                        f"last lines of its log:\n{self.log_tail()}"
+                    )
+                try:
+                    if probe.ping(timeout_s=0.5):
+                        return
+                except StepVisorError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"supervisor did not answer ping within {timeout_s:g} s at "
+                        f"{self.endpoint}; last lines of its log:\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (the supervisor drains), then SIGKILL after `timeout_s`. Returns the status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log(f"supervisor ignored SIGTERM for {timeout_s:g} s; sending SIGKILL")
+            self.proc.kill()
+            return self.proc.wait()
+
+    def remove_leftover_cgroups(self) -> int:
+        """After the supervisor is gone: kill what is left in the cgroups it made (only a
+        supervisor that could not shut down cleanly leaves any) and remove them. Returns how
+        many directories were removed."""
+        name = "stepvisor-" + hashlib.sha256(str(self.state).encode()).hexdigest()[:8]
+        own: dict[str, str] = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrls, path = line.split(":", 2)
+            for ctrl in ctrls.split(",") if ctrls else [""]:
+                own[ctrl] = path
+        root = Path("/sys/fs/cgroup")
+        bases = {root / own.get("", "/").lstrip("/") / name}  # v2: the supervisor's own cgroup
+        bases |= {
+            root / c / own[c].lstrip("/") / name for c in ("memory", "pids", "cpu") if c in own
+        }
+        removed = 0
+        for base in sorted(b for b in bases if b.is_dir()):
+            dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            for d in [*dirs, base]:
+                deadline = time.monotonic() + 10.0
+                while True:
+                    with contextlib.suppress(OSError):
+                        for pid in (d / "cgroup.procs").read_text().split():
+                            with contextlib.suppress(OSError):
+                                os.kill(int(pid), signal.SIGKILL)
+                    try:
+                        d.rmdir()
+                        removed += 1
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            log(f"could not remove cgroup {d}")
+                            break
+                        time.sleep(0.01)
+        return removed
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def supervised(
+    concurrency: int, isolation: Mapping[str, str] | None = None, dir_mode: int | None = None
+) -> Iterator[Supervisor]:
+    """A started supervisor in a fresh /tmp/svb-* directory (chmod `dir_mode` if given). On the
+    way out, even on error or SIGTERM: stop it, remove any cgroup it left, delete the directory.
+    The supervisor's exit status is left in `exit_status`."""
+    base = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
+    if dir_mode is not None:
+        base.chmod(dir_mode)
+    sup = Supervisor(base, concurrency, isolation)
+    failed = True
+    try:
+        log(f"starting supervisor in {base}")
+        sup.start()
+        yield sup
+        failed = False
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let cleanup finish
+        try:
+            sup.exit_status = rc = sup.stop()
+            if rc not in (None, 0):
+                log(f"supervisor exited with status {rc}")
+            if failed and sup.proc is not None:
+                log(f"last lines of the supervisor log:\n{sup.log_tail()}")
+            if sup.proc is not None and (left := sup.remove_leftover_cgroups()):
+                log(f"removed {left} cgroup directories the supervisor left behind")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+            signal.signal(signal.SIGTERM, _raise_exit)
+
+
+# ---------------------------------------------------------------------------- workload
+
+
+def workflow_source(steps: int) -> str:
+    return textwrap.dedent(f"""\
+        from stepvisor import workflow
+
+
+        @workflow({WORKFLOW!r})
+        def noop(event, step):
+            for i in range({steps}):
+                step.do(f"s{{i}}", lambda: i)
+            return {steps}
+    """)
+
+
+def wait_complete(
+    client: Client, sup: Supervisor, workflows: int, timeout_s: float, poll_s: float = 0.1
+) -> None:
+    """Poll list(status="complete") until all `workflows` are; fail fast on errored ones."""
+    deadline = time.monotonic() + timeout_s
+    last_check = last_report = time.monotonic()
+    while True:
+        done = len(client.list(TENANT, status="complete", limit=workflows))
+        if done >= workflows:
+            return
+        now = time.monotonic()
+        if not sup.alive():
+            raise BenchError(
+                f"supervisor died with {done}/{workflows} instances complete; "
+                f"last lines of its log:\n{sup.log_tail()}"
+            )
+        if now - last_check >= 2.0:
+            last_check = now
+            for bad in ("errored", "terminated"):
+                rows = client.list(TENANT, status=bad, limit=1)
+                if rows:
+                    raise BenchError(
+                        f"instance {rows[0]['id']} is {bad}: "
+                        f"{json.dumps(rows[0].get('error'))[:2000]}"
+                    )
+        if now - last_report >= 10.0:
+            last_report = now
+            log(f"{done}/{workflows} instances complete")
+        if now > deadline:
+            raise BenchError(
+                f"only {done}/{workflows} instances complete after {timeout_s:g} s "
+                f"(raise --timeout, or lower --workflows/--steps)"
+            )
+        time.sleep(poll_s)
+
+
+def cpu_ms(before: Any, after: Any, *fields: str) -> float:
+    return round(float(sum(getattr(after, f) - getattr(before, f) for f in fields)) * 1000, 1)
+
+
+def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) -> dict[str, Any]:
+    """Deploy the no-op workflow, create `workflows` instances with one create_batch, wait until
+    all are complete, and read every instance's activation records."""
+    with Client(sup.endpoint, timeout_s=60.0) as client:
+        log(f"deploying workflow {WORKFLOW!r} ({steps} no-op steps) for tenant {TENANT!r}")
+        deployed = client.deploy(TENANT, workflow_source(steps), filename="bench_noop.py")
+        if WORKFLOW not in deployed.get("workflows", []):
+            raise BenchError(f"deploy did not register {WORKFLOW!r}: {deployed}")
+        ids = [f"w{k:06d}" for k in range(workflows)]
+        assert sup.proc is not None
+        sproc = psutil.Process(sup.proc.pid)
+        cpu0, me0 = sproc.cpu_times(), psutil.Process().cpu_times()
+        log(f"creating {workflows} instances (create_batch) and waiting for completion")
+        t0 = time.perf_counter()
+        created = client.create_batch(TENANT, WORKFLOW, [(i, None) for i in ids])
+        t_created = time.perf_counter()
+        if sum(1 for r in created if r["created"]) != workflows:
+            raise BenchError(
+                f"create_batch created {sum(r['created'] for r in created)} of "
+                f"{workflows} instances"
+            )
+        wait_complete(client, sup, workflows, timeout_s)
+        wall = time.perf_counter() - t0
+        cpu1, me1 = sproc.cpu_times(), psutil.Process().cpu_times()
+        log(f"all {workflows} complete in {wall:.2f} s; reading {workflows} histories")
+
+        records: list[dict[str, Any]] = []
+        for i in ids:
+            records.extend(client.history(TENANT, i)["activations"])
+    activations = workflows * (steps + 1)
+    outcomes = Counter(str(r.get("outcome")) for r in records)
+    sup_ms = cpu_ms(cpu0, cpu1, "user", "system")
+    child_ms = cpu_ms(cpu0, cpu1, "children_user", "children_system")
+    return {
+        "deployed_version": deployed.get("version"),
+        "create_batch_s": round(t_created - t0, 4),
+        "wall_s": round(wall, 3),
+        "steps_per_s": round(workflows * steps / wall, 2),
+        "activations_per_s": round(activations / wall, 2),
+        "activations_expected": activations,
+        "activations_recorded": len(records),
+        "outcomes": dict(outcomes),
+        "activation": {f: summarize([r.get(f) for r in records]) for f in ACTIVATION_FIELDS},
+        "cpu": {
+            "supervisor_ms": sup_ms,
+            "activations_ms": child_ms,  # reaped children of the supervisor during the run
+            "bench_client_ms": cpu_ms(me0, me1, "user", "system"),
+            "supervisor_ms_per_activation": round(sup_ms / activations, 3),
+            "utilisation_of_all_cpus": round(
+                (sup_ms + child_ms) / 1000 / (wall * (os.cpu_count() or 1)), 3
+            ),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def markdown_rows(rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table with padded columns; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if k == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def guarded(body: Callable[[], T]) -> tuple[int, T | None]:
+    """Run a benchmark's body with SIGTERM/SIGHUP turned into SystemExit (so every `supervised`
+    block cleans up), and its failures turned into one line on stderr and an exit status.
+    Returns (0, result) or (status, None)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
+    try:
+        return 0, body()
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1, None
+    except StepVisorError as exc:
+        print(f"bench failed: supervisor error {exc.code}: {exc.message}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print("bench interrupted", file=sys.stderr)
+        return 130, None
+    except SystemExit as exc:  # SIGTERM / SIGHUP, via _raise_exit; cleanup has run
+        print(f"bench stopped by a signal (exit status {exc.code})", file=sys.stderr)
+        return int(exc.code or 1), None
