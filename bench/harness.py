@@ -217,9 +217,10 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def supervised(
-    concurrency: int, isolation: Mapping[str, str] | None = None, dir_mode: int | None = None
+    concurrency: int, isolation: Mapping[str, str] | None = None, dir_mode: int | None = 0o711
 ) -> Iterator[Supervisor]:
-    """A started supervisor in a fresh /tmp/svb-* directory (chmod `dir_mode` if given). On the
+    """A started supervisor in a fresh /tmp/svb-* directory (chmod `dir_mode`: sandbox uids must
+    reach the sockets inside, as in production). On the
     way out, even on error or SIGTERM: stop it, remove any cgroup it left, delete the directory.
     The supervisor's exit status is left in `exit_status`."""
     base = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
