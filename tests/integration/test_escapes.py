@@ -382,3 +382,39 @@ def test_an_activation_that_never_says_hello_is_killed(make_daemon, tmp_short: P
     assert finished[0]["outcome"] == "never_connected"
     c.create("victim", "keep", id="v")
     wait_for(lambda: c.status("victim", "v")["status"] == "waiting", 30, "the victim to run")
+
+
+def test_a_tenant_allowed_the_network_gets_it_and_only_ip(make_daemon) -> None:
+    daemon = make_daemon("[tenants.online]\nnetwork = true\n")
+    c = daemon.client()
+    deploy_source(c, "online", ATTACKER)
+    server = socket.create_server(("127.0.0.1", 0))
+    code = """
+        import socket
+        out = {}
+        try:
+            socket.create_connection(("127.0.0.1", params["port"]), timeout=3).close()
+            out["tcp"] = "connected"
+        except OSError as exc:
+            out["tcp"] = exc.strerror
+        try:
+            socket.socket(socket.AF_UNIX).close()
+            out["unix"] = "allowed"
+        except OSError as exc:
+            out["unix"] = exc.strerror
+        result = out
+    """
+    try:
+        c.create(
+            "online",
+            "attack",
+            {"code": textwrap.dedent(code), "port": server.getsockname()[1]},
+            id="n",
+        )
+        out = c.wait("online", "n", timeout_s=60)["output"]
+    finally:
+        server.close()
+    assert out["tcp"] == "connected"
+    layers = {e["layer"] for e in daemon.events("isolation.layer")}
+    if "seccomp" in layers:
+        assert out["unix"] == "Operation not permitted"  # still no way to the API socket
