@@ -48,10 +48,10 @@ from supervisor.activation import (
     DeployRequest,
 )
 from supervisor.config import Config, ConfigError, Limits, Paths, load, resolve_paths
+from supervisor.output import OutputCapture
 
 MAX_MESSAGES_PER_TICK = 1000
 MAX_LAUNCHES_PER_TICK = 32
-MAX_OUTPUT_BYTES = 1 << 20  # tenant output logged per activation; the rest is counted, not logged
 SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
 MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
 _CRASH_TYPES = {
@@ -73,7 +73,6 @@ class Supervisor:
         self.log = logs.get(component="supervisor")
         self.running: dict[str, Activation] = {}  # token → activation
         self.by_pid: dict[int, Activation] = {}
-        self.by_fd: dict[int, Activation] = {}
         self.per_tenant: dict[str, int] = {}
         self.tenants: list[str] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
@@ -135,6 +134,7 @@ class Supervisor:
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        self.output = OutputCapture(self.poller)
         self.tenants = j.tenant_names(self.conn)
         self.log.info(
             "supervisor.ready",
@@ -213,8 +213,7 @@ class Supervisor:
                 self._drain_clients(now)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
-            for fd in [fd for fd in ready if isinstance(fd, int) and fd in self.by_fd]:
-                self._read_output(fd)
+            self.output.ready(list(ready))
             self._reap(now, mono)
             self._check_deadlines(now, mono)
             if not self.draining:
@@ -488,10 +487,7 @@ class Supervisor:
             return
         launcher.send_token(act.proc, token)
         self.by_pid[act.pid] = act
-        for stream in (act.proc.stdout, act.proc.stderr):
-            assert stream is not None
-            self.by_fd[stream.fileno()] = act
-            self.poller.register(stream.fileno(), zmq.POLLIN)
+        self.output.watch(act)
         j.update_activation(self.conn, aid, pid=act.pid, pid_started=now)
 
     def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
@@ -526,7 +522,7 @@ class Supervisor:
                 continue
             # Output written before this message is already in the pipes: log it under the
             # activation's state before the message changes it, so lines land on the right step.
-            self._drain_output(act)
+            self.output.drain(act)
             self.conn.execute("SAVEPOINT message")
             try:
                 self._on_message(act, msg, now, mono)
@@ -808,7 +804,7 @@ class Supervisor:
                 status, usage = 0, None
             if act.proc is not None:
                 act.proc.returncode = os.waitstatus_to_exitcode(status)
-            self._drain_output(act)
+            self.output.drain(act)
             cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
             if act.state != SETTLED:
                 how, detail = outcome.classify_exit(
@@ -850,9 +846,7 @@ class Supervisor:
         )
 
     def _forget(self, act: Activation) -> None:
-        for fd in [fd for fd, a in self.by_fd.items() if a is act]:
-            self.poller.unregister(fd)
-            del self.by_fd[fd]
+        self.output.forget(act)
         if act.proc is not None:
             for stream in (act.proc.stdout, act.proc.stderr):
                 if stream is not None:
@@ -865,62 +859,6 @@ class Supervisor:
         if self.uids is not None and act.uid is not None:
             self.uids.release(act.uid)
         launcher.remove_scratch(act.scratch)
-
-    # ------------------------------------------------------------------ tenant output
-
-    def _drain_output(self, act: Activation) -> None:
-        for fd in [fd for fd, a in self.by_fd.items() if a is act]:
-            self._read_output(fd, everything=True)
-
-    def _read_output(self, fd: int, everything: bool = False) -> None:
-        act = self.by_fd.get(fd)
-        if act is None:
-            return
-        stream = (
-            "stdout"
-            if act.proc is not None
-            and act.proc.stdout is not None
-            and act.proc.stdout.fileno() == fd
-            else "stderr"
-        )
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                chunk = None
-            except OSError:
-                chunk = b""
-            if chunk is None:
-                break
-            if not chunk:  # EOF: flush what is left and stop watching this fd
-                rest = act.partial.pop(fd, b"")
-                if rest:
-                    self._log_output(act, stream, rest)
-                self.poller.unregister(fd)
-                del self.by_fd[fd]
-                return
-            if stream == "stderr":
-                act.stderr_tail = (act.stderr_tail + chunk)[-8192:]
-            data = act.partial.pop(fd, b"") + chunk
-            *lines, rest = data.split(b"\n")
-            for line in lines:
-                self._log_output(act, stream, line)
-            if rest:
-                act.partial[fd] = rest[-65536:]
-            if not everything:
-                break
-
-    def _log_output(self, act: Activation, stream: str, line: bytes) -> None:
-        act.output_bytes += len(line)
-        if act.output_bytes > MAX_OUTPUT_BYTES:
-            return
-        act.log.info(
-            "tenant.output",
-            seq=act.seq,
-            step=act.step,
-            stream=stream,
-            line=line.decode("utf-8", "replace"),
-        )
 
     # ------------------------------------------------------------------ drain
 
