@@ -1,0 +1,56 @@
+"""One activation's life after start-up, shared by spawn mode (`__main__`) and the fork server:
+wait for the token, apply every isolation layer, connect, replay, one command, exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, NoReturn
+
+from protocol.limits import PROTOCOL_VERSION
+from protocol.messages import Activate, Hello
+from sandbox_host import isolation, limits
+from sandbox_host.channel import EXIT_NO_ACTIVATE, Channel
+from sandbox_host.runtime import Runtime, _Stop
+
+
+def run(endpoint: str, ppid: int, box: dict[str, Any]) -> NoReturn:
+    # The supervisor writes the token once this process sits in its cgroups.
+    token = sys.stdin.readline().strip()
+    if not token:
+        os._exit(64)
+    os.umask(0o007)  # private to the tenant's group: its other activations may use its files
+    limits.no_new_privs()
+    if box.get("network_namespace"):
+        isolation.leave_network()
+    if box.get("landlock"):
+        # Before any thread exists: Landlock binds this thread and what it creates later.
+        isolation.restrict_filesystem(
+            isolation.default_read_only() + list(box["read_only"]),
+            [box["scratch"], "/dev/null", *box["read_write"]],
+        )
+    if box.get("uid") is not None:
+        isolation.drop_privileges(box["uid"], box["gid"])
+    limits.die_with_parent(ppid)  # after the uid change, which clears it
+    channel = Channel(endpoint, token)  # a fresh zmq Context: nothing of a parent's is reused
+    # Imports are done and the socket's I/O thread exists; now cap what tenant code may use.
+    limits.apply_rlimits(
+        memory_mib=box["memory_mib"],
+        cpu_seconds=box["cpu_seconds"],
+        max_processes=box["max_pids"] if box.get("uid") is not None else None,
+    )
+    channel.send(Hello(token=token, pid=os.getpid(), protocol_version=PROTOCOL_VERSION))
+    act = channel.recv(EXIT_NO_ACTIVATE)
+    if not isinstance(act, Activate):
+        os._exit(EXIT_NO_ACTIVATE)
+    if box.get("seccomp"):
+        # Connected: from here on no new socket at all (the supervisor's API included).
+        isolation.deny_new_sockets(allow_inet=box.get("allow_inet", False))
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    runtime = Runtime(act, channel)
+    with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit
+        runtime.inspect() if act.mode == "inspect" else runtime.run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
