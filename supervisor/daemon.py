@@ -7,6 +7,7 @@ One thread owns all state. Each loop iteration handles everything that is ready 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import secrets
@@ -83,6 +84,7 @@ class Supervisor:
         self.rr = 0
         self.more_due = False
         self.last_watchdog = 0.0
+        self.zygote: launcher.Zygote | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -124,6 +126,10 @@ class Supervisor:
             if self.cgroups is not None:
                 self.cgroups.close()
             raise
+        if self.cfg.server.launch_mode == "fork":
+            # Forked activations are re-parented to us, so we reap them like spawned ones.
+            _set_child_subreaper()
+            self.zygote = launcher.Zygote(self.paths.python)
         self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -190,6 +196,8 @@ class Supervisor:
 
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
+        if self.zygote is not None:
+            self.zygote.close()
         for sock in (self.client, self.sandbox):
             sock.close(linger=0)
         self.zctx.term()
@@ -474,7 +482,7 @@ class Supervisor:
         try:
             if self.cgroups is not None:
                 self.cgroups.tenant(tenant, limits)
-            act.proc = launcher.spawn(self.paths, limits, self._sandbox(limits, act))
+            act.proc = self._start_process(limits, self._sandbox(limits, act))
             act.pid = act.proc.pid
             if self.cgroups is not None:
                 self.cgroups.add(tenant, aid, act.pid)
@@ -489,6 +497,22 @@ class Supervisor:
         self.by_pid[act.pid] = act
         self.output.watch(act)
         j.update_activation(self.conn, aid, pid=act.pid, pid_started=now)
+
+    def _start_process(self, limits: Limits, box: launcher.Sandbox) -> Any:
+        """Fork from the zygote (restarting it once if it died), else spawn a fresh interpreter.
+        A tenant with its own interpreter is always spawned."""
+        if self.cfg.server.launch_mode == "fork" and not limits.python:
+            for attempt in (1, 2):
+                if self.zygote is None:
+                    self.zygote = launcher.Zygote(self.paths.python)
+                try:
+                    return self.zygote.spawn(self.paths, box)
+                except launcher.ZygoteError as exc:
+                    self.log.warning("zygote.failed", error=str(exc), attempt=attempt)
+                    self.zygote.close()
+                    self.zygote = None
+            self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
+        return launcher.spawn(self.paths, limits, box)
 
     def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
@@ -813,6 +837,21 @@ class Supervisor:
                 self._settle(act, how, detail, mono)
             self._finish_record(act, status, usage, now, time.monotonic())
             self._forget(act)
+        if self.cfg.server.launch_mode == "fork":
+            self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """As a child subreaper we inherit what activations orphan (after their cgroup is killed,
+        say): reap those so no zombie stays."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in self.by_pid:
+                return  # nothing exited, or an activation the next pass reaps properly
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
 
     def _finish_record(
         self, act: Activation, status: int, usage: Any, now: float, mono: float
@@ -876,6 +915,12 @@ class Supervisor:
             if self.by_pid:
                 time.sleep(0.01)  # bounded: waiting for killed children to become reapable
         self.log.info("supervisor.drained")
+
+
+def _set_child_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise StartupError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
 
 
 def serve(

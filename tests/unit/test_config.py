@@ -105,7 +105,7 @@ def test_tenant_overrides_merge_over_defaults() -> None:
 @pytest.mark.parametrize(
     "text,key",
     [
-        ('[server]\nlaunch_mode = "fork"', "server.launch_mode"),
+        ('[server]\nlaunch_mode = "vfork"', "server.launch_mode"),
         ("[server]\nmax_activations = 0", "server.max_activations"),
         ('[server]\nmax_activations = "16"', "server.max_activations"),
         ("[server]\nhello_timeout_s = 0", "server.hello_timeout_s"),

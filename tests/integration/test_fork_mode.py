@@ -1,0 +1,108 @@
+"""launch_mode = "fork": activations forked from a pre-imported zygote behave like spawned ones."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import deploy_source, wait_for, writable
+from tests.integration.test_escapes import ATTACKER
+
+FORK = 'launch_mode = "fork"\n'
+
+SRC = """
+from stepvisor import workflow
+
+@workflow("w")
+def w(event, step):
+    total = 0
+    for i in range(3):
+        total += step.do(f"s{i}", lambda i=i: print(f"step {i}") or i)
+    return total
+"""
+
+
+def test_forked_activations_run_workflows_one_process_per_step(make_daemon) -> None:
+    daemon = make_daemon(server=FORK)
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    c.create("acme", "w", id="i")
+    st = c.wait("acme", "i", timeout_s=60)
+    assert (st["status"], st["output"], st["activations"]) == ("complete", 3, 4)
+    pids = {a["pid"] for a in c.history("acme", "i")["activations"]}
+    assert len(pids) == 4
+    assert sorted(e["line"] for e in daemon.events("tenant.output", instance="i")) == [
+        "step 0", "step 1", "step 2"]  # fmt: skip
+    assert not daemon.events("zygote.failed")
+
+
+def test_forked_activations_get_every_isolation_layer(make_daemon) -> None:
+    daemon = make_daemon(server=FORK)
+    c = daemon.client()
+    deploy_source(c, "evil", ATTACKER)
+    code = """
+        import os, socket
+        out = {"uid": os.getuid(), "cgroup": open("/proc/self/cgroup").read()}
+        for name, fn in (("db", lambda: open(params["db"], "rb")),
+                         ("socket", lambda: socket.socket())):
+            try:
+                fn()
+                out[name] = "allowed"
+            except OSError as exc:
+                out[name] = exc.strerror
+        result = out
+    """
+    import textwrap
+
+    c.create(
+        "evil",
+        "attack",
+        {"code": textwrap.dedent(code), "db": str(daemon.state / "stepvisor.db")},
+        id="a",
+    )
+    out = c.wait("evil", "a", timeout_s=60)["output"]
+    layers = {e["layer"] for e in daemon.events("isolation.layer")}
+    if "uid" in layers:
+        assert out["uid"] >= 900_000
+    if layers & {"uid", "landlock"}:
+        assert out["db"] == "Permission denied"
+    if "seccomp" in layers:
+        assert out["socket"] == "Operation not permitted"
+    if "cgroup" in layers:
+        assert "/evil/act-" in out["cgroup"]
+
+
+def test_crashes_timeouts_and_a_dead_zygote(make_daemon, shared: Path) -> None:
+    daemon = make_daemon(writable(shared), server=FORK + "hello_timeout_s = 5\n")
+    c = daemon.client()
+    deploy_source(c, "acme", """
+        import ctypes, time
+        from stepvisor import workflow
+
+        @workflow("crash")
+        def crash(event, step):
+            step.do("segv", lambda: ctypes.string_at(0), retries={"limit": 0})
+
+        @workflow("slow")
+        def slow(event, step):
+            step.do("slow", lambda: time.sleep(60), timeout=0.5, retries={"limit": 0})
+    """)  # fmt: skip
+    c.create("acme", "crash", id="c")
+    c.create("acme", "slow", id="s")
+    assert c.wait("acme", "c", timeout_s=60)["status"] == "errored"
+    assert c.history("acme", "c")["activations"][0]["outcome"] == "signalled(SIGSEGV)"
+    assert c.wait("acme", "s", timeout_s=60)["status"] == "errored"
+    assert c.history("acme", "s")["activations"][0]["outcome"] == "wall_timeout"
+    zygotes = [
+        p
+        for p in psutil.Process(daemon.proc.pid).children()
+        if "sandbox_host.zygote" in " ".join(p.cmdline())
+    ]
+    assert len(zygotes) == 1
+    zygotes[0].send_signal(signal.SIGKILL)
+    deploy_source(c, "acme", SRC, filename="again.py")  # needs an activation: zygote restarted
+    c.create("acme", "w", id="after")
+    assert c.wait("acme", "after", timeout_s=60)["output"] == 3
+    wait_for(lambda: daemon.events("zygote.failed"), 10, "the zygote's death to be logged")
