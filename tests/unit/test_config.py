@@ -285,3 +285,12 @@ def test_replacing_gives_a_new_config() -> None:
     other = msgspec.structs.replace(cfg, defaults=Limits(memory_mib=64))
     assert cfg.defaults.memory_mib == 512
     assert other.limits_for("x").memory_mib == 64
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "systemd" / "stepvisor.toml"
+    cfg = config.parse(example.read_text(), source=str(example))
+    assert cfg.limits_for("acme").memory_mib == 1024
+    assert cfg.isolation.uid == "auto"
