@@ -3,6 +3,7 @@ and atomic report writing. `bench.spawn` and `bench.isolation` build on it."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -421,3 +422,11 @@ def guarded(body: Callable[[], T]) -> tuple[int, T | None]:
     except SystemExit as exc:  # SIGTERM / SIGHUP, via _raise_exit; cleanup has run
         print(f"bench stopped by a signal (exit status {exc.code})", file=sys.stderr)
         return int(exc.code or 1), None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: an integer >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n

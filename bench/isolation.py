@@ -32,6 +32,7 @@ from bench.harness import (
     guarded,
     log,
     markdown_rows,
+    positive_int,
     run_workload,
     supervised,
     write_atomic,
@@ -323,12 +324,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-    def pos(text: str) -> int:
-        n = int(text)
-        if n < 1:
-            raise argparse.ArgumentTypeError("must be >= 1")
-        return n
+    pos = positive_int
 
     p.add_argument("--workflows", type=pos, default=30, help="instances per configuration (30)")
     p.add_argument("--steps", type=pos, default=5, help="no-op steps per workflow (default 5)")
