@@ -430,3 +430,50 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return n
+
+
+def workload_parser(
+    prog: str,
+    doc: str | None,
+    *,
+    workflows: int,
+    steps: int,
+    concurrency: int,
+    outputs: str,
+    timeout_s: float,
+) -> argparse.ArgumentParser:
+    """The options every benchmark shares: the workload's size, where results go, a deadline."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workflows",
+        type=positive_int,
+        default=workflows,
+        help=f"instances per run (default {workflows})",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=steps,
+        help=f"no-op steps per workflow (default {steps})",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=concurrency,
+        help=f"tenant max_concurrent and [server] max_activations (default {concurrency})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"directory for {outputs} (default bench/results)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout_s,
+        help=f"seconds to wait for a run's instances to complete (default {timeout_s:g})",
+    )
+    return p

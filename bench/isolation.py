@@ -21,11 +21,9 @@ import statistics
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    DEFAULT_OUT,
     BenchError,
     Supervisor,
     environment,
@@ -35,6 +33,7 @@ from bench.harness import (
     positive_int,
     run_workload,
     supervised,
+    workload_parser,
     write_atomic,
 )
 
@@ -319,39 +318,23 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.isolation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = workload_parser(
+        "python -m bench.isolation",
+        __doc__,
+        workflows=30,
+        steps=5,
+        concurrency=2,
+        outputs="isolation.json and isolation.md",
+        timeout_s=300.0,
     )
-    pos = positive_int
-
-    p.add_argument("--workflows", type=pos, default=30, help="instances per configuration (30)")
-    p.add_argument("--steps", type=pos, default=5, help="no-op steps per workflow (default 5)")
     p.add_argument(
-        "--concurrency",
-        type=pos,
-        default=2,
-        help="tenant max_concurrent and [server] max_activations (default 2)",
+        "--rounds", type=positive_int, default=4, help="runs of every configuration (default 4)"
     )
-    p.add_argument("--rounds", type=pos, default=4, help="runs of every configuration (default 4)")
     p.add_argument(
         "--warmup",
         type=int,
         default=4,
         help="workflows of a discarded all-on run first, to warm caches (default 4; 0: none)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="directory for isolation.json and isolation.md (default bench/results)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="seconds to wait for one configuration's instances to complete (default 300)",
     )
     return p
 

@@ -22,20 +22,18 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    DEFAULT_OUT,
     BenchError,
     environment,
     guarded,
     log,
     markdown_rows,
-    positive_int,
     run_workload,
     summarize,
     supervised,
+    workload_parser,
     write_atomic,
 )
 
@@ -284,34 +282,15 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return workload_parser(
+        "python -m bench",
+        __doc__,
+        workflows=100,
+        steps=10,
+        concurrency=8,
+        outputs="spawn.json and spawn.md",
+        timeout_s=900.0,
     )
-    pos = positive_int
-
-    p.add_argument("--workflows", type=pos, default=100, help="instances to run (default 100)")
-    p.add_argument("--steps", type=pos, default=10, help="no-op steps per workflow (default 10)")
-    p.add_argument(
-        "--concurrency",
-        type=pos,
-        default=8,
-        help="tenant max_concurrent and [server] max_activations (default 8)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="directory for spawn.json and spawn.md (default bench/results)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=900.0,
-        help="seconds to wait for all instances to complete (default 900)",
-    )
-    return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

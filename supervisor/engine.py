@@ -76,10 +76,9 @@ def release(
 
 def prepare_replay(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> int:
     """Settle elapsed sleeps and expired waits; return the seq the next command must carry."""
-    rows = j.journal_rows(conn, tenant, instance)
-    if not rows:
+    last = j.last_entry(conn, tenant, instance)
+    if last is None:
         return 0
-    last = rows[-1]
     seq = int(last["seq"])
     if last["kind"] == "sleep" and last["status"] == "sleeping":
         if last["until"] <= now:
@@ -291,10 +290,9 @@ def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: 
     """After storing an event: if the instance is parked waiting for this type, wake it now."""
     if inst["status"] != "waiting" or inst["lease"] is not None:
         return False
-    rows = j.journal_rows(conn, inst["tenant"], inst["id"])
-    if not rows:
+    last = j.last_entry(conn, inst["tenant"], inst["id"])
+    if last is None:
         return False
-    last = rows[-1]
     if last["kind"] != "wait_event" or last["status"] != "waiting" or last["event_type"] != type_:
         return False
     event = j.consume_event(conn, inst["tenant"], inst["id"], type_, int(last["seq"]))
@@ -376,9 +374,8 @@ def activation_failed(
 
 def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:
     """The supervisor stopped mid-activation: the running attempt does not count; re-run it."""
-    rows = j.journal_rows(conn, tenant, instance)
-    if rows and rows[-1]["kind"] == "step" and rows[-1]["status"] == "running":
-        last = rows[-1]
+    last = j.last_entry(conn, tenant, instance)
+    if last is not None and last["kind"] == "step" and last["status"] == "running":
         j.upsert_entry(
             conn,
             tenant,

@@ -364,6 +364,15 @@ def journal_rows(conn: sqlite3.Connection, tenant: str, instance: str) -> list[s
     ).fetchall()
 
 
+def last_entry(conn: sqlite3.Connection, tenant: str, instance: str) -> sqlite3.Row | None:
+    """The newest journal entry (one index probe: no need to read the whole journal)."""
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? ORDER BY seq DESC LIMIT 1",
+        (tenant, instance),
+    ).fetchone()
+    return row
+
+
 def journal_entries(conn: sqlite3.Connection, tenant: str, instance: str) -> list[JournalEntry]:
     """The journal as replay sees it."""
     return [

@@ -335,7 +335,9 @@ def test_a_daemonised_grandchild_dies_with_its_activation(arena: Arena, shared: 
                 open(params["pidfile"], "w").write(str(os.getpid()))
                 time.sleep(300)
             os._exit(0)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not open(params["pidfile"]).read() and time.monotonic() < deadline:
+            time.sleep(0.01)  # return only once the daemon has said who it is
         result = "left a daemon behind"
         """,
         pidfile=str(pidfile),
