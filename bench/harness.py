@@ -79,7 +79,11 @@ class Supervisor:
     supervisor uses its defaults."""
 
     def __init__(
-        self, base: Path, concurrency: int, isolation: Mapping[str, str] | None = None
+        self,
+        base: Path,
+        concurrency: int,
+        isolation: Mapping[str, str] | None = None,
+        launch_mode: str = "fork",
     ) -> None:
         self.base = base
         self.state = base / "state"
@@ -93,7 +97,7 @@ class Supervisor:
             [server]
             state_dir = {json.dumps(str(self.state))}
             runtime_dir = {json.dumps(str(self.run_dir))}
-            launch_mode = "spawn"
+            launch_mode = "{launch_mode}"
             max_activations = {concurrency}
             synchronous = "full"
             hello_timeout_s = 30
@@ -218,7 +222,10 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def supervised(
-    concurrency: int, isolation: Mapping[str, str] | None = None, dir_mode: int | None = 0o711
+    concurrency: int,
+    isolation: Mapping[str, str] | None = None,
+    dir_mode: int | None = 0o711,
+    launch_mode: str = "fork",
 ) -> Iterator[Supervisor]:
     """A started supervisor in a fresh /tmp/svb-* directory (chmod `dir_mode`: sandbox uids must
     reach the sockets inside, as in production). On the
@@ -227,7 +234,7 @@ def supervised(
     base = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
     if dir_mode is not None:
         base.chmod(dir_mode)
-    sup = Supervisor(base, concurrency, isolation)
+    sup = Supervisor(base, concurrency, isolation, launch_mode)
     failed = True
     try:
         log(f"starting supervisor in {base}")

@@ -93,7 +93,7 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runtime_dir: str = ""  # empty: the user's runtime dir; holds the ipc sockets
     api_endpoint: str = ""  # empty: ipc://<runtime_dir>/api.sock
     sandbox_endpoint: str = ""  # empty: ipc://<runtime_dir>/sandbox.sock
-    launch_mode: Literal["spawn", "fork"] = "spawn"  # fork: a pre-imported fork server
+    launch_mode: Literal["fork", "spawn"] = "fork"  # spawn: a fresh interpreter per activation
     python: str = ""  # interpreter for activations; empty: the supervisor's own sys.executable
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0

@@ -21,52 +21,29 @@ from typing import Any
 import psutil
 import zmq
 
-from protocol.codec import decode_from_activation, decode_request, encode, load_json
+from protocol.codec import decode_request
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import PROTOCOL_VERSION
-from protocol.messages import (
-    Ack,
-    Activate,
-    CompleteCmd,
-    ErrorInfo,
-    FailCmd,
-    Hello,
-    Inspected,
-    Reply,
-    SleepCmd,
-    StepResult,
-    StepStarted,
-    WaitEventCmd,
-)
 from supervisor import api, engine, isolation, launcher, logs, outcome, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
-    CONNECTED,
-    IN_STEP,
     LAUNCHED,
     SETTLED,
     Activation,
     DeployRequest,
 )
+from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
 from supervisor.config import Config, ConfigError, Limits, Paths, load, resolve_paths
 from supervisor.output import OutputCapture
 
-MAX_MESSAGES_PER_TICK = 1000
 MAX_LAUNCHES_PER_TICK = 32
 SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
-MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
-_CRASH_TYPES = {
-    outcome.OOM: "OutOfMemory",
-    outcome.CPU_LIMIT: "CpuLimitExceeded",
-    outcome.WALL_TIMEOUT: "StepTimeout",
-}
 
 
 class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor:
+class Supervisor(ActivationMessages):
     def __init__(self, cfg: Config, paths: Paths, config_path: str | None = None) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -149,6 +126,7 @@ class Supervisor:
             state_dir=str(self.paths.state_dir),
             db=str(self.paths.db),
             python=self.paths.python,
+            launch_mode=self.cfg.server.launch_mode,
             pid=os.getpid(),
         )
         sdnotify.notify("READY=1")
@@ -353,19 +331,6 @@ class Supervisor:
         self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
         self._reply(identity, rid, error=exc)
 
-    def _reply(
-        self, identity: bytes, rid: int, result: object = None, error: ProtocolError | None = None
-    ) -> None:
-        info = (
-            None
-            if error is None
-            else ErrorInfo(
-                type=error.code.value, code=error.code.value, message=error.message[:60_000]
-            )
-        )
-        reply = Reply(rid=rid, ok=error is None, result=result, error=info)
-        self.outbox.append((self.client, [identity, encode(reply)]))
-
     def _dispatch(self, identity: bytes, req: Any, now: float) -> None:
         handler = api.HANDLERS[type(req)]
         # A savepoint per request: a request that fails changes nothing, the others still commit.
@@ -517,279 +482,6 @@ class Supervisor:
     def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
         return launcher.sandbox_for(on, limits, act.scratch, act.uid, act.gid)
-
-    # ------------------------------------------------------------------ activation messages
-
-    def _drain_sandbox(self, now: float, mono: float) -> None:
-        for _ in range(MAX_MESSAGES_PER_TICK):
-            try:
-                frames = self.sandbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            identity = frames[0]
-            act = self.running.get(identity.decode("ascii", "replace"))
-            if act is None:
-                if self.bad_peers.get(identity, 0) < MAX_BAD_FRAMES:
-                    self.bad_peers[identity] = self.bad_peers.get(identity, 0) + 1
-                    self.log.warning("sandbox.unknown_token", token=identity[:64].hex())
-                continue
-            if act.state == SETTLED:
-                act.log.warning("sandbox.late_message", outcome=act.outcome)
-                continue
-            if len(frames) != 2:
-                self._protocol_error(act, "expected one frame per message", mono)
-                continue
-            try:
-                msg = decode_from_activation(frames[1])
-            except ProtocolError as exc:
-                self._protocol_error(act, exc.message, mono)
-                continue
-            # Output written before this message is already in the pipes: log it under the
-            # activation's state before the message changes it, so lines land on the right step.
-            self.output.drain(act)
-            self.conn.execute("SAVEPOINT message")
-            try:
-                self._on_message(act, msg, now, mono)
-            except Exception as exc:
-                self.conn.execute("ROLLBACK TO message")
-                self.log.exception("sandbox.internal_error", activation=act.aid)
-                self._protocol_error(
-                    act, f"internal error handling {type(msg).__name__}: {exc!r}", mono
-                )
-            finally:
-                self.conn.execute("RELEASE message")
-
-    def _protocol_error(self, act: Activation, why: str, mono: float) -> None:
-        launcher.kill_group(act.pid)
-        self._settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
-
-    def _ack(self, act: Activation) -> None:
-        self.outbox.append((self.sandbox, [act.identity, encode(Ack())]))
-
-    def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
-        if isinstance(msg, Hello):
-            self._on_hello(act, msg, now, mono)
-            return
-        if act.state == LAUNCHED:
-            self._protocol_error(act, f"{type(msg).__name__} before Hello", mono)
-            return
-        if act.kind == "inspect":
-            self._on_inspect_result(act, msg, now, mono)
-            return
-        tenant, instance = act.tenant, act.instance
-        assert instance is not None
-        if isinstance(msg, StepStarted) and act.state == CONNECTED:
-            if msg.seq != act.expected_seq:
-                self._protocol_error(
-                    act, f"step at seq {msg.seq}, expected {act.expected_seq}", mono
-                )
-                return
-            engine.step_started(self.conn, tenant, instance, msg, now)
-            act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
-            act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
-            j.update_activation(self.conn, act.aid, seq=msg.seq, step=msg.name)
-            # Acked at once, not after commit: this ack only orders the step's output after this
-            # point in our log. Durability does not need it: if we die before committing, the
-            # activation dies with us and the attempt re-runs as interrupted.
-            self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
-        elif isinstance(msg, StepResult) and act.state == IN_STEP:
-            if msg.seq != act.seq:
-                self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
-                return
-            if msg.ok:
-                try:
-                    load_json(msg.value or b"", what="step result")
-                except ProtocolError as exc:
-                    msg = StepResult(
-                        seq=msg.seq,
-                        ok=False,
-                        retryable=False,
-                        duration_ms=msg.duration_ms,
-                        error=ErrorInfo(type="StepResultError", message=exc.message),
-                    )
-            engine.step_result(self.conn, tenant, instance, msg, now)
-            self._settle(act, self._result_outcome(msg), "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, SleepCmd | WaitEventCmd) and act.state == CONNECTED:
-            if msg.seq != act.expected_seq:
-                self._protocol_error(
-                    act, f"command at seq {msg.seq}, expected {act.expected_seq}", mono
-                )
-                return
-            act.seq, act.step = msg.seq, msg.name
-            if isinstance(msg, SleepCmd):
-                engine.sleep(self.conn, tenant, instance, msg, now)
-            else:
-                engine.wait_event(self.conn, tenant, instance, msg, now)
-            self._settle(act, outcome.OK, "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, CompleteCmd) and act.state == CONNECTED:
-            try:
-                load_json(msg.output, what="workflow output")
-            except ProtocolError as exc:
-                engine.fail(
-                    self.conn,
-                    tenant,
-                    instance,
-                    ErrorInfo(type="OutputError", message=exc.message),
-                    now,
-                )
-            else:
-                engine.complete(self.conn, tenant, instance, msg.output, now)
-            self._settle(act, outcome.OK, "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, FailCmd) and act.state == CONNECTED:
-            engine.fail(self.conn, tenant, instance, msg.error, now)
-            self._settle(
-                act,
-                outcome.ERROR,
-                f"{msg.error.type}: {msg.error.message}"[:500],
-                mono,
-                committed=True,
-            )
-            self._ack(act)
-        else:
-            self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
-
-    @staticmethod
-    def _result_outcome(msg: StepResult) -> str:
-        if msg.ok:
-            return outcome.OK
-        if msg.error is not None and msg.error.type == "MemoryError":
-            return outcome.OOM
-        return outcome.ERROR
-
-    def _on_hello(self, act: Activation, msg: Hello, now: float, mono: float) -> None:
-        if act.state != LAUNCHED or msg.token != act.token:
-            self._protocol_error(act, "unexpected or forged Hello", mono)
-            return
-        if msg.protocol_version != PROTOCOL_VERSION:
-            self._protocol_error(
-                act, f"protocol version {msg.protocol_version}, expected {PROTOCOL_VERSION}", mono
-            )
-            return
-        act.state, act.hello_mono = CONNECTED, mono
-        # Replaying and loading code gets the tenant's wall-clock cap too.
-        act.deadline_mono = mono + act.limits.timeout_s
-        if act.kind == "inspect":
-            d = act.deploy
-            assert d is not None
-            activate = Activate(
-                mode="inspect",
-                tenant=act.tenant,
-                filename=d.filename,
-                code_kind=d.kind,  # type: ignore[arg-type]
-                code=d.code,
-                now=now,
-            )
-        else:
-            assert act.instance is not None
-            inst = j.get_instance(self.conn, act.tenant, act.instance)
-            if inst is None or inst["lease"] != act.aid:
-                self._protocol_error(act, "the instance is no longer leased to it", mono)
-                return
-            act.expected_seq = engine.prepare_replay(self.conn, act.tenant, act.instance, now)
-            code = j.get_code(self.conn, act.tenant, inst["version"])
-            assert code is not None
-            activate = engine.build_activate(self.conn, inst, code, act.limits, now)
-        self.outbox.append((self.sandbox, [act.identity, encode(activate)]))
-
-    def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:
-        d = act.deploy
-        assert d is not None
-        if isinstance(msg, Inspected) and act.state == CONNECTED:
-            j.ensure_tenant(self.conn, act.tenant, now)
-            j.put_code(
-                self.conn, act.tenant, d.version, d.kind, d.filename, d.code, msg.workflows, now
-            )
-            for name in msg.workflows:
-                j.set_deployment(self.conn, act.tenant, name, d.version, now)
-            if act.tenant not in self.tenants:
-                self.tenants.append(act.tenant)
-            self._reply(
-                d.identity,
-                d.rid,
-                {"tenant": act.tenant, "version": d.version, "workflows": msg.workflows},
-            )
-            self.log.info(
-                "code.deployed",
-                tenant=act.tenant,
-                version=d.version,
-                workflows=msg.workflows,
-                filename=d.filename,
-            )
-            self._settle(act, outcome.OK, "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, FailCmd) and act.state == CONNECTED:
-            err = msg.error
-            text = f"{d.filename} failed to load: {err.type}: {err.message}"
-            if err.traceback:
-                text += "\n" + err.traceback
-            self._reply(d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text))
-            self._settle(
-                act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True
-            )
-            self._ack(act)
-        else:
-            self._protocol_error(act, f"unexpected {type(msg).__name__} from an inspection", mono)
-
-    # ------------------------------------------------------------------ fate of an activation
-
-    def _settle(
-        self, act: Activation, how: str, detail: str, mono: float, *, committed: bool = False
-    ) -> None:
-        """Decide an activation's fate once.
-
-        `committed`: the caller already journaled the result (and replied to a deployer); only the
-        record changes. Otherwise this is a failure and its consequence is journaled here.
-        """
-        if act.state == SETTLED:
-            return
-        was_step = act.state == IN_STEP
-        act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
-        now = time.time()
-        j.update_activation(
-            self.conn, act.aid, outcome=how, detail=detail or None, seq=act.seq, step=act.step
-        )
-        if committed:
-            return
-        if act.kind == "inspect":
-            if act.deploy is not None:
-                why = outcome.failure_message(how, detail)
-                tail = act.stderr_tail.decode("utf-8", "replace").strip()
-                self._reply(
-                    act.deploy.identity,
-                    act.deploy.rid,
-                    error=ProtocolError(ErrorCode.DEPLOY_FAILED, f"{why}\n{tail}".strip()),
-                )
-            return
-        instance = act.instance
-        assert instance is not None
-        if how == outcome.KILLED_BY_OPERATOR:
-            return  # the control operation sets the instance's next state
-        if how == outcome.INTERRUPTED:
-            engine.interrupted(self.conn, act.tenant, instance, now)
-            return
-        err = ErrorInfo(
-            type=_CRASH_TYPES.get(how, "ActivationCrashed"),
-            message=outcome.failure_message(how, detail),
-            traceback=act.stderr_tail.decode("utf-8", "replace")[-8000:],
-            code=None,
-        )
-        if was_step and act.seq is not None:
-            result = engine.step_failed(
-                self.conn, act.tenant, instance, act.seq, err, now, retryable=True
-            )
-        else:
-            result = engine.activation_failed(self.conn, act.tenant, instance, act.limits, err, now)
-        act.log.warning(
-            "activation.failed",
-            outcome=how,
-            detail=detail,
-            seq=act.seq,
-            step=act.step,
-            next=result,
-        )
 
     def _check_deadlines(self, now: float, mono: float) -> None:
         for act in list(self.running.values()):

@@ -31,7 +31,7 @@ def error_of(text: str) -> str:
 def test_empty_text_gives_defaults() -> None:
     cfg = parse("")
     assert cfg == Config()
-    assert cfg.server.launch_mode == "spawn"
+    assert cfg.server.launch_mode == "fork"
     assert cfg.server.max_activations == 16
     assert cfg.server.synchronous == "full"
     assert cfg.defaults == Limits()

@@ -1,4 +1,5 @@
-"""launch_mode = "fork": activations forked from a pre-imported zygote behave like spawned ones."""
+"""Both launch modes: activations forked from the pre-imported zygote (the default) and freshly
+spawned interpreters (`launch_mode = "spawn"`) run workflows and get every isolation layer alike."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import signal
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import deploy_source, wait_for, writable
 from tests.integration.test_escapes import ATTACKER
 
 FORK = 'launch_mode = "fork"\n'
+MODES = pytest.mark.parametrize("mode", ["fork", "spawn"])
 
 SRC = """
 from stepvisor import workflow
@@ -24,8 +27,9 @@ def w(event, step):
 """
 
 
-def test_forked_activations_run_workflows_one_process_per_step(make_daemon) -> None:
-    daemon = make_daemon(server=FORK)
+@MODES
+def test_activations_run_workflows_one_process_per_step(make_daemon, mode: str) -> None:
+    daemon = make_daemon(server=f'launch_mode = "{mode}"\n')
     c = daemon.client()
     deploy_source(c, "acme", SRC)
     c.create("acme", "w", id="i")
@@ -35,11 +39,13 @@ def test_forked_activations_run_workflows_one_process_per_step(make_daemon) -> N
     assert len(pids) == 4
     assert sorted(e["line"] for e in daemon.events("tenant.output", instance="i")) == [
         "step 0", "step 1", "step 2"]  # fmt: skip
+    assert [e["launch_mode"] for e in daemon.events("supervisor.ready")] == [mode]
     assert not daemon.events("zygote.failed")
 
 
-def test_forked_activations_get_every_isolation_layer(make_daemon) -> None:
-    daemon = make_daemon(server=FORK)
+@MODES
+def test_activations_get_every_isolation_layer(make_daemon, mode: str) -> None:
+    daemon = make_daemon(server=f'launch_mode = "{mode}"\n')
     c = daemon.client()
     deploy_source(c, "evil", ATTACKER)
     code = """
