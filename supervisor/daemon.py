@@ -34,6 +34,7 @@ from supervisor.activation import (
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
 from supervisor.config import Config, ConfigError, Limits, Paths, load, resolve_paths
 from supervisor.output import OutputCapture
+from supervisor.zygote import Zygote, ZygoteError
 
 MAX_LAUNCHES_PER_TICK = 32
 SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
@@ -61,7 +62,8 @@ class Supervisor(ActivationMessages):
         self.rr = 0
         self.more_due = False
         self.last_watchdog = 0.0
-        self.zygote: launcher.Zygote | None = None
+        self.zygote: Zygote | None = None
+        self.forking: dict[int, Activation] = {}  # fork request id → activation
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,7 +108,6 @@ class Supervisor(ActivationMessages):
         if self.cfg.server.launch_mode == "fork":
             # Forked activations are re-parented to us, so we reap them like spawned ones.
             _set_child_subreaper()
-            self.zygote = launcher.Zygote(self.paths.python)
         self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -118,6 +119,11 @@ class Supervisor(ActivationMessages):
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.output = OutputCapture(self.poller)
+        if self.cfg.server.launch_mode == "fork":
+            try:  # now, so the first activation does not wait for the fork server's imports
+                self._start_zygote()
+            except OSError as exc:
+                self.log.warning("zygote.failed", error=str(exc))
         self.tenants = j.tenant_names(self.conn)
         self.log.info(
             "supervisor.ready",
@@ -199,6 +205,8 @@ class Supervisor(ActivationMessages):
                 self._drain_clients(now)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
+            if self.zygote is not None and self.zygote.fileno() in ready:
+                self._on_zygote(now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
             self._check_deadlines(now, mono)
@@ -409,7 +417,10 @@ class Supervisor(ActivationMessages):
         deploy: DeployRequest | None = None,
     ) -> None:
         limits = self.cfg.limits_for(tenant)
-        aid = j.insert_activation(self.conn, tenant, instance, kind, now)
+        # Stamped now, not at the tick's start: earlier work in this tick (reaping the activation
+        # whose slot this one takes, say) is not this activation's.
+        launched_at, launched_mono = time.time(), time.monotonic()
+        aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at)
         if instance is not None:
             row = j.get_instance(self.conn, tenant, instance)
             assert row is not None
@@ -437,8 +448,8 @@ class Supervisor(ActivationMessages):
             scratch=launcher.make_scratch(self.paths, aid, uid, gid),
             uid=uid,
             gid=gid,
-            launched_at=now,
-            launched_mono=time.monotonic(),  # not the tick's start: earlier work is not its own
+            launched_at=launched_at,
+            launched_mono=launched_mono,
             deadline_mono=mono + self.cfg.server.hello_timeout_s,
             deploy=deploy,
         )
@@ -447,43 +458,104 @@ class Supervisor(ActivationMessages):
         try:
             if self.cgroups is not None:
                 self.cgroups.tenant(tenant, limits)
-            act.proc = self._start_process(limits, self._sandbox(limits, act))
-            act.pid = act.proc.pid
-            if self.cgroups is not None:
-                self.cgroups.add(tenant, aid, act.pid)
+            box = self._sandbox(limits, act)
+            if self.cfg.server.launch_mode == "fork" and not limits.python:
+                if self._request_fork(act, box):
+                    return  # _on_zygote starts it when the fork server answers
+                self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
+            self._started(act, launcher.spawn(self.paths, limits, box), now)
         except OSError as exc:
-            launcher.kill_group(act.pid)
-            self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
-            if act.proc is not None:
-                act.proc.wait()
-            self._forget(act)
-            return
-        launcher.send_token(act.proc, token)
+            self._launch_failed(act, exc, mono)
+
+    def _started(self, act: Activation, proc: Any, now: float) -> None:
+        """The activation's process exists: put it in its cgroups, then give it its token."""
+        act.proc = proc
+        act.pid = proc.pid
+        if self.cgroups is not None:
+            self.cgroups.add(act.tenant, act.aid, act.pid)
+        launcher.send_token(act.proc, act.token)
         self.by_pid[act.pid] = act
         self.output.watch(act)
-        j.update_activation(self.conn, aid, pid=act.pid, pid_started=now)
+        j.update_activation(self.conn, act.aid, pid=act.pid, pid_started=now)
 
-    def _start_process(self, limits: Limits, box: launcher.Sandbox) -> Any:
-        """Fork from the zygote (restarting it once if it died), else spawn a fresh interpreter.
-        A tenant with its own interpreter is always spawned."""
-        if self.cfg.server.launch_mode == "fork" and not limits.python:
-            for attempt in (1, 2):
-                if self.zygote is None:
-                    self.zygote = launcher.Zygote(self.paths.python)
-                try:
-                    return self.zygote.spawn(self.paths, box)
-                except launcher.ZygoteError as exc:
-                    self.log.warning("zygote.failed", error=str(exc), attempt=attempt)
-                    self.zygote.close()
-                    self.zygote = None
+    def _launch_failed(self, act: Activation, exc: OSError, mono: float) -> None:
+        launcher.kill_group(act.pid)
+        self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
+        if act.proc is not None:
+            act.proc.wait()
+        self._forget(act)
+
+    # ------------------------------------------------------------------ fork server
+
+    def _request_fork(self, act: Activation, box: launcher.Sandbox) -> bool:
+        """Ask the fork server (starting it if there is none) for this activation's process.
+        False when it cannot take the request: the caller spawns instead."""
+        try:
+            if self.zygote is None:
+                self._start_zygote()
+            assert self.zygote is not None
+            self.forking[self.zygote.request(self.paths, box)] = act
+            return True
+        except (ZygoteError, OSError) as exc:
+            self._zygote_failed(str(exc))
+            return False
+
+    def _start_zygote(self) -> None:
+        self.zygote = Zygote(self.paths.python)
+        self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+        self.log.info("zygote.started", pid=self.zygote.proc.pid, python=self.paths.python)
+
+    def _on_zygote(self, now: float, mono: float) -> None:
+        """Start the activations the fork server has answered for."""
+        assert self.zygote is not None
+        try:
+            replies = self.zygote.replies()
+        except ZygoteError as exc:
+            replies = []
+            self._zygote_failed(str(exc))
+        for rid, proc in replies:
+            act = self.forking.pop(rid, None)
+            if act is None or act.state == SETTLED:
+                # Given up on (hello deadline, drain): the process gets no token and exits when
+                # its stdin closes; as our (sub)reaped child it is collected by _reap_orphans.
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+                continue
+            try:
+                self._started(act, proc, now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
+
+    def _zygote_failed(self, why: str) -> None:
+        """Close the fork server; what it never answered is spawned instead. The next launch
+        starts a new fork server."""
+        if self.zygote is None:
+            return
+        self.log.warning("zygote.failed", error=why, pid=self.zygote.proc.pid)
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(self.zygote.fileno())
+        abandoned = self.zygote.close()
+        self.zygote = None
+        now, mono = time.time(), time.monotonic()
+        for rid in abandoned:
+            act = self.forking.pop(rid, None)
+            if act is None or act.state == SETTLED:
+                continue
             self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-        return launcher.spawn(self.paths, limits, box)
+            try:
+                box = self._sandbox(act.limits, act)
+                self._started(act, launcher.spawn(self.paths, act.limits, box), now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
 
     def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
         return launcher.sandbox_for(on, limits, act.scratch, act.uid, act.gid)
 
     def _check_deadlines(self, now: float, mono: float) -> None:
+        if self.zygote is not None and self.zygote.stuck(mono):
+            self._zygote_failed("the fork server did not answer a request within 5 s")
         for act in list(self.running.values()):
             if act.state == SETTLED:
                 if act.settled_mono is not None and mono > act.settled_mono + SETTLED_GRACE_S:
@@ -499,6 +571,9 @@ class Supervisor(ActivationMessages):
                     f"no Hello within {self.cfg.server.hello_timeout_s:g} s",
                     mono,
                 )
+                if act.pid == 0:  # still waiting for the fork server: there is nothing to reap
+                    self._finish_record(act, None, None, now, mono)
+                    self._forget(act)
             else:
                 limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
                 self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
@@ -546,7 +621,7 @@ class Supervisor(ActivationMessages):
                 os.waitpid(info.si_pid, 0)
 
     def _finish_record(
-        self, act: Activation, status: int, usage: Any, now: float, mono: float
+        self, act: Activation, status: int | None, usage: Any, now: float, mono: float
     ) -> None:
         def ms(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round((b - a) * 1000, 3)
@@ -562,7 +637,7 @@ class Supervisor(ActivationMessages):
             self.conn,
             act.aid,
             finished_at=now,
-            exit_code=os.waitstatus_to_exitcode(status),
+            exit_code=None if status is None else os.waitstatus_to_exitcode(status),
             **record,
         )
         act.log.info(

@@ -3,6 +3,7 @@ spawned interpreters (`launch_mode = "spawn"`) run workflows and get every isola
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def w(event, step):
         total += step.do(f"s{i}", lambda i=i: print(f"step {i}") or i)
     return total
 """
+
+
+def zygotes(daemon) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(daemon.proc.pid).children():
+        try:
+            if "sandbox_host.zygote" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # an activation that exited and is not reaped yet
+            continue
+    return out
 
 
 @MODES
@@ -101,14 +113,29 @@ def test_crashes_timeouts_and_a_dead_zygote(make_daemon, shared: Path) -> None:
     assert c.history("acme", "c")["activations"][0]["outcome"] == "signalled(SIGSEGV)"
     assert c.wait("acme", "s", timeout_s=60)["status"] == "errored"
     assert c.history("acme", "s")["activations"][0]["outcome"] == "wall_timeout"
-    zygotes = [
-        p
-        for p in psutil.Process(daemon.proc.pid).children()
-        if "sandbox_host.zygote" in " ".join(p.cmdline())
-    ]
-    assert len(zygotes) == 1
-    zygotes[0].send_signal(signal.SIGKILL)
+    (zygote,) = zygotes(daemon)
+    zygote.send_signal(signal.SIGKILL)
     deploy_source(c, "acme", SRC, filename="again.py")  # needs an activation: zygote restarted
     c.create("acme", "w", id="after")
     assert c.wait("acme", "after", timeout_s=60)["output"] == 3
     wait_for(lambda: daemon.events("zygote.failed"), 10, "the zygote's death to be logged")
+    assert len(daemon.events("zygote.started")) == 2
+
+
+def test_a_stuck_zygote_is_replaced_and_its_requests_spawned(make_daemon) -> None:
+    daemon = make_daemon(server=FORK)
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    (zygote,) = zygotes(daemon)
+    zygote.send_signal(signal.SIGSTOP)  # alive, holding its socket, answering nothing
+    try:
+        c.create("acme", "w", id="i")
+        assert c.wait("acme", "i", timeout_s=60)["output"] == 3
+    finally:
+        with contextlib.suppress(psutil.Error):  # the supervisor has killed it already
+            zygote.send_signal(signal.SIGKILL)
+    (failed,) = daemon.events("zygote.failed")
+    assert "did not answer" in failed["error"]
+    assert daemon.events("zygote.fallback")
+    # Every activation still ran exactly once: the abandoned request was spawned, not lost.
+    assert c.status("acme", "i")["activations"] == 4
