@@ -1,8 +1,8 @@
-"""`python -m bench`: the spawn-mode activation benchmark (bench/spawn.py)."""
+"""`python -m bench`: the whole benchmark suite (bench/suite.py)."""
 
 import sys
 
-from bench.spawn import main
+from bench.suite import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -168,6 +168,24 @@ class Activate(Base, frozen=True, tag="activate"):
     max_timeout_s: float = 600.0
 
 
+class Marks(msgspec.Struct, frozen=True, array_like=True):
+    """CLOCK_MONOTONIC seconds (one clock for every process on the host) at points of an
+    activation's life. Sent with its final message; the supervisor turns them into the phase
+    timings of the activation's record."""
+
+    started: float  # its own code began: just after the fork, or at interpreter start (spawn)
+    hello: float  # every isolation layer applied and connected: Hello sent
+    activated: float  # Activate received
+    replayed: float  # the code is loaded and the journal replayed: the new command is known
+    done: float  # the final message is about to be sent
+
+
+class Final(Base, frozen=True, kw_only=True):
+    """An activation's last message: what it decided, and its timing marks."""
+
+    marks: Marks | None = None
+
+
 class StepStarted(Base, frozen=True, tag="step_started"):
     """Sent before a step's callable runs; the activation waits for an Ack before running it."""
 
@@ -180,7 +198,7 @@ class StepStarted(Base, frozen=True, tag="step_started"):
     timeout_s: Annotated[float, msgspec.Meta(gt=0)]
 
 
-class StepResult(Base, frozen=True, tag="step_result"):
+class StepResult(Final, frozen=True, tag="step_result"):
     seq: Seq
     ok: bool
     value: Json | None = None
@@ -189,28 +207,28 @@ class StepResult(Base, frozen=True, tag="step_result"):
     duration_ms: float = 0.0
 
 
-class SleepCmd(Base, frozen=True, tag="sleep"):
+class SleepCmd(Final, frozen=True, tag="sleep"):
     seq: Seq
     name: Name
     until: float
 
 
-class WaitEventCmd(Base, frozen=True, tag="wait_event"):
+class WaitEventCmd(Final, frozen=True, tag="wait_event"):
     seq: Seq
     name: Name
     type: Name
     timeout_s: Annotated[float, msgspec.Meta(gt=0)]
 
 
-class CompleteCmd(Base, frozen=True, tag="complete"):
+class CompleteCmd(Final, frozen=True, tag="complete"):
     output: Json
 
 
-class FailCmd(Base, frozen=True, tag="fail"):
+class FailCmd(Final, frozen=True, tag="fail"):
     error: ErrorInfo
 
 
-class Inspected(Base, frozen=True, tag="inspected"):
+class Inspected(Final, frozen=True, tag="inspected"):
     workflows: list[Name]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from protocol.limits import PROTOCOL_VERSION
@@ -15,9 +17,25 @@ from sandbox_host.channel import EXIT_NO_ACTIVATE, Channel
 from sandbox_host.runtime import Runtime, _Stop
 
 
-def run(endpoint: str, ppid: int, box: dict[str, Any]) -> NoReturn:
-    # The supervisor writes the token once this process sits in its cgroups.
-    token = sys.stdin.readline().strip()
+def run(
+    endpoint: str,
+    ppid: int,
+    box: dict[str, Any],
+    started: float,
+    token: str | None = None,
+    before_parent_check: Callable[[], None] | None = None,
+) -> NoReturn:
+    """`started`: CLOCK_MONOTONIC when this process's own code began, for the timing marks.
+    `token`: given by the fork server; a spawned activation reads it from stdin instead.
+    `before_parent_check`: the fork server's wait until we are the supervisor's child."""
+    if box.get("cgroup_procs"):
+        # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
+        for procs in box["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write("0")
+    if token is None:
+        # Spawned: the supervisor writes the token once this process sits in its cgroups.
+        token = sys.stdin.readline().strip()
     if not token:
         os._exit(64)
     os.umask(0o007)  # private to the tenant's group: its other activations may use its files
@@ -32,6 +50,8 @@ def run(endpoint: str, ppid: int, box: dict[str, Any]) -> NoReturn:
         )
     if box.get("uid") is not None:
         isolation.drop_privileges(box["uid"], box["gid"])
+    if before_parent_check is not None:
+        before_parent_check()
     limits.die_with_parent(ppid)  # after the uid change, which clears it
     channel = Channel(endpoint, token)  # a fresh zmq Context: nothing of a parent's is reused
     # Imports are done and the socket's I/O thread exists; now cap what tenant code may use.
@@ -40,15 +60,17 @@ def run(endpoint: str, ppid: int, box: dict[str, Any]) -> NoReturn:
         cpu_seconds=box["cpu_seconds"],
         max_processes=box["max_pids"] if box.get("uid") is not None else None,
     )
+    hello = time.monotonic()
     channel.send(Hello(token=token, pid=os.getpid(), protocol_version=PROTOCOL_VERSION))
     act = channel.recv(EXIT_NO_ACTIVATE)
     if not isinstance(act, Activate):
         os._exit(EXIT_NO_ACTIVATE)
+    activated = time.monotonic()
     if box.get("seccomp"):
         # Connected: from here on no new socket at all (the supervisor's API included).
         isolation.deny_new_sockets(allow_inet=box.get("allow_inet", False))
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    runtime = Runtime(act, channel)
+    runtime = Runtime(act, channel, marks=(started, hello, activated))
     with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit
         runtime.inspect() if act.mode == "inspect" else runtime.run()
     sys.stdout.flush()

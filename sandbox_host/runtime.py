@@ -16,6 +16,8 @@ import types
 from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
+import msgspec
+
 from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_NAME_CHARS
@@ -24,8 +26,10 @@ from protocol.messages import (
     CompleteCmd,
     ErrorInfo,
     FailCmd,
+    Final,
     Inspected,
     JournalEntry,
+    Marks,
     SleepCmd,
     StepResult,
     StepStarted,
@@ -264,9 +268,15 @@ class Runtime:
     """One activation's view of one instance."""
 
     def __init__(
-        self, act: Activate, channel: Channel, exit: Callable[[], NoReturn] = exit_process
+        self,
+        act: Activate,
+        channel: Channel,
+        exit: Callable[[], NoReturn] = exit_process,
+        marks: tuple[float, float, float] | None = None,
     ) -> None:
         self.act = act
+        self.marks = marks  # started, hello, activated (CLOCK_MONOTONIC), when timed
+        self.replayed: float | None = None
         self.channel = channel
         self.exit = exit
         self.finished = False
@@ -285,6 +295,7 @@ class Runtime:
         seq = self.cursor
         self.cursor += 1
         if seq >= len(self.journal):
+            self.replayed = time.monotonic()
             self.output.unmute()
             return None
         entry = self.journal[seq]
@@ -300,13 +311,18 @@ class Runtime:
 
     # -- the one new command
 
-    def finish(self, msg: object) -> NoReturn:
+    def finish(self, msg: Final) -> NoReturn:
         if self.finished:  # tenant code caught the exit (in-process use only): do nothing more
             raise _Stop
         self.finished = True
         self.output.unmute()
         sys.stdout.flush()
         sys.stderr.flush()
+        if self.marks is not None and isinstance(msg, Final):
+            done = time.monotonic()
+            msg = msgspec.structs.replace(
+                msg, marks=Marks(*self.marks, replayed=self.replayed or done, done=done)
+            )
         self.channel.send(msg)
         self.channel.wait_ack()
         self.exit()
@@ -369,6 +385,7 @@ class Runtime:
             names = sorted(load_workflows(self.act))
         except BaseException as exc:
             self.finish(FailCmd(error=error_info(exc, ErrorCode.DEPLOY_FAILED)))
+        self.replayed = time.monotonic()
         if not names:
             self.finish(
                 FailCmd(

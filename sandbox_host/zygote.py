@@ -1,21 +1,26 @@
 """The fork server: a pre-imported, single-threaded process that forks one activation per request.
 
 `python -I -m sandbox_host.zygote --ppid P --control-fd N` with a SOCK_SEQPACKET socket. Each
-request is JSON {id, endpoint, sandbox, env} with three fds attached (the activation's stdin,
-stdout, stderr). The zygote forks twice: the middle process exits at once, so the activation is
-re-parented to the supervisor (a child subreaper), which waits for it like a spawned one. The
-reply {id, pid} is sent only after the middle process is reaped, so by then it is the
-supervisor's child. The zygote never creates a zmq Context or a thread: each activation makes its
-own after the fork.
+request is JSON {id, endpoint, ppid, token, scratch, env, sandbox} with three fds attached (the
+activation's stdin, stdout, stderr). The zygote forks twice: the middle process exits at once, so
+the activation is re-parented to the supervisor (a child subreaper), which waits for it like a
+spawned one. The activation does not wait for the supervisor: it joins its cgroups itself, applies
+its isolation, and connects with the token it was given, waiting only (before PDEATHSIG is bound)
+until the middle process is gone. The reply {id, pid} is sent once the middle process is reaped,
+so the pid is then the supervisor's child. The zygote never creates a zmq Context or a thread:
+each activation makes its own after the fork.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
 import socket
 import sys
+import time
 from typing import Any
 
 # Everything an activation imports, loaded once here instead of once per activation.
@@ -29,6 +34,7 @@ from stepvisor import sdk as _sdk  # noqa: F401
 
 
 def _child(request: dict[str, Any], fds: list[int], control: socket.socket) -> None:
+    started = time.monotonic()
     control.close()
     os.setsid()  # its own session and process group, as a spawned activation has
     for target, fd in zip((0, 1, 2), fds, strict=True):
@@ -37,7 +43,35 @@ def _child(request: dict[str, Any], fds: list[int], control: socket.socket) -> N
     os.chdir(request["scratch"])
     os.environ.clear()
     os.environ.update(request["env"])
-    activation.run(request["endpoint"], request["ppid"], request["sandbox"])
+    ppid = request["ppid"]
+    # Our parent is the middle process until it exits and we are re-parented to the supervisor;
+    # watch for that while we isolate ourselves, and wait for it before binding PDEATHSIG.
+    middle = os.getppid()
+    gate = None
+    if middle != ppid:
+        with contextlib.suppress(ProcessLookupError):
+            gate = os.pidfd_open(middle)
+    activation.run(
+        request["endpoint"],
+        ppid,
+        request["sandbox"],
+        started,
+        request["token"],
+        before_parent_check=lambda: _await_reparent(gate, ppid),
+    )
+
+
+def _await_reparent(gate: int | None, ppid: int) -> None:
+    """Block until the middle process has exited (its pidfd turns readable) and we are the
+    supervisor's child; exit if that does not happen (the supervisor itself is gone)."""
+    if gate is not None:
+        select.select([gate], [], [], 5.0)
+        os.close(gate)
+    deadline = time.monotonic() + 5.0
+    while os.getppid() != ppid:
+        if time.monotonic() > deadline:
+            os._exit(75)
+        os.sched_yield()
 
 
 def serve(control: socket.socket) -> None:

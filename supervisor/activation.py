@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from protocol.messages import Marks
 from supervisor.config import Limits
 
 LAUNCHED = "launched"  # process started, no Hello yet
@@ -59,6 +62,9 @@ class Activation:
     gid: int | None = None  # its tenant's sandbox group
     oom_killed: bool = False  # the kernel OOM-killed one of its processes (cgroup)
     log: Any = None  # the supervisor's logger bound to tenant, instance and activation
+    marks: Marks | None = None  # the activation's own timing marks, from its final message
+    result_mono: float | None = None  # its final message arrived
+    committed_mono: float | None = None  # the transaction holding its result committed
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -69,3 +75,31 @@ class Activation:
     @property
     def identity(self) -> bytes:
         return self.token.encode()
+
+    def phases(self, reaped_mono: float) -> dict[str, float] | None:
+        """Where the time from launch to reap went, in ms; None unless the activation sent its
+        marks with a final message (a crash has no such phases) and they are in order."""
+        m = self.marks
+        points = [
+            self.launched_mono,
+            *(() if m is None else (m.started, m.hello)),
+            self.hello_mono,
+            *(() if m is None else (m.activated, m.replayed, m.done)),
+            self.result_mono,
+            self.committed_mono,
+            reaped_mono,
+        ]
+        if m is None or any(p is None or not math.isfinite(p) for p in points):
+            return None
+        steps = [b - a for a, b in itertools.pairwise(points)]
+        if any(d < 0 for d in steps):  # not one clock's order: forged or garbled marks
+            return None
+        return {name: round(d * 1000, 3) for name, d in zip(PHASES, steps, strict=True)}
+
+
+# launch: fork or spawn until the activation's code runs · setup: token, isolation, connect ·
+# connect: Hello reaches the supervisor · activate: journal read, Activate sent and decoded ·
+# replay: code loaded, journal replayed · step: the new command (a step's StepStarted round trip
+# and body) · report: the result reaches the supervisor · commit: journaled and committed ·
+# reap: ack, exit, reaped and cleaned up.
+PHASES = ("launch", "setup", "connect", "activate", "replay", "step", "report", "commit", "reap")

@@ -19,6 +19,7 @@ from protocol.messages import (
     CompleteCmd,
     ErrorInfo,
     FailCmd,
+    Final,
     Hello,
     Inspected,
     Reply,
@@ -52,6 +53,7 @@ class ActivationMessages:
     outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
     output: OutputCapture
     tenants: list[str]
+    settled_this_tick: list[Activation]  # their commit time is stamped after the tick commits
     log: Any
 
     def _reply(
@@ -73,6 +75,7 @@ class ActivationMessages:
                 frames = self.sandbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            mono = time.monotonic()  # this message's own arrival, for the activation's phases
             identity = frames[0]
             act = self.running.get(identity.decode("ascii", "replace"))
             if act is None:
@@ -114,6 +117,8 @@ class ActivationMessages:
         self.outbox.append((self.sandbox, [act.identity, encode(Ack())]))
 
     def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
+        if isinstance(msg, Final):
+            act.marks, act.result_mono = msg.marks, mono
         if isinstance(msg, Hello):
             self._on_hello(act, msg, now, mono)
             return
@@ -292,6 +297,7 @@ class ActivationMessages:
             return
         was_step = act.state == IN_STEP
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
+        self.settled_this_tick.append(act)
         now = time.time()
         j.update_activation(
             self.conn, act.aid, outcome=how, detail=detail or None, seq=act.seq, step=act.step

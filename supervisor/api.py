@@ -7,6 +7,7 @@ when the reply comes later (a deploy waits for its inspection activation).
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -218,6 +219,7 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
             "total_ms": a["total_ms"],
             "cpu_ms": a["cpu_ms"],
             "max_rss_kib": a["max_rss_kib"],
+            "phases": json.loads(a["phases"]) if a["phases"] else None,
         }
         for a in j.instance_activations(host.conn, req.tenant, req.id)
     ]

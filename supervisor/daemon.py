@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import zmq
 
@@ -32,7 +34,7 @@ from supervisor.activation import (
     DeployRequest,
 )
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
-from supervisor.config import Config, ConfigError, Limits, Paths, load, resolve_paths
+from supervisor.config import Config, ConfigError, Paths, load, resolve_paths
 from supervisor.output import OutputCapture
 from supervisor.zygote import Zygote, ZygoteError
 
@@ -63,7 +65,8 @@ class Supervisor(ActivationMessages):
         self.more_due = False
         self.last_watchdog = 0.0
         self.zygote: Zygote | None = None
-        self.forking: dict[int, Activation] = {}  # fork request id → activation
+        self.forking: dict[int, Activation] = {}
+        self.settled_this_tick: list[Activation] = []  # fork request id → activation
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,6 +215,10 @@ class Supervisor(ActivationMessages):
             self._check_deadlines(now, mono)
             if not self.draining:
                 self._schedule(now, mono)
+        committed = time.monotonic()
+        for act in self.settled_this_tick:
+            act.committed_mono = committed
+        self.settled_this_tick.clear()
         self._flush()
         if mono - self.last_watchdog >= 1.0:
             self.last_watchdog = mono
@@ -458,22 +465,23 @@ class Supervisor(ActivationMessages):
         try:
             if self.cgroups is not None:
                 self.cgroups.tenant(tenant, limits)
-            box = self._sandbox(limits, act)
             if self.cfg.server.launch_mode == "fork" and not limits.python:
-                if self._request_fork(act, box):
-                    return  # _on_zygote starts it when the fork server answers
+                if self._request_fork(act):
+                    return  # _on_zygote records it when the fork server answers
                 self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-            self._started(act, launcher.spawn(self.paths, limits, box), now)
+            self._started(act, launcher.spawn(self.paths, limits, self._sandbox(act)), now)
         except OSError as exc:
             self._launch_failed(act, exc, mono)
 
     def _started(self, act: Activation, proc: Any, now: float) -> None:
-        """The activation's process exists: put it in its cgroups, then give it its token."""
+        """The activation's process exists. A spawned one waits for us to put it in its cgroups
+        and then give it its token; a forked one has done both itself."""
         act.proc = proc
         act.pid = proc.pid
-        if self.cgroups is not None:
-            self.cgroups.add(act.tenant, act.aid, act.pid)
-        launcher.send_token(act.proc, act.token)
+        if proc.stdin is not None:
+            if self.cgroups is not None:
+                self.cgroups.add(act.tenant, act.aid, act.pid)
+            launcher.send_token(act.proc, act.token)
         self.by_pid[act.pid] = act
         self.output.watch(act)
         j.update_activation(self.conn, act.aid, pid=act.pid, pid_started=now)
@@ -487,14 +495,16 @@ class Supervisor(ActivationMessages):
 
     # ------------------------------------------------------------------ fork server
 
-    def _request_fork(self, act: Activation, box: launcher.Sandbox) -> bool:
+    def _request_fork(self, act: Activation) -> bool:
         """Ask the fork server (starting it if there is none) for this activation's process.
         False when it cannot take the request: the caller spawns instead."""
+        procs = () if self.cgroups is None else self.cgroups.prepare(act.tenant, act.aid)
+        box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
         try:
             if self.zygote is None:
                 self._start_zygote()
             assert self.zygote is not None
-            self.forking[self.zygote.request(self.paths, box)] = act
+            self.forking[self.zygote.request(self.paths, box, act.token)] = act
             return True
         except (ZygoteError, OSError) as exc:
             self._zygote_failed(str(exc))
@@ -544,14 +554,13 @@ class Supervisor(ActivationMessages):
                 continue
             self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
             try:
-                box = self._sandbox(act.limits, act)
-                self._started(act, launcher.spawn(self.paths, act.limits, box), now)
+                self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
             except OSError as exc:
                 self._launch_failed(act, exc, mono)
 
-    def _sandbox(self, limits: Limits, act: Activation) -> launcher.Sandbox:
+    def _sandbox(self, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
-        return launcher.sandbox_for(on, limits, act.scratch, act.uid, act.gid)
+        return launcher.sandbox_for(on, act.limits, act.scratch, act.uid, act.gid)
 
     def _check_deadlines(self, now: float, mono: float) -> None:
         if self.zygote is not None and self.zygote.stuck(mono):
@@ -609,8 +618,9 @@ class Supervisor(ActivationMessages):
 
     def _reap_orphans(self) -> None:
         """As a child subreaper we inherit what activations orphan (after their cgroup is killed,
-        say): reap those so no zombie stays."""
-        while True:
+        say): reap those so no zombie stays. Not while a fork request is unanswered: an unknown
+        zombie may then be that activation, whose exit status is its own to collect."""
+        while not self.forking:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -633,11 +643,13 @@ class Supervisor(ActivationMessages):
             "cpu_ms": round((usage.ru_utime + usage.ru_stime) * 1000, 3) if usage else None,
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
         }
+        phases = act.phases(mono)
         j.update_activation(
             self.conn,
             act.aid,
             finished_at=now,
             exit_code=None if status is None else os.waitstatus_to_exitcode(status),
+            phases=None if phases is None else json.dumps(phases),
             **record,
         )
         act.log.info(
@@ -649,6 +661,7 @@ class Supervisor(ActivationMessages):
             outcome=act.outcome,
             detail=act.detail or None,
             **record,
+            phases=phases,
         )
 
     def _forget(self, act: Activation) -> None:
@@ -694,8 +707,6 @@ def serve(
     config_path: str | None, state_dir: str | None = None, runtime_dir: str | None = None
 ) -> int:
     """`stepvisor serve`: validate config, recover, bind, loop until SIGTERM."""
-    import msgspec
-
     try:
         cfg = load(config_path)
         if state_dir or runtime_dir:

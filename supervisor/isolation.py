@@ -247,11 +247,18 @@ class Cgroups:
         leaf = f"act-{activation}"
         return sorted({base / tenant / leaf for base in self.bases.values()})
 
-    def add(self, tenant: str, activation: int, pid: int) -> None:
-        """Put a just-started activation (still waiting for its token) in its cgroups."""
+    def prepare(self, tenant: str, activation: int) -> tuple[str, ...]:
+        """Make the activation's own cgroups; returns their cgroup.procs files."""
+        procs = []
         for d in self._dirs(tenant, activation):
             d.mkdir(exist_ok=True)
-            _write(d / "cgroup.procs", str(pid))
+            procs.append(str(d / "cgroup.procs"))
+        return tuple(procs)
+
+    def add(self, tenant: str, activation: int, pid: int) -> None:
+        """Put a just-started activation (still waiting for its token) in its cgroups."""
+        for procs in self.prepare(tenant, activation):
+            _write(Path(procs), str(pid))
 
     def kill(self, tenant: str, activation: int) -> None:
         """SIGKILL every process left in the activation's cgroup, including ones that left its

@@ -123,6 +123,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX activations_instance ON activations (tenant, instance, id);
     CREATE INDEX activations_open ON activations (id) WHERE finished_at IS NULL;
     """,
+    # 2: where an activation's time went (JSON object: phase -> ms; see Activation.phases)
+    """
+    ALTER TABLE activations ADD COLUMN phases TEXT;
+    """,
 ]
 
 

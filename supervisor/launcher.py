@@ -38,6 +38,9 @@ class Sandbox(msgspec.Struct, frozen=True):
     read_write: tuple[str, ...] = ()  # on top of the scratch dir
     seccomp: bool = False
     allow_inet: bool = False
+    # fork mode: the cgroup.procs files it writes itself into first thing (spawn mode: the
+    # supervisor moves it, between start and token)
+    cgroup_procs: tuple[str, ...] = ()
 
 
 def sandbox_for(

@@ -29,11 +29,13 @@ class ZygoteError(Exception):
 
 
 class ForkedProcess:
-    """What the supervisor needs of an activation forked by the zygote (a Popen look-alike)."""
+    """What the supervisor needs of an activation forked by the zygote (a Popen look-alike).
+    It has its token already, so there is no stdin to write to."""
 
-    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int) -> None:
+    stdin: IO[bytes] | None = None
+
+    def __init__(self, pid: int, stdout: int, stderr: int) -> None:
         self.pid = pid
-        self.stdin: IO[bytes] | None = os.fdopen(stdin, "wb", buffering=0)
         self.stdout: IO[bytes] | None = os.fdopen(stdout, "rb", buffering=0)
         self.stderr: IO[bytes] | None = os.fdopen(stderr, "rb", buffering=0)
         self.returncode: int | None = None
@@ -73,28 +75,32 @@ class Zygote:
         self.control = ours
         self.control.setblocking(False)  # the loop polls it; a full send buffer is waited out
         self.next_id = 0
-        # request id → (sent at, our ends of the activation's stdin, stdout and stderr pipes)
-        self.pending: dict[int, tuple[float, int, int, int]] = {}
+        # request id → (sent at, our ends of the activation's stdout and stderr pipes)
+        self.pending: dict[int, tuple[float, int, int]] = {}
 
     def fileno(self) -> int:
         return self.control.fileno()
 
-    def request(self, paths: Paths, sandbox: Sandbox) -> int:
-        """Ask for one activation; returns the request id its reply will carry."""
+    def request(self, paths: Paths, sandbox: Sandbox, token: str) -> int:
+        """Ask for one activation; returns the request id its reply will carry. The child gets
+        its token with the request (this socket is the supervisor's and the fork server's
+        alone) and joins `sandbox.cgroup_procs` itself, so it starts without waiting for us."""
         (stdin_r, stdin_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
         self.next_id += 1
         request = {
             "id": self.next_id,
             "endpoint": paths.sandbox_endpoint,
             "ppid": os.getpid(),
+            "token": token,
             "scratch": sandbox.scratch,
             "env": dict(BASE_ENV, HOME=sandbox.scratch, TMPDIR=sandbox.scratch),
             "sandbox": msgspec.to_builtins(sandbox),
         }
+        os.close(stdin_w)  # its stdin reads as empty
         try:
             self._send(msgspec.json.encode(request), [stdin_r, out_w, err_w])
         except OSError as exc:
-            for fd in (stdin_w, out_r, err_r):
+            for fd in (out_r, err_r):
                 os.close(fd)
             raise ZygoteError(f"could not send to the fork server: {exc}") from None
         finally:
@@ -102,7 +108,7 @@ class Zygote:
                 os.close(fd)
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        self.pending[self.next_id] = (time.monotonic(), stdin_w, out_r, err_r)
+        self.pending[self.next_id] = (time.monotonic(), out_r, err_r)
         return self.next_id
 
     def _send(self, data: bytes, fds: list[int]) -> None:
@@ -137,8 +143,8 @@ class Zygote:
             entry = self.pending.pop(rid, None)
             if entry is None or pid <= 0:
                 raise ZygoteError(f"fork server answered {reply!r} to no open request")
-            _, stdin_w, out_r, err_r = entry
-            out.append((rid, ForkedProcess(pid, stdin_w, out_r, err_r)))
+            _, out_r, err_r = entry
+            out.append((rid, ForkedProcess(pid, out_r, err_r)))
 
     def stuck(self, mono: float) -> bool:
         """True when the oldest open request has waited longer than REPLY_TIMEOUT_S."""

@@ -1,0 +1,413 @@
+"""`python -m bench`: the whole benchmark in one run, every figure next to a peer or a floor
+measured in the same run on the same machine.
+
+Sections, in order (see bench/README.md for what each measures and how):
+1. floor: fork()+_exit+waitpid in a fresh interpreter;
+2. throughput: W workflows x S no-op steps, sequential and C concurrent, stepvisor fork mode,
+   stepvisor spawn mode and DBOS Transact on SQLite (in-process, no isolation);
+3. activation overhead: launch -> reaped of a no-op step, fork vs spawn vs the fork floor;
+4. replay scaling: the activation of step 1, 100 and 1000 of one workflow;
+5. idle scaling: supervisor RSS, idle CPU and CPU per activation with 1k vs 100k sleeping
+   instances in its database;
+6. create rate through the batch API.
+Results go to <out>/suite.json and <out>/suite.md; wall-clock figures are reported, never
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.dbos_peer import PeerFailed, PeerUnavailable, run_dbos
+from bench.harness import (
+    TENANT,
+    BenchError,
+    environment,
+    guarded,
+    log,
+    markdown_rows,
+    positive_int,
+    run_workload,
+    summarize,
+    supervised,
+    workflow_source,
+    workload_parser,
+    write_atomic,
+)
+from bench.spawn import fork_floor
+from stepvisor.client import Client
+
+REPLAY_POINTS = (1, 100, 1000)  # step numbers (1-based) whose activations are compared
+REPLAY_WINDOW = 5  # activations around each point, medianed: one activation is noise
+
+
+# ---------------------------------------------------------------------------- throughput
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (engine, concurrency) pair on the same workload."""
+    out: dict[str, Any] = {}
+    modes = ["fork"] if args.skip_spawn else ["fork", "spawn"]
+    for mode in modes:
+        for conc in (1, args.concurrency):
+            log(f"throughput: stepvisor {mode} mode, concurrency {conc}")
+            with supervised(conc, launch_mode=mode) as sup:
+                run = run_workload(sup, args.workflows, args.steps, args.timeout)
+            out[f"stepvisor-{mode}/{conc}"] = run
+    if not args.skip_dbos:
+        for conc in (1, args.concurrency):
+            log(f"throughput: DBOS Transact on SQLite, concurrency {conc}")
+            with tempfile.TemporaryDirectory(prefix="svb-dbos-") as work:
+                try:
+                    out[f"dbos/{conc}"] = run_dbos(
+                        args.workflows, args.steps, conc, Path(work), timeout=args.timeout
+                    )
+                except PeerUnavailable as exc:
+                    log(f"DBOS skipped: {exc}")
+                    out[f"dbos/{conc}"] = {"skipped": str(exc)}
+                    break
+                except PeerFailed as exc:
+                    raise BenchError(f"DBOS run failed: {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- replay scaling
+
+
+def _long_workflow(steps: int) -> str:
+    return textwrap.dedent(f"""\
+        from stepvisor import workflow
+
+
+        @workflow("long")
+        def long(event, step):
+            for i in range({steps}):
+                step.do(f"s{{i}}", lambda: i)
+            return {steps}
+    """)
+
+
+def replay_scaling(timeout_s: float) -> dict[str, Any]:
+    """One workflow of max(REPLAY_POINTS) steps, run sequentially in fork mode; the activation
+    that runs step k replays k-1 journal entries first."""
+    steps = max(REPLAY_POINTS)
+    log(f"replay: one workflow of {steps} no-op steps (fork mode)")
+    with supervised(1) as sup, Client(sup.endpoint, timeout_s=60.0) as c:
+        c.deploy(TENANT, _long_workflow(steps), filename="long.py")
+        c.create(TENANT, "long", id="long")
+        st = c.wait(TENANT, "long", timeout_s=timeout_s)
+        if st["status"] != "complete":
+            raise BenchError(f"the {steps}-step workflow ended {st['status']}: {st.get('error')}")
+        acts = [a for a in c.history(TENANT, "long")["activations"] if a.get("seq") is not None]
+    by_seq = {a["seq"]: a for a in acts}
+    points: dict[str, Any] = {}
+    for k in REPLAY_POINTS:
+        seqs = range(max(0, k - REPLAY_WINDOW), k) if k > 1 else range(REPLAY_WINDOW)
+        window = [by_seq[s] for s in seqs if s in by_seq]
+        points[str(k)] = {
+            "seqs": [s for s in seqs if s in by_seq],
+            "total_ms": statistics.median(a["total_ms"] for a in window),
+            "exec_ms": statistics.median(a["exec_ms"] for a in window),
+            "cpu_ms": statistics.median(a["cpu_ms"] for a in window),
+        }
+    first, last = points["1"], points[str(steps)]
+    return {
+        "steps": steps,
+        "points": points,
+        "ratio_total": round(last["total_ms"] / first["total_ms"], 2),
+        "ratio_exec": round(last["exec_ms"] / first["exec_ms"], 2),
+    }
+
+
+# ---------------------------------------------------------------------------- idle scaling
+
+_SLEEPER = textwrap.dedent("""\
+    from stepvisor import workflow
+
+
+    @workflow("sleeper")
+    def sleeper(event, step):
+        step.sleep("nap", "30 days")
+        return "woke"
+""")
+
+_INSTANCE_COLS = (
+    "tenant, workflow, version, status, params, output, error, wake_at, lease, pause_requested, "
+    "failures, activations, steps, created_at, updated_at"
+)
+_JOURNAL_COLS = (
+    "tenant, seq, kind, name, status, attempts, result, error, until, event_type, retry_limit, "
+    "retry_delay_s, backoff, timeout_s, started_at, finished_at, duration_ms"
+)
+
+
+def _clone_sleepers(db: Path, template: str, count: int) -> None:
+    """Copy one sleeping instance (its row and its journal) `count - 1` times, with the
+    supervisor stopped: the state a supervisor would have after that many real sleeps."""
+    conn = sqlite3.connect(db)
+    with conn:
+        for table, cols, key in (
+            ("instances", _INSTANCE_COLS, "id"),
+            ("journal", _JOURNAL_COLS, "instance"),
+        ):
+            conn.execute(
+                f"WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < ?) "
+                f"INSERT INTO {table} ({key}, {cols}) "
+                f"SELECT 'idle' || k, {cols} FROM {table}, n WHERE {key} = ?",
+                (count - 1, template),
+            )
+    conn.close()
+
+
+def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
+    """For each size: N sleeping instances in the database, then a fresh supervisor start, its
+    RSS and CPU while idle, and its CPU per activation while 20 x 5 no-op steps run."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        log(f"idle: {n} sleeping instances")
+        with supervised(2) as sup:
+            with Client(sup.endpoint, timeout_s=60.0) as c:
+                c.deploy(TENANT, _SLEEPER, filename="sleeper.py")
+                c.create(TENANT, "sleeper", id="template")
+                _wait_status(c, "template", "waiting", timeout_s)
+            sup.stop()
+            _clone_sleepers(sup.state / "stepvisor.db", "template", n)
+            sup.start()
+            with Client(sup.endpoint, timeout_s=60.0) as c:
+                waiting = c.list(TENANT, status="waiting", limit=n + 1)
+            if len(waiting) != n:
+                raise BenchError(f"expected {n} sleeping instances, found {len(waiting)}")
+            assert sup.proc is not None
+            proc = psutil.Process(sup.proc.pid)
+            time.sleep(1.0)  # a measurement window, not a wait for a condition
+            cpu0, t0 = proc.cpu_times(), time.perf_counter()
+            time.sleep(3.0)
+            cpu1, idle_s = proc.cpu_times(), time.perf_counter() - t0
+            rss_idle = proc.memory_info().rss
+            run = run_workload(sup, 20, 5, timeout_s)
+            rss_after = proc.memory_info().rss
+        idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / idle_s
+        out[str(n)] = {
+            "sleeping": n,
+            "rss_idle_mib": round(rss_idle / 2**20, 2),
+            "rss_after_work_mib": round(rss_after / 2**20, 2),
+            "idle_cpu_ms_per_s": round(max(0.0, idle_cpu), 3),
+            "supervisor_ms_per_activation": run["cpu"]["supervisor_ms_per_activation"],
+            "steps_per_s": run["steps_per_s"],
+        }
+    return out
+
+
+def _wait_status(c: Client, instance: str, status: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (st := c.status(TENANT, instance))["status"] != status:
+        if st["status"] in ("errored", "terminated", "complete") or time.monotonic() > deadline:
+            raise BenchError(f"instance {instance} is {st['status']}, expected {status}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- create rate
+
+
+def create_rate(count: int, timeout_s: float) -> dict[str, Any]:
+    """`count` one-step instances through create_batch in batches of 10,000, timed per call
+    (the supervisor keeps launching them meanwhile, one at a time)."""
+    log(f"create rate: {count} instances via create_batch")
+    with supervised(1) as sup, Client(sup.endpoint, timeout_s=120.0) as c:
+        c.deploy(TENANT, workflow_source(1), filename="one.py")
+        calls: list[float] = []
+        for start in range(0, count, 10_000):
+            ids = [(f"c{k:07d}", None) for k in range(start, min(count, start + 10_000))]
+            t0 = time.perf_counter()
+            made = c.create_batch(TENANT, "noop", ids)
+            calls.append(time.perf_counter() - t0)
+            if sum(1 for r in made if r["created"]) != len(ids):
+                raise BenchError("create_batch did not create every instance")
+        total = sum(calls)
+    return {
+        "instances": count,
+        "batches": len(calls),
+        "seconds": round(total, 3),
+        "per_s": round(count / total, 1),
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _p(s: dict[str, Any], q: str) -> str:
+    return "n/a" if not s.get("n") else f"{s[q]:.1f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    cfg, env, tp = res["config"], res["environment"], res["throughput"]
+    floor = res["floor_fork_ms"]
+    w, s = cfg["workflows"], cfg["steps"]
+    parts = [
+        "# stepvisor benchmark\n",
+        f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
+        f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
+        f"{' (dirty)' if env['git_dirty'] else ''} · `python -m bench` · every isolation "
+        "layer the host has (`auto`), synchronous = full\n",
+        f"## Throughput: {w} workflows x {s} no-op steps\n",
+    ]
+    dbos1 = tp.get("dbos/1", {}).get("steps_per_s")
+    rows: list[tuple[str, ...]] = [
+        ("engine", "concurrency", "steps/s", "x DBOS (same concurrency)", "wall")
+    ]
+    for key, run in tp.items():
+        engine, c = key.split("/")
+        if "skipped" in run:
+            rows.append((engine, c, "skipped", run["skipped"][:60], ""))
+            continue
+        peer = tp.get(f"dbos/{c}", {}).get("steps_per_s")
+        ratio = f"{run['steps_per_s'] / peer:.2f}x" if peer else "n/a"
+        rows.append((engine, c, f"{run['steps_per_s']:.1f}", ratio, f"{run['wall_s']:.2f} s"))
+    parts.append(markdown_rows(rows) + "\n")
+    if dbos1 is None:
+        parts.append("DBOS was not measured (install it: `pip install dbos`).\n")
+    parts.append("## Activation overhead (no-op step, sequential: launch -> reaped)\n")
+    rows = [("", "p50 ms", "p95 ms", "p99 ms", "p50 / fork floor")]
+    rows.append(
+        ("fork()+_exit+waitpid floor", _p(floor, "p50"), _p(floor, "p95"), _p(floor, "p99"), "1")
+    )
+    for mode in ("fork", "spawn"):
+        run = tp.get(f"stepvisor-{mode}/1")
+        if run is None:
+            continue
+        t = run["activation"]["total_ms"]
+        rows.append(
+            (
+                f"stepvisor {mode} mode",
+                _p(t, "p50"),
+                _p(t, "p95"),
+                _p(t, "p99"),
+                f"{t['p50'] / floor['p50']:.1f}x",
+            )
+        )
+    parts.append(markdown_rows(rows) + "\n")
+    rp = res["replay"]
+    parts.append(f"## Replay scaling: one workflow of {rp['steps']} steps, fork mode\n")
+    rows = [("activation of step", "total ms", "exec ms", "CPU ms")]
+    for k, pt in rp["points"].items():
+        rows.append((k, f"{pt['total_ms']:.2f}", f"{pt['exec_ms']:.2f}", f"{pt['cpu_ms']:.2f}"))
+    parts.append(markdown_rows(rows) + "\n")
+    parts.append(
+        f"Step {rp['steps']} / step 1: total {rp['ratio_total']}x, exec {rp['ratio_exec']}x "
+        f"(median of {REPLAY_WINDOW} activations around each step).\n"
+    )
+    idle = res["idle"]
+    parts.append("## Idle scaling: sleeping instances in the database\n")
+    rows = [("sleeping", "RSS idle MiB", "RSS after work MiB", "idle CPU ms/s", "sup CPU ms/act")]
+    for v in idle.values():
+        rows.append(
+            (
+                f"{v['sleeping']:,}",
+                f"{v['rss_idle_mib']:.1f}",
+                f"{v['rss_after_work_mib']:.1f}",
+                f"{v['idle_cpu_ms_per_s']:.2f}",
+                f"{v['supervisor_ms_per_activation']:.2f}",
+            )
+        )
+    parts.append(markdown_rows(rows) + "\n")
+    if len(idle) == 2:
+        a, b = idle.values()
+        rss = b["rss_after_work_mib"] / a["rss_after_work_mib"]
+        cpu = b["supervisor_ms_per_activation"] / a["supervisor_ms_per_activation"]
+        parts.append(
+            f"{b['sleeping']:,} vs {a['sleeping']:,}: RSS {rss:.2f}x, "
+            f"supervisor CPU per activation {cpu:.2f}x.\n"
+        )
+    cr = res["create"]
+    parts.append(
+        f"## Create rate\n\n{cr['instances']:,} instances in {cr['batches']} `create_batch` calls: "
+        f"{cr['per_s']:,.0f} creations/s ({cr['seconds']:.2f} s).\n"
+    )
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = workload_parser(
+        "python -m bench",
+        __doc__,
+        workflows=100,
+        steps=10,
+        concurrency=8,
+        outputs="suite.json and suite.md",
+        timeout_s=900.0,
+    )
+    p.add_argument("--skip-spawn", action="store_true", help="leave out spawn mode (slow)")
+    p.add_argument("--skip-dbos", action="store_true", help="leave out the DBOS peer")
+    p.add_argument(
+        "--idle",
+        type=positive_int,
+        nargs=2,
+        default=[1_000, 100_000],
+        metavar=("SMALL", "LARGE"),
+        help="sleeping instances for the idle-scaling comparison (default 1000 100000)",
+    )
+    p.add_argument(
+        "--creates",
+        type=positive_int,
+        default=50_000,
+        help="instances created for the create rate (default 50000)",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    env = environment()
+    log("floor: fork()+_exit+waitpid x200")
+    floor = summarize(fork_floor(200))
+    res: dict[str, Any] = {
+        "benchmark": "suite",
+        "started_at": started,
+        "config": {
+            "workflows": args.workflows,
+            "steps": args.steps,
+            "concurrency": args.concurrency,
+            "idle": args.idle,
+            "creates": args.creates,
+        },
+        "environment": env,
+        "floor_fork_ms": floor,
+    }
+    res["throughput"] = throughput(args)
+    res["replay"] = replay_scaling(args.timeout)
+    res["idle"] = idle_scaling(list(args.idle), args.timeout)
+    res["create"] = create_rate(args.creates, args.timeout)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    status, res = guarded(lambda: run(args))
+    if res is None:
+        return status
+    md = markdown(res)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "suite.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(args.out / "suite.md", md)
+    print(md)
+    log(f"wrote {args.out / 'suite.json'} and {args.out / 'suite.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
