@@ -84,6 +84,7 @@ class Supervisor:
         concurrency: int,
         isolation: Mapping[str, str] | None = None,
         launch_mode: str = "fork",
+        synchronous: str = "acked",
     ) -> None:
         self.base = base
         self.state = base / "state"
@@ -99,7 +100,7 @@ class Supervisor:
             runtime_dir = {json.dumps(str(self.run_dir))}
             launch_mode = "{launch_mode}"
             max_activations = {concurrency}
-            synchronous = "full"
+            synchronous = "{synchronous}"
             hello_timeout_s = 30
             drain_timeout_s = 10
 
@@ -226,6 +227,7 @@ def supervised(
     isolation: Mapping[str, str] | None = None,
     dir_mode: int | None = 0o711,
     launch_mode: str = "fork",
+    synchronous: str = "acked",
 ) -> Iterator[Supervisor]:
     """A started supervisor in a fresh /tmp/svb-* directory (chmod `dir_mode`: sandbox uids must
     reach the sockets inside, as in production). On the
@@ -234,7 +236,7 @@ def supervised(
     base = Path(tempfile.mkdtemp(prefix="svb-", dir="/tmp"))
     if dir_mode is not None:
         base.chmod(dir_mode)
-    sup = Supervisor(base, concurrency, isolation, launch_mode)
+    sup = Supervisor(base, concurrency, isolation, launch_mode, synchronous)
     failed = True
     try:
         log(f"starting supervisor in {base}")

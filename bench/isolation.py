@@ -94,7 +94,9 @@ def enabled_layers(sup: Supervisor) -> dict[str, str]:
 def run_config(
     key: str, modes: dict[str, str], args: argparse.Namespace, workflows: int
 ) -> dict[str, Any]:
-    with supervised(args.concurrency, modes, dir_mode=DIR_MODE, launch_mode="spawn") as sup:
+    with supervised(
+        args.concurrency, modes, dir_mode=DIR_MODE, launch_mode="spawn", synchronous="full"
+    ) as sup:
         layers = enabled_layers(sup)
         expected = {name for name, mode in modes.items() if mode != "off"}
         if set(layers) != expected:

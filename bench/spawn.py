@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     env = environment()
     floors = measure_floors()  # first, on a quiet machine: no supervisor running yet
-    with supervised(args.concurrency, launch_mode="spawn") as sup:
+    with supervised(args.concurrency, launch_mode="spawn", synchronous="full") as sup:
         result = run_workload(sup, args.workflows, args.steps, args.timeout)
     rc = sup.exit_status
     res = {

@@ -53,7 +53,8 @@ class ActivationMessages:
     outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
     output: OutputCapture
     tenants: list[str]
-    settled_this_tick: list[Activation]  # their commit time is stamped after the tick commits
+    settled_this_tick: list[Activation]
+    durable_outbox: bool  # their commit time is stamped after the tick commits
     log: Any
 
     def _reply(
@@ -68,6 +69,7 @@ class ActivationMessages:
         )
         reply = Reply(rid=rid, ok=error is None, result=result, error=info)
         self.outbox.append((self.client, [identity, encode(reply)]))
+        self.durable_outbox = True
 
     def _drain_sandbox(self, now: float, mono: float) -> None:
         for _ in range(MAX_MESSAGES_PER_TICK):
@@ -114,7 +116,9 @@ class ActivationMessages:
         self._settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
 
     def _ack(self, act: Activation) -> None:
+        """Acknowledge a final message: sent once its consequences are committed (and synced)."""
         self.outbox.append((self.sandbox, [act.identity, encode(Ack())]))
+        self.durable_outbox = True
 
     def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         if isinstance(msg, Final):

@@ -99,7 +99,9 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 30.0
     require_declared_tenants: bool = False  # only [tenants.NAME] may deploy
-    synchronous: Literal["full", "normal"] = "full"
+    # acked: whatever is acknowledged (a result, a create, an event, a control) is on disk first;
+    # full: every commit is synced; normal: none is (a power loss may drop the last commits)
+    synchronous: Literal["acked", "full", "normal"] = "acked"
     log_file: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -65,8 +65,9 @@ class Supervisor(ActivationMessages):
         self.more_due = False
         self.last_watchdog = 0.0
         self.zygote: Zygote | None = None
-        self.forking: dict[int, Activation] = {}
-        self.settled_this_tick: list[Activation] = []  # fork request id → activation
+        self.forking: dict[int, Activation] = {}  # fork request id → activation
+        self.settled_this_tick: list[Activation] = []
+        self.durable_outbox = False  # the outbox acknowledges something: sync before sending
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +201,7 @@ class Supervisor(ActivationMessages):
 
     def _tick(self, ready: dict[Any, int]) -> None:
         now, mono = time.time(), time.monotonic()
+        changes = self.conn.total_changes
         with j.transaction(self.conn):
             if self.wake_r.fileno() in ready:
                 self._drain_wakeups()
@@ -215,6 +217,14 @@ class Supervisor(ActivationMessages):
             self._check_deadlines(now, mono)
             if not self.draining:
                 self._schedule(now, mono)
+        if (
+            self.durable_outbox
+            and self.cfg.server.synchronous == "acked"
+            and self.conn.total_changes != changes
+        ):
+            # One fsync for everything this tick acknowledges; what it does not acknowledge
+            # (launches, step starts, reap records) rides along with the next one.
+            j.sync_wal(self.paths.db)
         committed = time.monotonic()
         for act in self.settled_this_tick:
             act.committed_mono = committed
@@ -246,6 +256,7 @@ class Supervisor(ActivationMessages):
             except zmq.ZMQError as exc:
                 self.log.warning("send.dropped", error=str(exc))
         self.outbox.clear()
+        self.durable_outbox = False
 
     # ------------------------------------------------------------------ signals
 

@@ -6,6 +6,7 @@ transaction (group commit); every function here runs inside that transaction and
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -131,7 +132,10 @@ MIGRATIONS: list[str] = [
 
 
 def connect(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
-    """Open (creating and migrating) the state database. Autocommit; callers use `transaction`."""
+    """Open (creating and migrating) the state database. Autocommit; callers use `transaction`.
+
+    `synchronous`: "full", SQLite syncs the WAL at every commit; "normal" and "acked", only
+    before a checkpoint ("acked": the caller syncs with `sync_wal` when it must)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.row_factory = sqlite3.Row
@@ -152,6 +156,16 @@ def migrate(conn: sqlite3.Connection) -> None:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version={number}")
+
+
+def sync_wal(path: Path) -> None:
+    """Make every transaction committed so far durable: fsync the write-ahead log, which is what
+    `synchronous = FULL` does at each commit (checkpoints sync it themselves)."""
+    fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ def test_empty_text_gives_defaults() -> None:
     assert cfg == Config()
     assert cfg.server.launch_mode == "fork"
     assert cfg.server.max_activations == 16
-    assert cfg.server.synchronous == "full"
+    assert cfg.server.synchronous == "acked"
     assert cfg.defaults == Limits()
     assert cfg.defaults.memory_mib == 512
     assert cfg.defaults.timeout_s == 600.0

@@ -422,3 +422,14 @@ def test_activation_records(conn: sqlite3.Connection) -> None:
     assert [r["id"] for r in rows] == [a1, a2]
     assert (rows[0]["outcome"], rows[0]["cold_start_ms"]) == ("ok", 12.5)
     assert j.instance_activations(conn, "beta", "i1") == []
+
+
+def test_acked_mode_leaves_syncing_to_the_caller(db_path: Path) -> None:
+    conn = j.connect(db_path, synchronous="acked")
+    try:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: no sync per commit
+        with j.transaction(conn):
+            j.ensure_tenant(conn, "acme", 1.0)
+        j.sync_wal(db_path)  # the daemon's one fsync for what a tick acknowledges
+    finally:
+        conn.close()
