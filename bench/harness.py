@@ -357,6 +357,11 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         "activations_recorded": len(records),
         "outcomes": dict(outcomes),
         "activation": {f: summarize([r.get(f) for r in records]) for f in ACTIVATION_FIELDS},
+        # where launch -> reaped went (the activation record's phases; see supervisor.activation)
+        "phases": {
+            name: summarize([r["phases"][name] for r in records if r.get("phases")])
+            for name in (records[0].get("phases") or {} if records else {})
+        },
         "cpu": {
             "supervisor_ms": sup_ms,
             "activations_ms": child_ms,  # reaped children of the supervisor during the run

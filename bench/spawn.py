@@ -269,7 +269,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
         f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
         f"{' (dirty)' if env['git_dirty'] else ''}\n\n"
-        f"`python -m bench --workflows {cfg['workflows']} --steps {cfg['steps']} "
+        f"`python -m bench.spawn --workflows {cfg['workflows']} --steps {cfg['steps']} "
         f"--concurrency {cfg['concurrency']}` · launch_mode spawn · synchronous full · "
         f"activation outcomes {json.dumps(run['outcomes'])} "
         f"({run['activations_recorded']} recorded, {run['activations_expected']} expected)"
@@ -283,7 +283,7 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     return workload_parser(
-        "python -m bench",
+        "python -m bench.spawn",
         __doc__,
         workflows=100,
         steps=10,
@@ -339,3 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     log(f"wrote {args.out / 'spawn.json'} and {args.out / 'spawn.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,6 +171,18 @@ def _clone_sleepers(db: Path, template: str, count: int) -> None:
     conn.close()
 
 
+def _check_sleepers(db: Path, n: int) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
+        ).fetchone()
+    finally:
+        conn.close()
+    if count != n:
+        raise BenchError(f"expected {n} sleeping instances, found {count}")
+
+
 def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
     """For each size: N sleeping instances in the database, then a fresh supervisor start, its
     RSS and CPU while idle, and its CPU per activation while 20 x 5 no-op steps run."""
@@ -185,10 +197,7 @@ def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
             sup.stop()
             _clone_sleepers(sup.state / "stepvisor.db", "template", n)
             sup.start()
-            with Client(sup.endpoint, timeout_s=60.0) as c:
-                waiting = c.list(TENANT, status="waiting", limit=n + 1)
-            if len(waiting) != n:
-                raise BenchError(f"expected {n} sleeping instances, found {len(waiting)}")
+            _check_sleepers(sup.state / "stepvisor.db", n)
             assert sup.proc is not None
             proc = psutil.Process(sup.proc.pid)
             time.sleep(1.0)  # a measurement window, not a wait for a condition
@@ -298,6 +307,14 @@ def markdown(res: dict[str, Any]) -> str:
             )
         )
     parts.append(markdown_rows(rows) + "\n")
+    fork1 = tp.get("stepvisor-fork/1")
+    if fork1 and fork1.get("phases"):
+        ph = fork1["phases"]
+        parts.append(
+            "Where a sequential fork-mode activation's time goes (the record's `phases`, p50 ms): "
+            + ", ".join(f"{name} {v['p50']:.2f}" for name, v in ph.items())
+            + ".\n"
+        )
     rp = res["replay"]
     parts.append(f"## Replay scaling: one workflow of {rp['steps']} steps, fork mode\n")
     rows = [("activation of step", "total ms", "exec ms", "CPU ms")]

@@ -46,6 +46,24 @@ def decode_request(frame: bytes) -> Any:
     return _decode(_request_decoder, frame, MAX_CLIENT_FRAME_BYTES)
 
 
+class _RequestId(msgspec.Struct):
+    rid: int = 0
+
+
+_rid_decoder = msgspec.msgpack.Decoder(_RequestId)
+
+
+def request_id(frame: bytes) -> int:
+    """The `rid` of a request that failed validation, so its error reaches the right call; 0
+    when the frame is too large or not a map with an integer `rid`."""
+    if len(frame) > MAX_CLIENT_FRAME_BYTES:
+        return 0
+    try:
+        return _rid_decoder.decode(frame).rid
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        return 0
+
+
 def decode_reply(frame: bytes) -> Reply:
     result: Reply = _decode(_reply_decoder, frame, MAX_CLIENT_FRAME_BYTES * 4)
     return result

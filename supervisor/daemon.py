@@ -23,7 +23,7 @@ import msgspec
 import psutil
 import zmq
 
-from protocol.codec import decode_request
+from protocol.codec import decode_request, request_id
 from protocol.errors import ErrorCode, ProtocolError
 from supervisor import api, engine, isolation, launcher, logs, outcome, sdnotify
 from supervisor import journal as j
@@ -346,7 +346,7 @@ class Supervisor(ActivationMessages):
             try:
                 req = decode_request(frames[1])
             except ProtocolError as exc:
-                self._bad_client(identity, 0, exc)
+                self._bad_client(identity, request_id(frames[1]), exc)
                 continue
             self._dispatch(identity, req, now)
 

@@ -147,3 +147,14 @@ def test_hostile_step_results_do_not_hurt_the_daemon(daemon: Daemon) -> None:
     assert entry["error"]["type"] == "StepResultError"
     assert "limit" in entry["error"]["message"]
     assert daemon.alive()
+
+
+def test_a_request_that_fails_validation_is_answered_under_its_own_id(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    # The client library lets the server validate: an out-of-range limit comes back as a typed
+    # error for this very call, not as a timeout.
+    with pytest.raises(StepVisorError) as exc:
+        c.list("acme", limit=100_001)
+    assert exc.value.code == "BAD_REQUEST" and "limit" in exc.value.message
+    assert c.list("acme") == []
