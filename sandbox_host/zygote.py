@@ -1,27 +1,35 @@
-"""The fork server: a pre-imported, single-threaded process that forks one activation per request.
+"""The fork server: a pre-imported, single-threaded process that hands out one activation process
+per request, forked before the request arrives.
 
-`python -I -m sandbox_host.zygote --ppid P --control-fd N` with a SOCK_SEQPACKET socket. Each
-request is JSON {id, endpoint, ppid, token, scratch, env, sandbox} with three fds attached (the
-activation's stdin, stdout, stderr). The zygote forks twice: the middle process exits at once, so
-the activation is re-parented to the supervisor (a child subreaper), which waits for it like a
-spawned one. The activation does not wait for the supervisor: it joins its cgroups itself, applies
-its isolation, and connects with the token it was given, waiting only (before PDEATHSIG is bound)
-until the middle process is gone. The reply {id, pid} is sent once the middle process is reaped,
-so the pid is then the supervisor's child. The zygote never creates a zmq Context or a thread:
-each activation makes its own after the fork.
+`python -I -m sandbox_host.zygote --ppid P --control-fd N [--spares K]` with a SOCK_SEQPACKET
+socket. Each request is JSON {id, endpoint, ppid, token, scratch, env, sandbox} with three fds
+attached (the activation's stdin, stdout, stderr).
+
+Forking is the slow part of a launch (page tables of a pre-imported interpreter, twice), so the
+zygote keeps K *spares*: processes forked ahead of time that wait, blank, for a request. A request
+goes to a spare over its own socket, the reply {id, pid} goes back at once, and the zygote then
+forks a replacement while no request waits. Each spare is forked twice: the middle process exits
+at once, so the spare is re-parented to the supervisor (a child subreaper), which waits for it like
+a spawned activation; the zygote keeps a spare only once its middle process is reaped. A spare
+holds nothing of the zygote's but its own socket, has no tenant and no token until it is given a
+request, and exits when its socket closes (the zygote is gone).
+
+Given a request, the activation does not wait for the supervisor: it joins its cgroups itself,
+applies its isolation and connects with the token it was given. The zygote never creates a zmq
+Context or a thread: each activation makes its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import select
 import socket
 import sys
 import time
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 # Everything an activation imports, loaded once here instead of once per activation.
 import cloudpickle  # noqa: F401
@@ -32,88 +40,117 @@ from sandbox_host import activation, limits
 from sandbox_host import runtime as _runtime  # noqa: F401
 from stepvisor import sdk as _sdk  # noqa: F401
 
+MAX_REQUEST_BYTES = 1 << 20
 
-def _child(request: dict[str, Any], fds: list[int], control: socket.socket) -> None:
-    started = time.monotonic()
-    control.close()
+
+class Spare(NamedTuple):
+    pid: int
+    sock: socket.socket  # the zygote's end; the request and its fds go here
+
+
+def _fork_spare() -> Spare:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.close(r)
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            try:
+                _spare(theirs)
+            finally:
+                os._exit(70)
+        os.write(w, str(pid).encode())
+        os._exit(0)
+    os.close(w)
+    theirs.close()
+    pid = int(os.read(r, 32) or b"0")
+    os.close(r)
+    os.waitpid(middle, 0)  # now the spare's parent is the supervisor
+    return Spare(pid, ours)
+
+
+def _spare(sock: socket.socket) -> None:
+    """A forked process waiting for its request; then one activation's life."""
+    fd = sock.fileno()
+    os.closerange(3, fd)  # the zygote's control socket and other spares' sockets: not ours
+    os.closerange(fd + 1, 1 << 16)
     os.setsid()  # its own session and process group, as a spawned activation has
-    for target, fd in zip((0, 1, 2), fds, strict=True):
-        os.dup2(fd, target)
-    os.closerange(3, 1 << 16)  # close_range(2): nothing of the zygote's stays open
+    data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 3)
+    if not data or len(fds) != 3:
+        os._exit(0)  # the zygote is gone (or confused): never used
+    started = time.monotonic()
+    sock.close()
+    request: dict[str, Any] = json.loads(data)
+    for target, src in zip((0, 1, 2), fds, strict=True):
+        os.dup2(src, target)
+    os.closerange(3, 1 << 16)
     os.chdir(request["scratch"])
     os.environ.clear()
     os.environ.update(request["env"])
     ppid = request["ppid"]
-    # Our parent is the middle process until it exits and we are re-parented to the supervisor;
-    # watch for that while we isolate ourselves, and wait for it before binding PDEATHSIG.
-    middle = os.getppid()
-    gate = None
-    if middle != ppid:
-        with contextlib.suppress(ProcessLookupError):
-            gate = os.pidfd_open(middle)
     activation.run(
         request["endpoint"],
         ppid,
         request["sandbox"],
         started,
         request["token"],
-        before_parent_check=lambda: _await_reparent(gate, ppid),
+        before_parent_check=lambda: _check_parent(ppid),
     )
 
 
-def _await_reparent(gate: int | None, ppid: int) -> None:
-    """Block until the middle process has exited (its pidfd turns readable) and we are the
-    supervisor's child; exit if that does not happen (the supervisor itself is gone)."""
-    if gate is not None:
-        select.select([gate], [], [], 5.0)
-        os.close(gate)
-    deadline = time.monotonic() + 5.0
-    while os.getppid() != ppid:
-        if time.monotonic() > deadline:
-            os._exit(75)
-        os.sched_yield()
+def _check_parent(ppid: int) -> None:
+    """PDEATHSIG must name the supervisor: a spare is its child once its middle process is
+    reaped, which happens before any request reaches it; anything else means it is gone."""
+    if os.getppid() != ppid:
+        os._exit(75)
 
 
-def serve(control: socket.socket) -> None:
+def _assign(spare: Spare, data: bytes, fds: list[int]) -> bool:
+    try:
+        socket.send_fds(spare.sock, [data], fds)
+        return True
+    except OSError:  # it died while waiting (killed by hand, say): the caller uses another
+        return False
+    finally:
+        spare.sock.close()
+
+
+def serve(control: socket.socket, keep: int) -> None:
+    spares: deque[Spare] = deque()
     while True:
+        # Fork replacements only while no request waits: a request never waits for a spare
+        # that is not its own.
+        if len(spares) < keep and not select.select([control], [], [], 0)[0]:
+            spares.append(_fork_spare())
+            continue
         try:
-            data, fds, _, _ = socket.recv_fds(control, 1 << 20, 3)
+            data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
         except OSError:
             return
         if not data:
             return  # the supervisor closed its end
         request = json.loads(data)
-        r, w = os.pipe()
-        middle = os.fork()
-        if middle == 0:
-            os.close(r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(w)
-                try:
-                    _child(request, fds, control)
-                finally:
-                    os._exit(70)
-            os.write(w, str(pid).encode())
-            os._exit(0)
-        os.close(w)
+        while True:
+            spare = spares.popleft() if spares else _fork_spare()
+            if _assign(spare, data, fds):
+                break
         for fd in fds:
             os.close(fd)
-        pid = int(os.read(r, 32) or b"0")
-        os.close(r)
-        os.waitpid(middle, 0)  # now the activation's parent is the supervisor
-        control.send(json.dumps({"id": request["id"], "pid": pid}).encode())
+        control.send(json.dumps({"id": request["id"], "pid": spare.pid}).encode())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="sandbox_host.zygote")
     parser.add_argument("--ppid", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--spares", type=int, default=2, help="processes forked ahead")
     args = parser.parse_args()
     limits.die_with_parent(args.ppid)
     control = socket.socket(fileno=args.control_fd)
     sys.stdout.flush()
-    serve(control)
+    serve(control, max(0, args.spares))
 
 
 if __name__ == "__main__":

@@ -522,7 +522,7 @@ class Supervisor(ActivationMessages):
             return False
 
     def _start_zygote(self) -> None:
-        self.zygote = Zygote(self.paths.python)
+        self.zygote = Zygote(self.paths.python, self.cfg.server.fork_spares)
         self.poller.register(self.zygote.fileno(), zmq.POLLIN)
         self.log.info("zygote.started", pid=self.zygote.proc.pid, python=self.paths.python)
 

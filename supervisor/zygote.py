@@ -51,7 +51,7 @@ class ForkedProcess:
 class Zygote:
     """One fork server process and the requests it has not answered yet."""
 
-    def __init__(self, python: str) -> None:
+    def __init__(self, python: str, spares: int = 2) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_inheritable(theirs.fileno(), True)
         self.proc = subprocess.Popen(
@@ -64,6 +64,8 @@ class Zygote:
                 str(os.getpid()),
                 "--control-fd",
                 str(theirs.fileno()),
+                "--spares",
+                str(spares),
             ],
             stdin=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),

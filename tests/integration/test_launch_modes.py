@@ -151,3 +151,29 @@ def test_a_stuck_zygote_is_replaced_and_its_requests_spawned(make_daemon) -> Non
     assert daemon.events("zygote.fallback")
     # Every activation still ran exactly once: the abandoned request was spawned, not lost.
     assert outcomes(c, "i") == ["ok"] * 4
+
+
+def test_spare_processes_are_forked_ahead_and_a_dead_one_is_skipped(make_daemon) -> None:
+    daemon = make_daemon(server=FORK)
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    (zygote,) = zygotes(daemon)
+
+    def spares() -> list[psutil.Process]:
+        # Idle spares: the supervisor's children with the fork server's command line that are
+        # not the fork server itself (activations that have exited are zombies).
+        out = []
+        for p in psutil.Process(daemon.proc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if p.pid != zygote.pid and p.cmdline() == zygote.cmdline():
+                    out.append(p)
+        return out
+
+    wait_for(lambda: len(spares()) == 2, 10, "two spare processes")
+    for p in spares():
+        p.send_signal(signal.SIGKILL)  # the fork server finds out when it hands one out
+    c.create("acme", "w", id="i")
+    assert c.wait("acme", "i", timeout_s=60)["output"] == 3
+    assert outcomes(c, "i") == ["ok"] * 4
+    wait_for(lambda: len(spares()) == 2, 10, "the spares to be replaced")
+    assert not daemon.events("zygote.failed")
