@@ -201,13 +201,13 @@ def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
             assert sup.proc is not None
             proc = psutil.Process(sup.proc.pid)
             time.sleep(1.0)  # a measurement window, not a wait for a condition
-            cpu0, t0 = proc.cpu_times(), time.perf_counter()
+            cpu0, t0 = _cpu_ns(proc.pid), time.perf_counter()
             time.sleep(3.0)
-            cpu1, idle_s = proc.cpu_times(), time.perf_counter() - t0
+            cpu1, idle_s = _cpu_ns(proc.pid), time.perf_counter() - t0
             rss_idle = proc.memory_info().rss
             run = run_workload(sup, 20, 5, timeout_s)
             rss_after = proc.memory_info().rss
-        idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / idle_s
+        idle_cpu = (cpu1 - cpu0) / 1e6 / idle_s
         out[str(n)] = {
             "sleeping": n,
             "rss_idle_mib": round(rss_idle / 2**20, 2),
@@ -217,6 +217,11 @@ def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
             "steps_per_s": run["steps_per_s"],
         }
     return out
+
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time of a process in ns (/proc/PID/schedstat: finer than the clock ticks of stat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def _wait_status(c: Client, instance: str, status: str, timeout_s: float) -> None:
@@ -269,7 +274,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
         f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
         f"{' (dirty)' if env['git_dirty'] else ''} · `python -m bench` · every isolation "
-        "layer the host has (`auto`), synchronous = full\n",
+        'layer the host has (`auto`), `synchronous = "acked"`, fork_spares 2\n',
         f"## Throughput: {w} workflows x {s} no-op steps\n",
     ]
     dbos1 = tp.get("dbos/1", {}).get("steps_per_s")
@@ -352,7 +357,60 @@ def markdown(res: dict[str, Any]) -> str:
         f"## Create rate\n\n{cr['instances']:,} instances in {cr['batches']} `create_batch` calls: "
         f"{cr['per_s']:,.0f} creations/s ({cr['seconds']:.2f} s).\n"
     )
+    parts.append("## Against the targets\n")
+    rows = [("target", "measured", "met")]
+    for name, value, met in targets(res):
+        rows.append((name, value, "yes" if met else "**no**"))
+    parts.append(markdown_rows(rows) + "\n")
     return "\n".join(parts)
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The performance targets stepvisor holds itself to, against this run's figures."""
+    out: list[tuple[str, str, bool]] = []
+    tp = res["throughput"]
+    fork1 = tp.get("stepvisor-fork/1")
+    if fork1:
+        p50 = fork1["activation"]["total_ms"]["p50"]
+        out.append(("fork-mode activation overhead p50 <= 3 ms", f"{p50:.1f} ms", p50 <= 3))
+    for key, run in tp.items():
+        engine, conc = key.split("/")
+        peer = tp.get(f"dbos/{conc}", {}).get("steps_per_s")
+        if engine == "stepvisor-fork" and peer:
+            ratio = run["steps_per_s"] / peer
+            out.append(
+                (f"throughput >= 1.0x DBOS, concurrency {conc}", f"{ratio:.2f}x", ratio >= 1.0)
+            )
+    rp = res["replay"]
+    out.append(
+        (
+            f"step-{rp['steps']} activation <= 2x step-1",
+            f"{rp['ratio_total']:.2f}x",
+            rp["ratio_total"] <= 2.0,
+        )
+    )
+    idle = list(res["idle"].values())
+    if len(idle) == 2:
+        a, b = idle
+        rss = b["rss_after_work_mib"] / a["rss_after_work_mib"]
+        cpu = b["supervisor_ms_per_activation"] / a["supervisor_ms_per_activation"]
+        out.append(
+            (
+                f"RSS growth {a['sleeping']:,} -> {b['sleeping']:,} sleeping <= 1.2x",
+                f"{rss:.2f}x",
+                rss <= 1.2,
+            )
+        )
+        out.append(
+            (
+                f"scheduling CPU growth {a['sleeping']:,} -> {b['sleeping']:,} <= 1.2x",
+                f"{cpu:.2f}x",
+                cpu <= 1.2,
+            )
+        )
+    per_s = res["create"]["per_s"]
+    out.append((">= 2,000 creations/s via create_batch", f"{per_s:,.0f}/s", per_s >= 2000))
+    return out
 
 
 # ---------------------------------------------------------------------------- main
