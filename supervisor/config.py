@@ -96,6 +96,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     launch_mode: Literal["fork", "spawn"] = "fork"  # spawn: a fresh interpreter per activation
     # fork mode: activation processes the fork server keeps forked ahead of requests
     fork_spares: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    # a fork server for a tenant's own interpreter stops after this long without requests
+    fork_server_idle_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     python: str = ""  # interpreter for activations; empty: the supervisor's own sys.executable
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0

@@ -35,8 +35,9 @@ from supervisor.activation import (
 )
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
 from supervisor.config import Config, ConfigError, Paths, load, resolve_paths
+from supervisor.fork_servers import ForkServers
 from supervisor.output import OutputCapture
-from supervisor.zygote import Zygote, ZygoteError
+from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
 SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
@@ -46,7 +47,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages):
+class Supervisor(ActivationMessages, ForkServers):
     def __init__(self, cfg: Config, paths: Paths, config_path: str | None = None) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -64,8 +65,8 @@ class Supervisor(ActivationMessages):
         self.rr = 0
         self.more_due = False
         self.last_watchdog = 0.0
-        self.zygote: Zygote | None = None
-        self.forking: dict[int, Activation] = {}  # fork request id → activation
+        self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
+        self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
         self.durable_outbox = False  # the outbox acknowledges something: sync before sending
 
@@ -125,7 +126,7 @@ class Supervisor(ActivationMessages):
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
-                self._start_zygote()
+                self._start_zygote(self.paths.python)
             except OSError as exc:
                 self.log.warning("zygote.failed", error=str(exc))
         self.tenants = j.tenant_names(self.conn)
@@ -184,8 +185,8 @@ class Supervisor(ActivationMessages):
 
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
-        if self.zygote is not None:
-            self.zygote.close()
+        for zygote in self.zygotes.values():
+            zygote.close()
         for sock in (self.client, self.sandbox):
             sock.close(linger=0)
         self.zctx.term()
@@ -210,8 +211,9 @@ class Supervisor(ActivationMessages):
                 self._drain_clients(now)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
-            if self.zygote is not None and self.zygote.fileno() in ready:
-                self._on_zygote(now, mono)
+            for python, zygote in list(self.zygotes.items()):
+                if zygote.fileno() in ready:
+                    self._on_zygote(python, now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
             self._check_deadlines(now, mono)
@@ -476,7 +478,7 @@ class Supervisor(ActivationMessages):
         try:
             if self.cgroups is not None:
                 self.cgroups.tenant(tenant, limits)
-            if self.cfg.server.launch_mode == "fork" and not limits.python:
+            if self.cfg.server.launch_mode == "fork":
                 if self._request_fork(act):
                     return  # _on_zygote records it when the fork server answers
                 self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
@@ -504,78 +506,12 @@ class Supervisor(ActivationMessages):
             act.proc.wait()
         self._forget(act)
 
-    # ------------------------------------------------------------------ fork server
-
-    def _request_fork(self, act: Activation) -> bool:
-        """Ask the fork server (starting it if there is none) for this activation's process.
-        False when it cannot take the request: the caller spawns instead."""
-        procs = () if self.cgroups is None else self.cgroups.prepare(act.tenant, act.aid)
-        box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
-        try:
-            if self.zygote is None:
-                self._start_zygote()
-            assert self.zygote is not None
-            self.forking[self.zygote.request(self.paths, box, act.token)] = act
-            return True
-        except (ZygoteError, OSError) as exc:
-            self._zygote_failed(str(exc))
-            return False
-
-    def _start_zygote(self) -> None:
-        self.zygote = Zygote(self.paths.python, self.cfg.server.fork_spares)
-        self.poller.register(self.zygote.fileno(), zmq.POLLIN)
-        self.log.info("zygote.started", pid=self.zygote.proc.pid, python=self.paths.python)
-
-    def _on_zygote(self, now: float, mono: float) -> None:
-        """Start the activations the fork server has answered for."""
-        assert self.zygote is not None
-        try:
-            replies = self.zygote.replies()
-        except ZygoteError as exc:
-            replies = []
-            self._zygote_failed(str(exc))
-        for rid, proc in replies:
-            act = self.forking.pop(rid, None)
-            if act is None or act.state == SETTLED:
-                # Given up on (hello deadline, drain): the process gets no token and exits when
-                # its stdin closes; as our (sub)reaped child it is collected by _reap_orphans.
-                for stream in (proc.stdin, proc.stdout, proc.stderr):
-                    if stream is not None:
-                        stream.close()
-                continue
-            try:
-                self._started(act, proc, now)
-            except OSError as exc:
-                self._launch_failed(act, exc, mono)
-
-    def _zygote_failed(self, why: str) -> None:
-        """Close the fork server; what it never answered is spawned instead. The next launch
-        starts a new fork server."""
-        if self.zygote is None:
-            return
-        self.log.warning("zygote.failed", error=why, pid=self.zygote.proc.pid)
-        with contextlib.suppress(KeyError):
-            self.poller.unregister(self.zygote.fileno())
-        abandoned = self.zygote.close()
-        self.zygote = None
-        now, mono = time.time(), time.monotonic()
-        for rid in abandoned:
-            act = self.forking.pop(rid, None)
-            if act is None or act.state == SETTLED:
-                continue
-            self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-            try:
-                self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
-            except OSError as exc:
-                self._launch_failed(act, exc, mono)
-
     def _sandbox(self, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
         return launcher.sandbox_for(on, act.limits, act.scratch, act.uid, act.gid)
 
     def _check_deadlines(self, now: float, mono: float) -> None:
-        if self.zygote is not None and self.zygote.stuck(mono):
-            self._zygote_failed("the fork server did not answer a request within 5 s")
+        self._check_zygotes(mono)
         for act in list(self.running.values()):
             if act.state == SETTLED:
                 if act.settled_mono is not None and mono > act.settled_mono + SETTLED_GRACE_S:

@@ -77,6 +77,7 @@ class Zygote:
         self.control = ours
         self.control.setblocking(False)  # the loop polls it; a full send buffer is waited out
         self.next_id = 0
+        self.last_used = time.monotonic()  # the last request, for stopping an idle fork server
         # request id → (sent at, our ends of the activation's stdout and stderr pipes)
         self.pending: dict[int, tuple[float, int, int]] = {}
 
@@ -110,7 +111,8 @@ class Zygote:
                 os.close(fd)
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        self.pending[self.next_id] = (time.monotonic(), out_r, err_r)
+        self.last_used = time.monotonic()
+        self.pending[self.next_id] = (self.last_used, out_r, err_r)
         return self.next_id
 
     def _send(self, data: bytes, fds: list[int]) -> None:

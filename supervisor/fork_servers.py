@@ -1,0 +1,124 @@
+"""Fork-mode launches: one fork server per interpreter, asked without blocking the loop.
+
+The supervisor's own interpreter has a fork server from start-up to shutdown; a tenant with an
+interpreter of its own (`[tenants.X] python`) gets one on its first launch, stopped again after
+`fork_server_idle_s` without requests, so an idle tenant keeps no process. A fork server that
+dies or stops answering is closed and what it had not started is spawned instead; the next
+launch starts a new one. A mixin of `daemon.Supervisor`, which owns the poller and the
+activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from supervisor import launcher
+from supervisor.activation import SETTLED, Activation
+from supervisor.config import Config, Paths
+from supervisor.isolation import Cgroups
+from supervisor.zygote import REPLY_TIMEOUT_S, Zygote, ZygoteError
+
+
+class ForkServers:
+    """Launching activations through fork servers; mixed into `daemon.Supervisor`."""
+
+    cfg: Config
+    paths: Paths
+    conn: sqlite3.Connection
+    poller: zmq.Poller
+    cgroups: Cgroups | None
+    zygotes: dict[str, Zygote]  # interpreter → its fork server
+    forking: dict[tuple[str, int], Activation]  # (interpreter, request id) → activation
+    log: Any
+
+    # the supervisor's own launch steps
+    _sandbox: Callable[[Activation], launcher.Sandbox]
+    _started: Callable[[Activation, Any, float], None]
+    _launch_failed: Callable[[Activation, OSError, float], None]
+
+    def _request_fork(self, act: Activation) -> bool:
+        """Ask the activation's fork server (starting it if there is none) for its process.
+        False when it cannot take the request: the caller spawns instead."""
+        python = act.limits.python or self.paths.python
+        procs = () if self.cgroups is None else self.cgroups.prepare(act.tenant, act.aid)
+        box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
+        try:
+            zygote = self.zygotes.get(python) or self._start_zygote(python)
+            self.forking[python, zygote.request(self.paths, box, act.token)] = act
+            return True
+        except (ZygoteError, OSError) as exc:
+            self._zygote_failed(python, str(exc))
+            return False
+
+    def _start_zygote(self, python: str) -> Zygote:
+        zygote = Zygote(python, self.cfg.server.fork_spares)
+        self.zygotes[python] = zygote
+        self.poller.register(zygote.fileno(), zmq.POLLIN)
+        self.log.info("zygote.started", pid=zygote.proc.pid, python=python)
+        return zygote
+
+    def _on_zygote(self, python: str, now: float, mono: float) -> None:
+        """Record the activations a fork server has answered for."""
+        try:
+            replies = self.zygotes[python].replies()
+        except ZygoteError as exc:
+            replies = []
+            self._zygote_failed(python, str(exc))
+        for rid, proc in replies:
+            act = self.forking.pop((python, rid), None)
+            if act is None or act.state == SETTLED:
+                # Given up on meanwhile (hello deadline, drain): it has its token, so stop it;
+                # as our (sub)reaped child it is collected by _reap_orphans.
+                launcher.kill_group(proc.pid)
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+                continue
+            try:
+                self._started(act, proc, now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
+
+    def _check_zygotes(self, mono: float) -> None:
+        for python, zygote in list(self.zygotes.items()):
+            if zygote.stuck(mono):
+                why = f"the fork server did not answer a request within {REPLY_TIMEOUT_S:g} s"
+                self._zygote_failed(python, why)
+            elif (
+                python != self.paths.python
+                and not zygote.pending
+                and mono - zygote.last_used > self.cfg.server.fork_server_idle_s
+            ):
+                self.log.info("zygote.stopped", pid=zygote.proc.pid, python=python, reason="idle")
+                self._close_zygote(python)
+
+    def _close_zygote(self, python: str) -> list[int]:
+        zygote = self.zygotes.pop(python)
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(zygote.fileno())
+        return zygote.close()
+
+    def _zygote_failed(self, python: str, why: str) -> None:
+        """Close the fork server; what it never answered is spawned instead."""
+        zygote = self.zygotes.get(python)
+        if zygote is None:
+            return
+        self.log.warning("zygote.failed", error=why, pid=zygote.proc.pid, python=python)
+        abandoned = self._close_zygote(python)
+        now, mono = time.time(), time.monotonic()
+        for rid in abandoned:
+            act = self.forking.pop((python, rid), None)
+            if act is None or act.state == SETTLED:
+                continue
+            self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
+            try:
+                self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
