@@ -416,6 +416,16 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_report(out: Path, name: str, res: dict[str, Any], md: str) -> None:
+    """<out>/<name>.json (every number) and <out>/<name>.md (the table), written atomically; the
+    table also goes to stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{name}.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(out / f"{name}.md", md)
+    print(md)
+    log(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+
+
 def guarded(body: Callable[[], T]) -> tuple[int, T | None]:
     """Run a benchmark's body with SIGTERM/SIGHUP turned into SystemExit (so every `supervised`
     block cleans up), and its failures turned into one line on stderr and an exit status.

@@ -34,7 +34,7 @@ from bench.harness import (
     run_workload,
     supervised,
     workload_parser,
-    write_atomic,
+    write_report,
 )
 
 LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp")
@@ -387,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     status, res = guarded(lambda: run(args))
     if res is None:
         return status
-    md = render_markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "isolation.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(args.out / "isolation.md", md)
-    print(md)
-    log(f"wrote {args.out / 'isolation.json'} and {args.out / 'isolation.md'}")
+    write_report(args.out, "isolation", res, render_markdown(res))
     return 0
 
 

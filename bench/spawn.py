@@ -34,7 +34,7 @@ from bench.harness import (
     summarize,
     supervised,
     workload_parser,
-    write_atomic,
+    write_report,
 )
 
 IMPORTS = "import zmq, msgspec, cloudpickle"
@@ -325,11 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     status, res = guarded(lambda: run(args))
     if res is None:
         return status
-    md = render_markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "spawn.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(args.out / "spawn.md", md)
-    print(md)
+    write_report(args.out, "spawn", res, render_markdown(res))
     if res["run"]["activations_recorded"] != res["run"]["activations_expected"] or set(
         res["run"]["outcomes"]
     ) - {"ok"}:
@@ -337,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
             f"note: activation outcomes {res['run']['outcomes']} "
             f"({res['run']['activations_recorded']} recorded)"
         )
-    log(f"wrote {args.out / 'spawn.json'} and {args.out / 'spawn.md'}")
     return 0
 
 

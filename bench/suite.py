@@ -17,7 +17,6 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import statistics
 import sys
@@ -44,7 +43,7 @@ from bench.harness import (
     supervised,
     workflow_source,
     workload_parser,
-    write_atomic,
+    write_report,
 )
 from bench.spawn import fork_floor
 from stepvisor.client import Client
@@ -475,12 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     status, res = guarded(lambda: run(args))
     if res is None:
         return status
-    md = markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "suite.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(args.out / "suite.md", md)
-    print(md)
-    log(f"wrote {args.out / 'suite.json'} and {args.out / 'suite.md'}")
+    write_report(args.out, "suite", res, markdown(res))
     return 0
 
 
