@@ -161,7 +161,10 @@ def migrate(conn: sqlite3.Connection) -> None:
 def sync_wal(path: Path) -> None:
     """Make every transaction committed so far durable: fsync the write-ahead log, which is what
     `synchronous = FULL` does at each commit (checkpoints sync it themselves)."""
-    fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # no log at all: every commit is in the (synced) database file
+        return
     try:
         os.fsync(fd)
     finally:
