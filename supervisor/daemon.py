@@ -69,6 +69,7 @@ class Supervisor(ActivationMessages, ForkServers):
         self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
         self.durable_outbox = False  # the outbox acknowledges something: sync before sending
+        self.unsynced = False  # committed rows not fsynced yet (synchronous = "acked")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,14 +220,12 @@ class Supervisor(ActivationMessages, ForkServers):
             self._check_deadlines(now, mono)
             if not self.draining:
                 self._schedule(now, mono)
-        if (
-            self.durable_outbox
-            and self.cfg.server.synchronous == "acked"
-            and self.conn.total_changes != changes
-        ):
-            # One fsync for everything this tick acknowledges; what it does not acknowledge
-            # (launches, step starts, reap records) rides along with the next one.
+        self.unsynced |= self.conn.total_changes != changes
+        if self.durable_outbox and self.unsynced and self.cfg.server.synchronous == "acked":
+            # One fsync for everything this tick acknowledges; what no tick acknowledged yet
+            # (launches, step starts, reap records) rides along.
             j.sync_wal(self.paths.db)
+            self.unsynced = False
         committed = time.monotonic()
         for act in self.settled_this_tick:
             act.committed_mono = committed
@@ -635,6 +634,9 @@ class Supervisor(ActivationMessages, ForkServers):
             for act in list(self.running.values()):
                 launcher.kill_group(act.pid)
                 self._settle(act, outcome.INTERRUPTED, "the supervisor was stopped", mono)
+                if act.pid == 0:  # the fork server never answered for it: nothing to reap
+                    self._finish_record(act, None, None, time.time(), mono)
+                    self._forget(act)
         deadline = mono + 5.0
         while self.by_pid and time.monotonic() < deadline:
             with j.transaction(self.conn):
