@@ -37,6 +37,18 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 30.0, what: str = "cond
         time.sleep(0.02)
 
 
+def reaped_activations(client: Any, tenant: str, instance: str) -> list[dict[str, Any]]:
+    """The instance's activation records once every one is reaped: an instance is complete as
+    soon as its last result is committed, and that activation's timings are recorded a moment
+    later, when it has exited."""
+
+    def reaped() -> list[dict[str, Any]] | None:
+        acts: list[dict[str, Any]] = client.history(tenant, instance)["activations"]
+        return acts if all(a["total_ms"] is not None for a in acts) else None
+
+    return wait_for(reaped, 10, f"every activation of {tenant}/{instance} to be reaped")
+
+
 class Daemon:
     """`stepvisor serve` as a child process with its own state, runtime dir and log file."""
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Daemon
+from tests.conftest import ROOT, Daemon, wait_for
 
 
 def cli(
@@ -157,9 +157,16 @@ def test_api_socket_is_group_only_and_logs_go_to_the_file(make_daemon, tmp_short
     c.deploy("acme", ROOT / "examples" / "globex" / "reports.py")
     c.create("acme", "nightly-report", {"factor": 1}, id="r")
     assert c.wait("acme", "r", timeout_s=60)["status"] == "complete"
-    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
-    canonical = [x for x in lines if x["event"] == "activation.finished" and x["instance"] == "r"]
-    assert len(canonical) == c.status("acme", "r")["activations"]
+    activations = c.status("acme", "r")["activations"]
+
+    def canonical() -> list[dict]:
+        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+        return [x for x in lines if x["event"] == "activation.finished" and x["instance"] == "r"]
+
+    # The instance is complete once its last result is committed; that activation's line is
+    # written when it has exited and been reaped, a moment later.
+    wait_for(lambda: len(canonical()) == activations, 10, "a log line per activation")
+    lines = canonical()
     for key in (
         "tenant",
         "instance",
@@ -171,7 +178,7 @@ def test_api_socket_is_group_only_and_logs_go_to_the_file(make_daemon, tmp_short
         "cpu_ms",
         "max_rss_kib",
     ):
-        assert key in canonical[0]
+        assert key in lines[0]
 
 
 def test_the_quick_start_demo_runs_both_tenants() -> None:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from supervisor.activation import PHASES
-from tests.conftest import deploy_source, wait_for, writable
+from tests.conftest import deploy_source, reaped_activations, wait_for, writable
 from tests.integration.test_escapes import ATTACKER
 
 FORK = 'launch_mode = "fork"\n'
@@ -59,7 +59,7 @@ def test_activations_run_workflows_one_process_per_step(make_daemon, mode: str) 
         "step 0", "step 1", "step 2"]  # fmt: skip
     assert [e["launch_mode"] for e in daemon.events("supervisor.ready")] == [mode]
     # Every activation says where its time went, and the phases add up to its total.
-    for a in c.history("acme", "i")["activations"]:
+    for a in reaped_activations(c, "acme", "i"):
         assert list(a["phases"]) == list(PHASES)
         assert all(v >= 0 for v in a["phases"].values())
         assert abs(sum(a["phases"].values()) - a["total_ms"]) < 0.05

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from tests.conftest import Daemon, deploy_source
+from tests.conftest import Daemon, deploy_source, reaped_activations
 
 SRC = """
 import time
@@ -22,7 +22,7 @@ def intervals(daemon: Daemon, tenant: str, ids: list[str]) -> list[tuple[float, 
     c = daemon.client()
     out = []
     for iid in ids:
-        for a in c.history(tenant, iid)["activations"]:
+        for a in reaped_activations(c, tenant, iid):
             start = dt.datetime.fromisoformat(a["launched_at"]).timestamp()
             out.append((start, start + a["total_ms"] / 1000))
     return out
