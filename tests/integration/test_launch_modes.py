@@ -169,9 +169,17 @@ def test_spare_processes_are_forked_ahead_and_a_dead_one_is_skipped(make_daemon)
                     out.append(p)
         return out
 
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE  # exited: its socket is closed
+        except psutil.NoSuchProcess:
+            return True
+
     wait_for(lambda: len(spares()) == 2, 10, "two spare processes")
-    for p in spares():
+    killed = spares()
+    for p in killed:
         p.send_signal(signal.SIGKILL)  # the fork server finds out when it hands one out
+    wait_for(lambda: all(gone(p) for p in killed), 10, "the spares to die")
     c.create("acme", "w", id="i")
     assert c.wait("acme", "i", timeout_s=60)["output"] == 3
     assert outcomes(c, "i") == ["ok"] * 4
