@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import psutil
 
 from stepvisor.client import Client, StepVisorError
+from supervisor.activation import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -344,6 +345,7 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         for i in ids:
             records.extend(client.history(TENANT, i)["activations"])
     activations = workflows * (steps + 1)
+    timed = [r["phases"] for r in records if r.get("phases")]
     outcomes = Counter(str(r.get("outcome")) for r in records)
     sup_ms = cpu_ms(cpu0, cpu1, "user", "system")
     child_ms = cpu_ms(cpu0, cpu1, "children_user", "children_system")
@@ -358,10 +360,7 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         "outcomes": dict(outcomes),
         "activation": {f: summarize([r.get(f) for r in records]) for f in ACTIVATION_FIELDS},
         # where launch -> reaped went (the activation record's phases; see supervisor.activation)
-        "phases": {
-            name: summarize([r["phases"][name] for r in records if r.get("phases")])
-            for name in (records[0].get("phases") or {} if records else {})
-        },
+        "phases": {name: summarize([p[name] for p in timed]) for name in PHASES} if timed else {},
         "cpu": {
             "supervisor_ms": sup_ms,
             "activations_ms": child_ms,  # reaped children of the supervisor during the run

@@ -98,9 +98,8 @@ class Client:
                     ErrorCode.TIMEOUT.value, f"no reply from the supervisor at {self.endpoint}"
                 )
             reply = decode_reply(sock.recv())
-            if reply.rid != rid and not (reply.rid == 0 and not reply.ok):
+            if reply.rid != rid:
                 continue  # a stale reply to an earlier, abandoned call
-            # (rid 0: the supervisor could not read our request at all; the error is ours)
             if not reply.ok:
                 err = reply.error
                 raise StepVisorError(
