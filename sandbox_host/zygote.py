@@ -22,6 +22,7 @@ Context or a thread: each activation makes its own.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import select
@@ -150,6 +151,10 @@ def main() -> None:
     limits.die_with_parent(args.ppid)
     control = socket.socket(fileno=args.control_fd)
     sys.stdout.flush()
+    # Everything imported so far is shared with every activation by copy-on-write; keep the
+    # collector from walking (and so writing to) those pages in each child.
+    gc.collect()
+    gc.freeze()
     serve(control, max(0, args.spares))
 
 
