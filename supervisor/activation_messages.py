@@ -49,6 +49,8 @@ class ActivationMessages:
     client: zmq.Socket[bytes]
     sandbox: zmq.Socket[bytes]
     running: dict[str, Activation]
+    active: int
+    per_tenant: dict[str, int]
     bad_peers: dict[bytes, int]
     outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
     output: OutputCapture
@@ -301,6 +303,8 @@ class ActivationMessages:
             return
         was_step = act.state == IN_STEP
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
+        self.active -= 1  # its concurrency slot; the process itself is counted until reaped
+        self.per_tenant[act.tenant] -= 1
         self.settled_this_tick.append(act)
         now = time.time()
         j.update_activation(

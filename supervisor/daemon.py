@@ -53,8 +53,11 @@ class Supervisor(ActivationMessages, ForkServers):
         self.paths = paths
         self.config_path = config_path
         self.log = logs.get(component="supervisor")
-        self.running: dict[str, Activation] = {}  # token → activation
+        self.running: dict[str, Activation] = {}  # token → activation, until reaped
         self.by_pid: dict[int, Activation] = {}
+        # Concurrency counts activations not yet settled: once its result is journaled an
+        # activation only exits, and the instance's next step need not wait for that.
+        self.active = 0
         self.per_tenant: dict[str, int] = {}
         self.tenants: list[str] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
@@ -245,7 +248,7 @@ class Supervisor(ActivationMessages, ForkServers):
             wait = min(wait, limit - mono)
         if not self.draining:
             nxt = j.next_wake(self.conn)
-            # A due instance blocked by concurrency waits for a reap, which wakes the poll.
+            # A due instance blocked by concurrency waits for a result or a reap; both wake the poll.
             if nxt is not None and nxt > now:
                 wait = min(wait, nxt - now)
         return max(0, int(wait * 1000) + 1)
@@ -413,7 +416,7 @@ class Supervisor(ActivationMessages, ForkServers):
         while progress:
             progress = False
             for tenant in order:
-                if len(self.running) >= self.cfg.server.max_activations:
+                if not self._slot_free():
                     return
                 if launched >= MAX_LAUNCHES_PER_TICK:
                     self.more_due = True
@@ -425,6 +428,14 @@ class Supervisor(ActivationMessages, ForkServers):
                     self._launch(tenant, due[0], "run", now, mono)
                     launched += 1
                     progress = True
+
+    def _slot_free(self) -> bool:
+        """Room for one more activation: fewer than `max_activations` unsettled, and at most as
+        many again still exiting, each of which holds a sandbox uid until it is reaped."""
+        cap = self.cfg.server.max_activations
+        if self.active >= cap or len(self.running) >= 2 * cap:
+            return False
+        return self.uids is None or self.uids.has_free()
 
     def _launch(
         self,
@@ -473,6 +484,7 @@ class Supervisor(ActivationMessages, ForkServers):
             deploy=deploy,
         )
         self.running[token] = act
+        self.active += 1
         self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
             if self.cgroups is not None:
@@ -618,7 +630,6 @@ class Supervisor(ActivationMessages, ForkServers):
                     stream.close()
         self.by_pid.pop(act.pid, None)
         self.running.pop(act.token, None)
-        self.per_tenant[act.tenant] = self.per_tenant.get(act.tenant, 1) - 1
         if self.cgroups is not None:
             self.cgroups.kill(act.tenant, act.aid)
         if self.uids is not None and act.uid is not None:

@@ -133,6 +133,9 @@ class UidPool:
     def release(self, uid: int) -> None:
         self.used.discard(uid)
 
+    def has_free(self) -> bool:
+        return len(self.used) <= self.high - self.low
+
 
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:

@@ -18,13 +18,21 @@ def w(event, step):
 """
 
 
-def intervals(daemon: Daemon, tenant: str, ids: list[str]) -> list[tuple[float, float]]:
+def intervals(
+    daemon: Daemon, tenant: str, ids: list[str], *, until: str = "result"
+) -> list[tuple[float, float]]:
+    """Each activation's span from launch to its result (`until="result"`: what concurrency
+    limits count) or to its reaping (`"reaped"`: the process's whole life)."""
     c = daemon.client()
     out = []
     for iid in ids:
         for a in reaped_activations(c, tenant, iid):
             start = dt.datetime.fromisoformat(a["launched_at"]).timestamp()
-            out.append((start, start + a["total_ms"] / 1000))
+            ms = a["total_ms"]
+            if until == "result":
+                assert a["phases"], a
+                ms -= a["phases"]["commit"] + a["phases"]["reap"]
+            out.append((start, start + ms / 1000))
     return out
 
 
@@ -49,12 +57,14 @@ def test_tenant_concurrency_limit_holds(make_daemon) -> None:
     for i in ids:
         assert c.wait("acme", i, timeout_s=60)["status"] == "complete"
     assert max_overlap(intervals(daemon, "acme", ids)) == 1
+    # An activation that has reported only exits: the next may start meanwhile, never more.
+    assert max_overlap(intervals(daemon, "acme", ids, until="reaped")) <= 2
 
 
 def test_global_cap_holds_across_tenants(make_daemon) -> None:
     daemon = make_daemon(server="max_activations = 2\n")
     c = daemon.client()
-    spans = []
+    spans, lives = [], []
     for tenant in ("a", "b", "c"):
         deploy_source(c, tenant, SRC)
         c.create_batch(tenant, "w", [(f"i{n}", {"steps": 1, "step_s": 0.2}) for n in range(3)])
@@ -62,7 +72,9 @@ def test_global_cap_holds_across_tenants(make_daemon) -> None:
         for n in range(3):
             assert c.wait(tenant, f"i{n}", timeout_s=60)["status"] == "complete"
         spans += intervals(daemon, tenant, [f"i{n}" for n in range(3)])
+        lives += intervals(daemon, tenant, [f"i{n}" for n in range(3)], until="reaped")
     assert max_overlap(spans) <= 2
+    assert max_overlap(lives) <= 4  # exiting activations: at most max_activations more
     assert max_overlap(spans) == 2  # and the cap is actually used
 
 
