@@ -248,7 +248,7 @@ class Supervisor(ActivationMessages, ForkServers):
             wait = min(wait, limit - mono)
         if not self.draining:
             nxt = j.next_wake(self.conn)
-            # A due instance blocked by concurrency waits for a result or a reap; both wake the poll.
+            # A due instance blocked by concurrency waits for a result or a reap: both wake us.
             if nxt is not None and nxt > now:
                 wait = min(wait, nxt - now)
         return max(0, int(wait * 1000) + 1)
