@@ -24,10 +24,13 @@ def run(
     started: float,
     token: str | None = None,
     before_parent_check: Callable[[], None] | None = None,
+    netns_fd: int | None = None,
 ) -> NoReturn:
     """`started`: CLOCK_MONOTONIC when this process's own code began, for the timing marks.
     `token`: given by the fork server; a spawned activation reads it from stdin instead.
-    `before_parent_check`: the fork server's wait until we are the supervisor's child."""
+    `before_parent_check`: the fork server's wait until we are the supervisor's child.
+    `netns_fd`: the tenant's private network namespace, from the fork server; without it a
+    private namespace is made here."""
     if box.get("cgroup_procs"):
         # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
         for procs in box["cgroup_procs"]:
@@ -41,7 +44,12 @@ def run(
     os.umask(0o007)  # private to the tenant's group: its other activations may use its files
     limits.no_new_privs()
     if box.get("network_namespace"):
-        isolation.leave_network()
+        if netns_fd is None:
+            isolation.leave_network()
+        else:
+            isolation.enter_network(netns_fd)
+    if netns_fd is not None:
+        os.close(netns_fd)
     if box.get("landlock"):
         # Before any thread exists: Landlock binds this thread and what it creates later.
         isolation.restrict_filesystem(

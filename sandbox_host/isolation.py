@@ -30,6 +30,13 @@ def leave_network() -> None:
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
 
 
+def enter_network(fd: int) -> None:
+    """Join the network namespace `fd` refers to (a tenant's, kept by the fork server)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
 # --------------------------------------------------------------------------- Landlock
 
 _SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture

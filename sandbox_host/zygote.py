@@ -2,8 +2,8 @@
 per request, forked before the request arrives.
 
 `python -I -m sandbox_host.zygote --ppid P --control-fd N [--spares K]` with a SOCK_SEQPACKET
-socket. Each request is JSON {id, endpoint, ppid, token, scratch, env, sandbox} with three fds
-attached (the activation's stdin, stdout, stderr).
+socket. Each request is JSON {id, endpoint, ppid, token, scratch, env, sandbox, netns} with three
+fds attached (the activation's stdin, stdout, stderr).
 
 Forking is the slow part of a launch (page tables of a pre-imported interpreter, twice), so the
 zygote keeps K *spares*: processes forked ahead of time that wait, blank, for a request. A request
@@ -17,6 +17,12 @@ request, and exits when its socket closes (the zygote is gone).
 Given a request, the activation does not wait for the supervisor: it joins its cgroups itself,
 applies its isolation and connects with the token it was given. The zygote never creates a zmq
 Context or a thread: each activation makes its own.
+
+A request's `netns` names the tenant whose private network namespace the activation enters. The
+zygote makes one per tenant and keeps it while the tenant is active (NETNS_IDLE_S): creating a
+namespace for every activation and tearing it down again cost more than a millisecond of CPU each.
+Activations of one tenant then share a namespace that has only a loopback interface, which is
+down and which they, without privileges, cannot bring up; other tenants never see it.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ import cloudpickle  # noqa: F401
 import msgspec  # noqa: F401
 import zmq  # noqa: F401
 
-from sandbox_host import activation, limits
+from sandbox_host import activation, isolation, limits
 from sandbox_host import runtime as _runtime  # noqa: F401
 from stepvisor import sdk as _sdk  # noqa: F401
 
 MAX_REQUEST_BYTES = 1 << 20
+NETNS_IDLE_S = 60.0  # a tenant's network namespace is dropped after this long without a request
+_NETNS_FD = 3  # where a spare puts the namespace it was given, for `activation.run`
 
 
 class Spare(NamedTuple):
@@ -78,15 +86,15 @@ def _spare(sock: socket.socket) -> None:
     os.closerange(3, fd)  # the zygote's control socket and other spares' sockets: not ours
     os.closerange(fd + 1, 1 << 16)
     os.setsid()  # its own session and process group, as a spawned activation has
-    data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 3)
-    if not data or len(fds) != 3:
+    data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 4)
+    if not data or len(fds) not in (3, 4):
         os._exit(0)  # the zygote is gone (or confused): never used
     started = time.monotonic()
     sock.close()
     request: dict[str, Any] = json.loads(data)
-    for target, src in zip((0, 1, 2), fds, strict=True):
+    for target, src in zip((0, 1, 2, _NETNS_FD), fds, strict=False):  # netns: optional
         os.dup2(src, target)
-    os.closerange(3, 1 << 16)
+    os.closerange(len(fds), 1 << 16)
     os.chdir(request["scratch"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -98,6 +106,7 @@ def _spare(sock: socket.socket) -> None:
         started,
         request["token"],
         before_parent_check=lambda: _check_parent(ppid),
+        netns_fd=_NETNS_FD if len(fds) == 4 else None,
     )
 
 
@@ -118,13 +127,60 @@ def _assign(spare: Spare, data: bytes, fds: list[int]) -> bool:
         spare.sock.close()
 
 
+class NetNamespaces:
+    """One private network namespace per tenant, held open by an fd while the tenant is active.
+
+    Made here, in the zygote, by unsharing and at once returning to the namespace it started in:
+    the zygote and its spares stay in the host's namespace throughout."""
+
+    def __init__(self) -> None:
+        self.home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.held: dict[str, tuple[int, float]] = {}  # tenant → (fd, last used)
+
+    def fd(self, tenant: str) -> int | None:
+        """The tenant's namespace; None when one cannot be made (not root): the activation
+        then tries itself and reports the kernel's refusal."""
+        held = self.held.get(tenant)
+        if held is None:
+            try:
+                isolation.leave_network()
+            except OSError:
+                return None
+            try:
+                fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                isolation.enter_network(self.home)  # fails only if the kernel is broken: exit
+            held = (fd, 0.0)
+        self.held[tenant] = (held[0], time.monotonic())
+        return held[0]
+
+    def wait_s(self) -> float | None:
+        """How long until the next namespace falls idle; None when none is held."""
+        if not self.held:
+            return None
+        oldest = min(last for _, last in self.held.values())
+        return max(0.0, oldest + NETNS_IDLE_S - time.monotonic())
+
+    def drop_idle(self) -> None:
+        cutoff = time.monotonic() - NETNS_IDLE_S
+        for tenant, (fd, last) in list(self.held.items()):
+            if last <= cutoff:
+                os.close(fd)  # the kernel frees the namespace with its last reference
+                del self.held[tenant]
+
+
 def serve(control: socket.socket, keep: int) -> None:
     spares: deque[Spare] = deque()
+    netns = NetNamespaces()
     while True:
         # Fork replacements only while no request waits: a request never waits for a spare
         # that is not its own.
         if len(spares) < keep and not select.select([control], [], [], 0)[0]:
             spares.append(_fork_spare())
+            continue
+        idle_in = netns.wait_s()
+        if idle_in is not None and not select.select([control], [], [], idle_in)[0]:
+            netns.drop_idle()
             continue
         try:
             data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
@@ -133,9 +189,12 @@ def serve(control: socket.socket, keep: int) -> None:
         if not data:
             return  # the supervisor closed its end
         request = json.loads(data)
+        tenant = request.get("netns")
+        ns = netns.fd(tenant) if isinstance(tenant, str) else None
+        given = fds if ns is None else [*fds, ns]
         while True:
             spare = spares.popleft() if spares else _fork_spare()
-            if _assign(spare, data, fds):
+            if _assign(spare, data, given):
                 break
         for fd in fds:
             os.close(fd)

@@ -51,7 +51,7 @@ class ForkServers:
         box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
         try:
             zygote = self.zygotes.get(python) or self._start_zygote(python)
-            self.forking[python, zygote.request(self.paths, box, act.token)] = act
+            self.forking[python, zygote.request(self.paths, box, act.token, act.tenant)] = act
             return True
         except (ZygoteError, OSError) as exc:
             self._zygote_failed(python, str(exc))

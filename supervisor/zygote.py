@@ -84,10 +84,11 @@ class Zygote:
     def fileno(self) -> int:
         return self.control.fileno()
 
-    def request(self, paths: Paths, sandbox: Sandbox, token: str) -> int:
+    def request(self, paths: Paths, sandbox: Sandbox, token: str, tenant: str) -> int:
         """Ask for one activation; returns the request id its reply will carry. The child gets
         its token with the request (this socket is the supervisor's and the fork server's
-        alone) and joins `sandbox.cgroup_procs` itself, so it starts without waiting for us."""
+        alone) and joins `sandbox.cgroup_procs` itself, so it starts without waiting for us.
+        Without network it enters `tenant`'s network namespace, which the fork server keeps."""
         (stdin_r, stdin_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
         self.next_id += 1
         request = {
@@ -98,6 +99,7 @@ class Zygote:
             "scratch": sandbox.scratch,
             "env": dict(BASE_ENV, HOME=sandbox.scratch, TMPDIR=sandbox.scratch),
             "sandbox": msgspec.to_builtins(sandbox),
+            "netns": tenant if sandbox.network_namespace else None,
         }
         os.close(stdin_w)  # its stdin reads as empty
         try:

@@ -420,3 +420,23 @@ def test_a_tenant_allowed_the_network_gets_it_and_only_ip(make_daemon) -> None:
     layers = {e["layer"] for e in daemon.events("isolation.layer")}
     if "seccomp" in layers:
         assert out["unix"] == "Operation not permitted"  # still no way to the API socket
+
+
+def test_tenants_without_network_never_share_a_network_namespace(make_daemon) -> None:
+    """In fork mode a tenant's activations reuse its private namespace (so none is made and torn
+    down per step); another tenant's activations and the host are never in it."""
+    daemon = make_daemon()
+    if "network" not in {e["layer"] for e in daemon.events("isolation.layer")}:
+        pytest.skip("isolation layer network is not available on this host")
+    c = daemon.client()
+    code = {"code": "import os\nresult = os.readlink('/proc/self/ns/net')"}
+    seen: dict[str, list[str]] = {}
+    for tenant in ("one", "two"):
+        deploy_source(c, tenant, ATTACKER)
+        for n in range(2):
+            c.create(tenant, "attack", code, id=f"n{n}")
+            seen.setdefault(tenant, []).append(c.wait(tenant, f"n{n}", timeout_s=60)["output"])
+    host = os.readlink("/proc/self/ns/net")
+    assert host not in seen["one"] + seen["two"]
+    assert not set(seen["one"]) & set(seen["two"])
+    assert seen["one"][0] == seen["one"][1]  # fork mode (the default): kept per tenant
