@@ -361,6 +361,8 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
         "activation": {f: summarize([r.get(f) for r in records]) for f in ACTIVATION_FIELDS},
         # where launch -> reaped went (the activation record's phases; see supervisor.activation)
         "phases": {name: summarize([p[name] for p in timed]) for name in PHASES} if timed else {},
+        # launch -> result committed: what the instance waits for (reaping overlaps its next step)
+        "committed_ms": summarize([sum(p.values()) - p["reap"] for p in timed]),
         "cpu": {
             "supervisor_ms": sup_ms,
             "activations_ms": child_ms,  # reaped children of the supervisor during the run

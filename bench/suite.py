@@ -5,7 +5,8 @@ Sections, in order (see bench/README.md for what each measures and how):
 1. floor: fork()+_exit+waitpid in a fresh interpreter;
 2. throughput: W workflows x S no-op steps, sequential and C concurrent, stepvisor fork mode,
    stepvisor spawn mode and DBOS Transact on SQLite (in-process, no isolation);
-3. activation overhead: launch -> reaped of a no-op step, fork vs spawn vs the fork floor;
+3. activation overhead: launch -> reaped (and -> result committed) of a no-op step, fork vs
+   spawn vs the fork floor;
 4. replay scaling: the activation of step 1, 100 and 1000 of one workflow;
 5. idle scaling: supervisor RSS, idle CPU and CPU per activation with 1k vs 100k sleeping
    instances in its database;
@@ -292,9 +293,16 @@ def markdown(res: dict[str, Any]) -> str:
     if dbos1 is None:
         parts.append("DBOS was not measured (install it: `pip install dbos`).\n")
     parts.append("## Activation overhead (no-op step, sequential: launch -> reaped)\n")
-    rows = [("", "p50 ms", "p95 ms", "p99 ms", "p50 / fork floor")]
+    rows = [("", "p50 ms", "p95 ms", "p99 ms", "p50 / fork floor", "to result committed p50")]
     rows.append(
-        ("fork()+_exit+waitpid floor", _p(floor, "p50"), _p(floor, "p95"), _p(floor, "p99"), "1")
+        (
+            "fork()+_exit+waitpid floor",
+            _p(floor, "p50"),
+            _p(floor, "p95"),
+            _p(floor, "p99"),
+            "1",
+            "",
+        )
     )
     for mode in ("fork", "spawn"):
         run = tp.get(f"stepvisor-{mode}/1")
@@ -308,6 +316,7 @@ def markdown(res: dict[str, Any]) -> str:
                 _p(t, "p95"),
                 _p(t, "p99"),
                 f"{t['p50'] / floor['p50']:.1f}x",
+                _p(run["committed_ms"], "p50") if run.get("committed_ms") else "n/a",
             )
         )
     parts.append(markdown_rows(rows) + "\n")
