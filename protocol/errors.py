@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     NONDETERMINISM = "NONDETERMINISM"  # replay asked for a different step than the journal holds
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # a tenant limit (instances, ...) would be exceeded
     UNAVAILABLE = "UNAVAILABLE"  # supervisor draining or not reachable
+    CONFIG = "CONFIG"  # the config file is invalid or changes what needs a restart
     TIMEOUT = "TIMEOUT"  # client gave up waiting for a reply
     INTERNAL = "INTERNAL"  # a bug in stepvisor; logged with details
 

@@ -109,6 +109,12 @@ class Ping(Base, frozen=True, tag="ping"):
     rid: int
 
 
+class Reload(Base, frozen=True, tag="reload"):
+    """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
+
+    rid: int
+
+
 Request = (
     Deploy
     | Create
@@ -119,6 +125,7 @@ Request = (
     | Control
     | GetHistory
     | Ping
+    | Reload
 )
 
 

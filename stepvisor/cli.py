@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("tenant")
         s.add_argument("id")
 
+    sub.add_parser(
+        "reload",
+        help="make the supervisor re-read its config file (as SIGHUP does); print what changed",
+    )
+
     s = sub.add_parser(
         "demo",
         help="start a supervisor, run the example workflows of two "
@@ -125,6 +130,16 @@ def format_history(h: dict[str, Any]) -> str:
             f"  cold start ms: min {colds[0]:.1f}  median {colds[len(colds) // 2]:.1f}  "
             f"max {colds[-1]:.1f}  over {len(colds)} activations"
         )
+    return "\n".join(lines)
+
+
+def format_reload(r: dict[str, Any]) -> str:
+    changes = r["changes"]
+    if not changes:
+        return f"reloaded {r['path']}: nothing changed"
+    lines = [f"reloaded {r['path']}:"]
+    for key, change in changes.items():
+        lines.append(f"  {key}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
     return "\n".join(lines)
 
 
@@ -184,6 +199,9 @@ def _run(args: argparse.Namespace) -> int:
             _print(
                 args, r, f"event {r['event']} stored" + (" and delivered" if r["delivered"] else "")
             )
+        elif args.cmd == "reload":
+            r = c.reload()
+            _print(args, r, format_reload(r))
         else:
             r = c.control(args.tenant, args.id, args.cmd)
             _print(

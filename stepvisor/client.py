@@ -27,6 +27,7 @@ from protocol.messages import (
     GetStatus,
     ListInstances,
     Ping,
+    Reload,
     SendEvent,
 )
 from stepvisor.sdk import WORKFLOW_ATTR
@@ -207,6 +208,11 @@ class Client:
 
     def ping(self, timeout_s: float | None = None) -> bool:
         return bool(self.call(lambda rid: Ping(rid=rid), timeout_s=timeout_s))
+
+    def reload(self) -> dict[str, Any]:
+        """Make the supervisor re-read its config file: {path, changes: {key: {old, new}}}.
+        An invalid file raises CONFIG and the supervisor keeps the config it has."""
+        return self.call(lambda rid: Reload(rid=rid))
 
     def wait(
         self,

@@ -26,6 +26,7 @@ from protocol.messages import (
     GetStatus,
     ListInstances,
     Ping,
+    Reload,
     SendEvent,
 )
 from supervisor import engine
@@ -45,6 +46,8 @@ class Host(Protocol):
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None: ...
 
     def kill_instance_activation(self, tenant: str, instance: str, outcome: str) -> None: ...
+
+    def reload_config(self) -> dict[str, Any]: ...
 
 
 def status_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -290,6 +293,10 @@ def ping(host: Host, req: Ping, identity: bytes, now: float) -> object:
     return {"pong": True}
 
 
+def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
+    return host.reload_config()
+
+
 Handler = Callable[[Host, Any, bytes, float], object]
 HANDLERS: dict[type, Handler] = {
     Deploy: deploy,
@@ -301,4 +308,5 @@ HANDLERS: dict[type, Handler] = {
     SendEvent: send_event,
     Control: control,
     Ping: ping,
+    Reload: reload,
 }

@@ -7,7 +7,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -106,6 +106,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # acked: whatever is acknowledged (a result, a create, an event, a control) is on disk first;
     # full: every commit is synced; normal: none is (a power loss may drop the last commits)
     synchronous: Literal["acked", "full", "normal"] = "acked"
+    # members of this group may use the ipc:// API socket (0660); empty: root's group only
+    api_group: str = ""
     log_file: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -209,6 +211,56 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         )
     resolve_paths(cfg)
     return cfg
+
+
+def with_dirs(cfg: Config, state_dir: str | None, runtime_dir: str | None) -> Config:
+    """`cfg` with the state and runtime directories given on the command line, if any."""
+    if not (state_dir or runtime_dir):
+        return cfg
+    server = msgspec.structs.replace(
+        cfg.server,
+        state_dir=state_dir or cfg.server.state_dir,
+        runtime_dir=runtime_dir or cfg.server.runtime_dir,
+    )
+    return msgspec.structs.replace(cfg, server=server)
+
+
+# Read once at start-up: a reload that changes one of these is refused as a whole.
+RESTART_KEYS = frozenset(
+    {
+        "server.state_dir",
+        "server.runtime_dir",
+        "server.api_endpoint",
+        "server.sandbox_endpoint",
+        "server.api_group",
+        "server.python",
+        "server.launch_mode",
+        "server.fork_spares",
+        "server.synchronous",
+        "server.log_file",
+        "server.log_level",
+    }
+)
+RESTART_SECTIONS = ("isolation.",)  # layers, uid and gid ranges: resolved once, at start-up
+
+
+def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Every setting that differs, by dotted key (`tenants.acme.memory_mib`): (old, new)."""
+    a, b = _flatten(msgspec.to_builtins(old)), _flatten(msgspec.to_builtins(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def needs_restart(changes: dict[str, tuple[Any, Any]]) -> list[str]:
+    return [k for k in changes if k in RESTART_KEYS or k.startswith(RESTART_SECTIONS)]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix.removesuffix("."): value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flatten(item, f"{prefix}{key}."))
+    return out
 
 
 def _convert(value: object, kind: type[T], prefix: str, source: str) -> T:

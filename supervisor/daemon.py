@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import grp
 import json
 import os
 import secrets
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import psutil
 import zmq
 
@@ -34,7 +34,16 @@ from supervisor.activation import (
     DeployRequest,
 )
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
-from supervisor.config import Config, ConfigError, Paths, load, resolve_paths
+from supervisor.config import (
+    Config,
+    ConfigError,
+    Paths,
+    load,
+    needs_restart,
+    resolve_paths,
+    with_dirs,
+)
+from supervisor.config import diff as config_diff
 from supervisor.fork_servers import ForkServers
 from supervisor.output import OutputCapture
 from supervisor.zygote import Zygote
@@ -48,10 +57,17 @@ class StartupError(Exception):
 
 
 class Supervisor(ActivationMessages, ForkServers):
-    def __init__(self, cfg: Config, paths: Paths, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        paths: Paths,
+        config_path: str | None = None,
+        dirs: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         self.cfg = cfg
         self.paths = paths
         self.config_path = config_path
+        self.dirs = dirs  # `serve --state-dir/--runtime-dir`: they win over the file's, reloads too
         self.log = logs.get(component="supervisor")
         self.running: dict[str, Activation] = {}  # token → activation, until reaped
         self.by_pid: dict[int, Activation] = {}
@@ -67,7 +83,7 @@ class Supervisor(ActivationMessages, ForkServers):
         self.drain_deadline = 0.0
         self.rr = 0
         self.more_due = False
-        self.last_watchdog = 0.0
+        self.notify = sdnotify.Notifier()
         self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
         self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
@@ -120,7 +136,7 @@ class Supervisor(ActivationMessages, ForkServers):
         self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.client = self._bind(self.paths.api_endpoint, 0o660)
+        self.client = self._bind(self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group))
         # Activations with their own uids must be able to connect; their tokens guard the rest.
         self.sandbox = self._bind(self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660)
         self.poller = zmq.Poller()
@@ -144,7 +160,7 @@ class Supervisor(ActivationMessages, ForkServers):
             launch_mode=self.cfg.server.launch_mode,
             pid=os.getpid(),
         )
-        sdnotify.notify("READY=1")
+        self.notify.ready(self._status())
 
     def _check_uid_reach(self) -> None:
         """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
@@ -159,7 +175,7 @@ class Supervisor(ActivationMessages, ForkServers):
                         "(chmod o+x it, or pick another runtime_dir)"
                     )
 
-    def _bind(self, endpoint: str, mode: int) -> zmq.Socket[bytes]:
+    def _bind(self, endpoint: str, mode: int, gid: int = -1) -> zmq.Socket[bytes]:
         sock = self.zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, 32 << 20)  # hard cap below the codec's own checks
@@ -168,6 +184,8 @@ class Supervisor(ActivationMessages, ForkServers):
             path.unlink()  # stale socket of a dead supervisor; the state-dir lock is held
         sock.bind(endpoint)
         path.chmod(mode)
+        if gid != -1:
+            os.chown(path, -1, gid)
         return sock
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -234,9 +252,15 @@ class Supervisor(ActivationMessages, ForkServers):
             act.committed_mono = committed
         self.settled_this_tick.clear()
         self._flush()
-        if mono - self.last_watchdog >= 1.0:
-            self.last_watchdog = mono
-            sdnotify.notify("WATCHDOG=1")
+        self.notify.watchdog(mono, self._status)
+
+    def _status(self) -> str:
+        """systemd's one-line STATUS (`systemctl status stepvisor`)."""
+        state = "draining" if self.draining else "serving"
+        return (
+            f"{state}: {self.active} steps running, {len(self.running) - self.active} exiting, "
+            f"{len(self.tenants)} tenants"
+        )
 
     def _poll_timeout_ms(self) -> int:
         if self.more_due:
@@ -275,7 +299,7 @@ class Supervisor(ActivationMessages, ForkServers):
             if signum in (signal.SIGTERM, signal.SIGINT) and not self.draining:
                 self.draining = True
                 self.drain_deadline = mono + self.cfg.server.drain_timeout_s
-                sdnotify.notify("STOPPING=1")
+                self.notify.stopping(self._status())
                 self.log.info(
                     "supervisor.draining",
                     running=len(self.running),
@@ -285,18 +309,36 @@ class Supervisor(ActivationMessages, ForkServers):
                 self._reload()
 
     def _reload(self) -> None:
-        if self.config_path is None:
-            self.log.info("config.reload_skipped", reason="running on the embedded default")
-            return
+        with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
+            self.reload_config()
+
+    def reload_config(self) -> dict[str, Any]:
+        """Re-read the config file. New limits apply to activations launched from now on; a
+        file that does not validate, or that changes what only a restart applies, is refused
+        (CONFIG) and the running config stays."""
+        self.notify.reloading()
         try:
-            new = load(self.config_path)
-            if resolve_paths(new) != self.paths:
-                raise ConfigError("endpoints, directories and interpreter need a restart")
+            if self.config_path is None:
+                raise ConfigError(
+                    "running on the embedded default config: no file to reload "
+                    "(start with --config FILE)"
+                )
+            new = with_dirs(load(self.config_path), *self.dirs)
+            changes = config_diff(self.cfg, new)
+            if fixed := needs_restart(changes):
+                raise ConfigError(
+                    f"{self.config_path}: {', '.join(fixed)} change only with a restart; "
+                    "nothing was applied"
+                )
         except ConfigError as exc:
             self.log.error("config.reload_rejected", error=str(exc))
-            return
+            self.notify.ready(self._status())
+            raise ProtocolError(ErrorCode.CONFIG, str(exc)) from None
         self.cfg = new
-        self.log.info("config.reloaded", path=self.config_path)
+        view = {key: {"old": old, "new": now} for key, (old, now) in changes.items()}
+        self.log.info("config.reloaded", path=str(self.config_path), changes=view)
+        self.notify.ready(self._status())
+        return {"path": str(self.config_path), "changes": view}
 
     # ------------------------------------------------------------------ recovery
 
@@ -657,6 +699,16 @@ class Supervisor(ActivationMessages, ForkServers):
         self.log.info("supervisor.drained")
 
 
+def _group(name: str) -> int:
+    """`[server] api_group` as a gid; -1 when unset."""
+    if not name:
+        return -1
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError(f"server.api_group: no group named {name!r}") from None
+
+
 def _set_child_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
@@ -668,14 +720,7 @@ def serve(
 ) -> int:
     """`stepvisor serve`: validate config, recover, bind, loop until SIGTERM."""
     try:
-        cfg = load(config_path)
-        if state_dir or runtime_dir:
-            server = msgspec.structs.replace(
-                cfg.server,
-                state_dir=state_dir or cfg.server.state_dir,
-                runtime_dir=runtime_dir or cfg.server.runtime_dir,
-            )
-            cfg = msgspec.structs.replace(cfg, server=server)
+        cfg = with_dirs(load(config_path), state_dir, runtime_dir)
         paths = resolve_paths(cfg)
     except ConfigError as exc:
         print(f"error CONFIG: {exc}", file=sys.stderr)
@@ -686,7 +731,7 @@ def serve(
             "config.embedded_default", state_dir=str(paths.state_dir), api=paths.api_endpoint
         )
     try:
-        return Supervisor(cfg, paths, config_path).run()
+        return Supervisor(cfg, paths, config_path, (state_dir, runtime_dir)).run()
     except StartupError as exc:
         print(f"error STARTUP: {exc}", file=sys.stderr)
         return 1

@@ -219,9 +219,13 @@ class Cgroups:
             for base in self.bases.values():
                 (base / tenant).mkdir(exist_ok=True)
             m = self.bases["memory"] / tenant
-            _write(m / "memory.limit_in_bytes", str(mem))
-            with contextlib.suppress(OSError):  # absent without swap accounting
-                _write(m / "memory.memsw.limit_in_bytes", str(mem))
+            # v1 wants memory <= memory+swap at every moment: raise the second first.
+            order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+            if mem > int((m / order[0]).read_text()):
+                order.reverse()
+            for name in order:
+                if (m / name).exists():  # memsw is absent without swap accounting
+                    _write(m / name, str(mem))
             _write(self.bases["pids"] / tenant / "pids.max", str(limits.max_pids))
             c = self.bases["cpu"] / tenant
             _write(c / "cpu.cfs_period_us", "100000")

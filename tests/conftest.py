@@ -73,13 +73,15 @@ class Daemon:
                 head.append(f"{key} = {value}")
         self.config_path.write_text("\n".join(head) + "\n" + server + textwrap.dedent(extra))
 
-    def start(self) -> Daemon:
+    def start(self, env: dict[str, str] | None = None) -> Daemon:
+        """Start it and wait until it answers ping; `env` is added to the environment."""
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stepvisor.cli", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.base,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         probe = Client(self.endpoint, timeout_s=0.5)

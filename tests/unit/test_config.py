@@ -295,3 +295,26 @@ def test_the_shipped_example_config_is_valid() -> None:
     cfg = config.parse(example.read_text(), source=str(example))
     assert cfg.limits_for("acme").memory_mib == 1024
     assert cfg.isolation.uid == "auto"
+
+
+def test_diff_names_every_changed_key_with_old_and_new() -> None:
+    old = parse("[defaults]\nmemory_mib = 256\n[tenants.acme]\nmax_concurrent = 2\n")
+    new = parse(
+        "[defaults]\nmemory_mib = 512\n[tenants.acme]\nmax_concurrent = 2\n"
+        "[tenants.beta]\ncpu_seconds = 5\n"
+    )
+    changes = config.diff(old, new)
+    assert changes["defaults.memory_mib"] == (256, 512)
+    assert changes["tenants.beta.cpu_seconds"] == (None, 5)
+    assert "tenants.acme.max_concurrent" not in changes
+    assert config.diff(new, new) == {}
+    assert config.needs_restart(changes) == []
+
+
+def test_restart_only_keys_are_named() -> None:
+    old = parse("")
+    new = parse('[server]\nlaunch_mode = "spawn"\nmax_activations = 4\n[isolation]\nuid = "off"\n')
+    assert sorted(config.needs_restart(config.diff(old, new))) == [
+        "isolation.uid",
+        "server.launch_mode",
+    ]
