@@ -93,6 +93,30 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
     assert outcomes.count(None) == 0
 
 
+def test_sigterm_mid_load_then_restart_loses_and_repeats_nothing(
+    make_daemon, shared: Path
+) -> None:
+    daemon = make_daemon(writable(shared, max_concurrent=3))
+    log = make_log(shared)
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    ids = [f"i{n}" for n in range(6)]
+    c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 5, "pause": 0.15}) for i in ids])
+    for threshold in (4, 12):
+        wait_for(lambda t=threshold, c=c: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
+        assert daemon.stop(signal.SIGTERM) == 0  # drains: running steps finish and are journaled
+        assert not sandbox_processes(daemon)
+        daemon.start()
+        c = daemon.client()
+    finals = {i: c.wait("acme", i, timeout_s=120) for i in ids}
+    assert all(st["status"] == "complete" for st in finals.values())
+    runs = executions(log)
+    for iid, st in finals.items():
+        for seq, journaled_token in enumerate(st["output"]):
+            assert runs[(iid, seq)] == [journaled_token], (iid, seq)  # each step ran once
+    assert len(daemon.events("supervisor.drained")) == 2
+
+
 def test_sigterm_drains_running_activations(make_daemon, shared: Path) -> None:
     daemon = make_daemon(writable(shared))
     log = make_log(shared)
