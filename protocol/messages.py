@@ -109,6 +109,22 @@ class Ping(Base, frozen=True, tag="ping"):
     rid: int
 
 
+class GetStats(Base, frozen=True, tag="stats"):
+    """Live figures: the last minute's activations, what runs and waits now, fork servers."""
+
+    rid: int
+    tenant: Tenant | None = None  # one tenant's figures only
+
+
+class GetUsage(Base, frozen=True, tag="usage"):
+    """Durable per-tenant usage, summed from the UTC hour holding `since` (epoch s) on."""
+
+    rid: int
+    tenant: Tenant | None = None
+    since: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    hourly: bool = False  # one row per tenant and hour instead of one per tenant
+
+
 class Reload(Base, frozen=True, tag="reload"):
     """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
 
@@ -125,6 +141,8 @@ Request = (
     | Control
     | GetHistory
     | Ping
+    | GetStats
+    | GetUsage
     | Reload
 )
 

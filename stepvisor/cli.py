@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from protocol.codec import load_json
 from protocol.errors import ProtocolError
+from stepvisor import render
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -19,6 +21,13 @@ def _json_arg(text: str) -> Any:
         return load_json(text.encode(), what="argument")
     except ProtocolError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _since_arg(text: str) -> float:
+    try:
+        return render.parse_since(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(op, help=f"{op} an instance")
         s.add_argument("tenant")
         s.add_argument("id")
+
+    s = sub.add_parser("stats", help="live figures: rates, latencies, failures, fork servers")
+    s.add_argument("--tenant", help="one tenant's figures only")
+    s.add_argument(
+        "--watch", nargs="?", type=float, const=2.0, metavar="SECONDS", help="refresh (every 2 s)"
+    )
+
+    s = sub.add_parser("usage", help="per-tenant usage for billing, from the durable roll-up")
+    s.add_argument("--tenant")
+    s.add_argument(
+        "--since", type=_since_arg, help="24h, 7d, ... or an ISO date (UTC); default: everything"
+    )
+    s.add_argument("--hourly", action="store_true", help="one row per tenant and UTC hour")
+    s.add_argument("--csv", action="store_true", help="CSV with a header row")
 
     sub.add_parser(
         "reload",
@@ -143,6 +166,18 @@ def format_reload(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _stats(args: argparse.Namespace, c: Any) -> None:
+    while True:
+        s = c.stats(args.tenant)
+        if args.watch and sys.stdout.isatty() and not args.json:
+            print("\033[H\033[2J", end="")  # clear the screen between refreshes
+        _print(args, s, render.stats(s))
+        if not args.watch:
+            return
+        sys.stdout.flush()
+        time.sleep(args.watch)  # the refresh interval the user asked for
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "serve":
         from supervisor.daemon import serve
@@ -199,6 +234,11 @@ def _run(args: argparse.Namespace) -> int:
             _print(
                 args, r, f"event {r['event']} stored" + (" and delivered" if r["delivered"] else "")
             )
+        elif args.cmd == "stats":
+            _stats(args, c)
+        elif args.cmd == "usage":
+            rows = c.usage(args.tenant, args.since, hourly=args.hourly)
+            _print(args, rows, render.usage_csv(rows) if args.csv else render.usage(rows))
         elif args.cmd == "reload":
             r = c.reload()
             _print(args, r, format_reload(r))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import os
@@ -24,7 +25,9 @@ from protocol.messages import (
     CreateBatch,
     Deploy,
     GetHistory,
+    GetStats,
     GetStatus,
+    GetUsage,
     ListInstances,
     Ping,
     Reload,
@@ -208,6 +211,23 @@ class Client:
 
     def ping(self, timeout_s: float | None = None) -> bool:
         return bool(self.call(lambda rid: Ping(rid=rid), timeout_s=timeout_s))
+
+    # -- operations
+
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """Live figures: the last minute's activations (rate, cold start and step-exec
+        percentiles, failures by outcome), instances by status, fork servers; per tenant."""
+        return self.call(lambda rid: GetStats(rid=rid, tenant=tenant))
+
+    def usage(
+        self, tenant: str | None = None, since: float | None = None, *, hourly: bool = False
+    ) -> builtins.list[dict[str, Any]]:
+        """Durable usage per tenant (per tenant and UTC hour with `hourly`) from the hour
+        holding `since` (epoch seconds) on: activations, steps, failures, CPU and wall ms,
+        peak and summed peak memory (KiB), and memory x time (KiB s)."""
+        return self.call(
+            lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly)
+        )
 
     def reload(self) -> dict[str, Any]:
         """Make the supervisor re-read its config file: {path, changes: {key: {old, new}}}.

@@ -23,7 +23,9 @@ from protocol.messages import (
     CreateBatch,
     Deploy,
     GetHistory,
+    GetStats,
     GetStatus,
+    GetUsage,
     ListInstances,
     Ping,
     Reload,
@@ -48,6 +50,8 @@ class Host(Protocol):
     def kill_instance_activation(self, tenant: str, instance: str, outcome: str) -> None: ...
 
     def reload_config(self) -> dict[str, Any]: ...
+
+    def stats_view(self, tenant: str | None) -> dict[str, Any]: ...
 
 
 def status_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -293,6 +297,27 @@ def ping(host: Host, req: Ping, identity: bytes, now: float) -> object:
     return {"pong": True}
 
 
+def stats(host: Host, req: GetStats, identity: bytes, now: float) -> object:
+    if req.tenant is not None:
+        _tenant(host, req.tenant)
+    return host.stats_view(req.tenant)
+
+
+def usage(host: Host, req: GetUsage, identity: bytes, now: float) -> object:
+    if req.tenant is not None:
+        _tenant(host, req.tenant)
+    rows = j.usage(host.conn, req.tenant, req.since, hourly=req.hourly)
+    return [
+        {
+            "tenant": r["tenant"],
+            "from": engine.iso(r["hour"]),
+            "to": engine.iso(r["last_hour"] + 3600),
+            **{f: round(r[f], 3) if isinstance(r[f], float) else r[f] for f in j.USAGE_FIELDS},
+        }
+        for r in rows
+    ]
+
+
 def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
     return host.reload_config()
 
@@ -308,5 +333,7 @@ HANDLERS: dict[type, Handler] = {
     SendEvent: send_event,
     Control: control,
     Ping: ping,
+    GetStats: stats,
+    GetUsage: usage,
     Reload: reload,
 }

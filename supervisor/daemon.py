@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from supervisor.config import (
 from supervisor.config import diff as config_diff
 from supervisor.fork_servers import ForkServers
 from supervisor.output import OutputCapture
+from supervisor.stats import WINDOW_S, Stats
 from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
@@ -84,6 +86,8 @@ class Supervisor(ActivationMessages, ForkServers):
         self.rr = 0
         self.more_due = False
         self.notify = sdnotify.Notifier()
+        self.stats = Stats(time.monotonic())
+        self.zygote_failures: Counter[str] = Counter()
         self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
         self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
@@ -311,6 +315,41 @@ class Supervisor(ActivationMessages, ForkServers):
     def _reload(self) -> None:
         with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
             self.reload_config()
+
+    def stats_view(self, tenant: str | None) -> dict[str, Any]:
+        """`stepvisor stats`: the last minute's activations, what runs and waits now, overall and
+        per tenant; with `tenant`, that tenant's figures only."""
+        mono = time.monotonic()
+        counts = j.instance_counts(self.conn)
+        names = [tenant] if tenant else sorted(set(self.tenants) | self.stats.tenants())
+        view: dict[str, Any] = {
+            "uptime_s": round(mono - self.stats.started, 1),
+            "window_s": WINDOW_S,
+        }
+        if tenant is None:
+            everyone: Counter[str] = Counter()
+            for per_status in counts.values():
+                everyone.update(per_status)
+            view |= {
+                "launch_mode": self.cfg.server.launch_mode,
+                "draining": self.draining,
+                "running": self.active,
+                "exiting": len(self.running) - self.active,
+                "instances": dict(sorted(everyone.items())),
+                **self.stats.window(mono),
+                "failures_since_start": self.stats.failures_since_start(),
+                "fork_servers": self.fork_server_view(mono),
+            }
+        view["tenants"] = {
+            name: {
+                "running": self.per_tenant.get(name, 0),
+                "instances": dict(sorted(counts.get(name, {}).items())),
+                **self.stats.window(mono, name),
+                "failures_since_start": self.stats.failures_since_start(name),
+            }
+            for name in names
+        }
+        return view
 
     def reload_config(self) -> dict[str, Any]:
         """Re-read the config file. New limits apply to activations launched from now on; a
@@ -644,6 +683,17 @@ class Supervisor(ActivationMessages, ForkServers):
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
         }
         phases = act.phases(mono)
+        j.add_usage(
+            self.conn,
+            act.tenant,
+            act.launched_at,
+            step=act.step is not None,
+            failed=act.outcome != outcome.OK,
+            cpu_ms=record["cpu_ms"] or 0.0,
+            wall_ms=record["total_ms"] or 0.0,
+            max_rss_kib=int(record["max_rss_kib"] or 0),
+        )
+        self.stats.record(mono, act.tenant, act.outcome, record["cold_start_ms"], record["exec_ms"])
         j.update_activation(
             self.conn,
             act.aid,

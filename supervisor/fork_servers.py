@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ class ForkServers:
     cgroups: Cgroups | None
     zygotes: dict[str, Zygote]  # interpreter → its fork server
     forking: dict[tuple[str, int], Activation]  # (interpreter, request id) → activation
+    zygote_failures: Counter[str]  # interpreter → fork servers lost since start
     log: Any
 
     # the supervisor's own launch steps
@@ -99,6 +101,27 @@ class ForkServers:
                 self.log.info("zygote.stopped", pid=zygote.proc.pid, python=python, reason="idle")
                 self._close_zygote(python)
 
+    def fork_server_view(self, mono: float) -> list[dict[str, Any]]:
+        """Each interpreter's fork server, for `stats`: running or stopped (idle, or failed and
+        not needed since), what it has not answered yet, and how often it failed."""
+        out = []
+        for python in sorted(set(self.zygotes) | set(self.zygote_failures)):
+            zygote = self.zygotes.get(python)
+            view: dict[str, Any] = {
+                "python": python,
+                "state": "stopped" if zygote is None else "running",
+                "failures": self.zygote_failures[python],
+            }
+            if zygote is not None:
+                view |= {
+                    "pid": zygote.proc.pid,
+                    "pending": len(zygote.pending),
+                    "spares": self.cfg.server.fork_spares,
+                    "idle_s": round(mono - zygote.last_used, 1),
+                }
+            out.append(view)
+        return out
+
     def _close_zygote(self, python: str) -> list[int]:
         zygote = self.zygotes.pop(python)
         with contextlib.suppress(KeyError):
@@ -111,6 +134,7 @@ class ForkServers:
         if zygote is None:
             return
         self.log.warning("zygote.failed", error=why, pid=zygote.proc.pid, python=python)
+        self.zygote_failures[python] += 1
         abandoned = self._close_zygote(python)
         now, mono = time.time(), time.monotonic()
         for rid in abandoned:

@@ -128,6 +128,30 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE activations ADD COLUMN phases TEXT;
     """,
+    # 3: per-tenant usage by UTC hour, for billing; kept when instances are deleted. Filled from
+    # the activations already recorded, then by every reaped activation (`add_usage`).
+    """
+    CREATE TABLE usage (
+        tenant TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        activations INTEGER NOT NULL DEFAULT 0,
+        steps INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        cpu_ms REAL NOT NULL DEFAULT 0,
+        wall_ms REAL NOT NULL DEFAULT 0,
+        memory_peak_kib INTEGER NOT NULL DEFAULT 0,
+        memory_sum_kib INTEGER NOT NULL DEFAULT 0,
+        memory_kib_s REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, hour)
+    );
+    INSERT INTO usage
+        SELECT tenant, CAST(launched_at / 3600 AS INTEGER) * 3600, COUNT(*),
+               SUM(step IS NOT NULL), SUM(outcome IS NOT NULL AND outcome != 'ok'),
+               TOTAL(cpu_ms), TOTAL(total_ms), COALESCE(MAX(max_rss_kib), 0),
+               COALESCE(SUM(max_rss_kib), 0), TOTAL(max_rss_kib * total_ms / 1000.0)
+        FROM activations WHERE finished_at IS NOT NULL
+        GROUP BY tenant, CAST(launched_at / 3600 AS INTEGER)
+    """,
 ]
 
 
@@ -509,3 +533,83 @@ def instance_activations(conn: sqlite3.Connection, tenant: str, instance: str) -
         "SELECT * FROM activations WHERE tenant = ? AND instance = ? ORDER BY id",
         (tenant, instance),
     ).fetchall()
+
+
+# ---------------------------------------------------------------- usage and counts
+
+USAGE_FIELDS = (
+    "activations",
+    "steps",
+    "failures",
+    "cpu_ms",
+    "wall_ms",
+    "memory_peak_kib",
+    "memory_sum_kib",
+    "memory_kib_s",
+)
+
+
+def add_usage(
+    conn: sqlite3.Connection,
+    tenant: str,
+    launched_at: float,
+    *,
+    step: bool,
+    failed: bool,
+    cpu_ms: float,
+    wall_ms: float,
+    max_rss_kib: int,
+) -> None:
+    """Count one reaped activation in its tenant's hour (by launch time, UTC)."""
+    conn.execute(
+        """
+        INSERT INTO usage VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (tenant, hour) DO UPDATE SET
+            activations = activations + 1,
+            steps = steps + excluded.steps,
+            failures = failures + excluded.failures,
+            cpu_ms = cpu_ms + excluded.cpu_ms,
+            wall_ms = wall_ms + excluded.wall_ms,
+            memory_peak_kib = MAX(memory_peak_kib, excluded.memory_peak_kib),
+            memory_sum_kib = memory_sum_kib + excluded.memory_sum_kib,
+            memory_kib_s = memory_kib_s + excluded.memory_kib_s
+        """,
+        (
+            tenant,
+            int(launched_at // 3600) * 3600,
+            int(step),
+            int(failed),
+            cpu_ms,
+            wall_ms,
+            max_rss_kib,
+            max_rss_kib,
+            max_rss_kib * wall_ms / 1000.0,
+        ),
+    )
+
+
+def usage(
+    conn: sqlite3.Connection, tenant: str | None, since: float | None, *, hourly: bool
+) -> list[sqlite3.Row]:
+    """Usage summed per tenant (per tenant and hour when `hourly`) from the hour holding
+    `since` on."""
+    group = "tenant, hour" if hourly else "tenant"
+    sql = f"""
+        SELECT tenant, {"hour" if hourly else "MIN(hour)"} AS hour, MAX(hour) AS last_hour,
+               SUM(activations) AS activations, SUM(steps) AS steps, SUM(failures) AS failures,
+               SUM(cpu_ms) AS cpu_ms, SUM(wall_ms) AS wall_ms,
+               MAX(memory_peak_kib) AS memory_peak_kib, SUM(memory_sum_kib) AS memory_sum_kib,
+               SUM(memory_kib_s) AS memory_kib_s
+        FROM usage WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR hour >= ?2)
+        GROUP BY {group} ORDER BY {group}
+    """
+    first_hour = None if since is None else int(since // 3600) * 3600
+    return conn.execute(sql, (tenant, first_hour)).fetchall()
+
+
+def instance_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """tenant → status → number of instances (an index-only scan)."""
+    out: dict[str, dict[str, int]] = {}
+    for row in conn.execute("SELECT tenant, status, COUNT(*) FROM instances GROUP BY 1, 2"):
+        out.setdefault(row[0], {})[row[1]] = row[2]
+    return out

@@ -99,6 +99,15 @@ class Daemon:
         probe.close()
         return self
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`stepvisor --socket <this daemon> ARGS...`, as a user would run it."""
+        return subprocess.run(
+            [sys.executable, "-m", "stepvisor.cli", "--socket", self.endpoint, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     def client(self, timeout_s: float = 30.0) -> Client:
         c = Client(self.endpoint, timeout_s=timeout_s)
         self.clients.append(c)

@@ -93,9 +93,7 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
     assert outcomes.count(None) == 0
 
 
-def test_sigterm_mid_load_then_restart_loses_and_repeats_nothing(
-    make_daemon, shared: Path
-) -> None:
+def test_sigterm_mid_load_then_restart_loses_and_repeats_nothing(make_daemon, shared: Path) -> None:
     daemon = make_daemon(writable(shared, max_concurrent=3))
     log = make_log(shared)
     c = daemon.client()

@@ -201,7 +201,7 @@ def test_a_change_that_needs_a_restart_is_refused_whole(
     c = daemon.client()
     deploy_source(c, "t", LIMITS)
     daemon.write_config(
-        "[defaults]\nmemory_mib = 400\n[isolation]\nseccomp = \"off\"\n",
+        '[defaults]\nmemory_mib = 400\n[isolation]\nseccomp = "off"\n',
         server='launch_mode = "spawn"\n',
     )
     with pytest.raises(StepVisorError) as err:
@@ -215,22 +215,12 @@ def test_a_change_that_needs_a_restart_is_refused_whole(
 def test_reload_from_the_command_line(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon("[tenants.acme]\nmax_concurrent = 2\n")
     daemon.write_config("[tenants.acme]\nmax_concurrent = 3\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "stepvisor.cli", "--socket", daemon.endpoint, "reload"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = daemon.cli("reload")
     assert out.returncode == 0, out.stderr
     assert f"reloaded {daemon.config_path}:" in out.stdout
     assert "tenants.acme.max_concurrent: 2 -> 3" in out.stdout
     daemon.write_config("[tenants.acme]\nmax_concurrent = 'x'\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "stepvisor.cli", "--socket", daemon.endpoint, "reload"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = daemon.cli("reload")
     assert out.returncode == 1
     assert out.stderr.startswith("error CONFIG: ")
     assert "tenants.acme.max_concurrent" in out.stderr

@@ -106,7 +106,7 @@ def test_tenant_overrides_merge_over_defaults() -> None:
     "text,key",
     [
         ('[server]\nlaunch_mode = "vfork"', "server.launch_mode"),
-        ('[server]\nfork_spares = -1', "server.fork_spares"),
+        ("[server]\nfork_spares = -1", "server.fork_spares"),
         ("[server]\nmax_activations = 0", "server.max_activations"),
         ('[server]\nmax_activations = "16"', "server.max_activations"),
         ("[server]\nhello_timeout_s = 0", "server.hello_timeout_s"),

@@ -433,3 +433,39 @@ def test_acked_mode_leaves_syncing_to_the_caller(db_path: Path) -> None:
         j.sync_wal(db_path)  # the daemon's one fsync for what a tick acknowledges
     finally:
         conn.close()
+
+
+def test_usage_is_filled_from_earlier_activations_on_upgrade(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for number, script in enumerate(j.MIGRATIONS[:2], start=1):  # a database at schema 2
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={number}")
+    rows = [  # tenant, launched_at, step, outcome, cpu_ms, total_ms, max_rss_kib, finished
+        ("acme", 7200.5, "s1", "ok", 5.0, 10.0, 1000, 1.0),
+        ("acme", 7300.0, None, "crashed", 3.0, 20.0, 3000, 1.0),
+        ("acme", 10800.0, "s2", "ok", 1.0, 2.0, 500, 1.0),
+        ("beta", 7200.0, "s1", "ok", 2.0, 4.0, 800, None),  # still open: not counted yet
+    ]
+    for tenant, at, step, how, cpu, total, rss, fin in rows:
+        conn.execute(
+            "INSERT INTO activations (tenant, kind, launched_at, step, outcome, cpu_ms, "
+            "total_ms, max_rss_kib, finished_at) VALUES (?, 'run', ?, ?, ?, ?, ?, ?, ?)",
+            (tenant, at, step, how, cpu, total, rss, fin),
+        )
+    j.migrate(conn)
+    hourly = [dict(r) for r in j.usage(conn, None, None, hourly=True)]
+    assert [(r["tenant"], r["hour"]) for r in hourly] == [("acme", 7200), ("acme", 10800)]
+    first = hourly[0]
+    assert (first["activations"], first["steps"], first["failures"]) == (2, 1, 1)
+    assert (first["cpu_ms"], first["wall_ms"], first["memory_peak_kib"]) == (8.0, 30.0, 3000)
+    assert first["memory_sum_kib"] == 4000 and first["memory_kib_s"] == pytest.approx(70.0)
+    j.add_usage(
+        conn, "acme", 7201.0, step=True, failed=False, cpu_ms=1.0, wall_ms=1.0, max_rss_kib=9000
+    )
+    [total] = j.usage(conn, "acme", 7300.0, hourly=False)  # from the hour holding 7300 on
+    assert (total["activations"], total["steps"], total["memory_peak_kib"]) == (4, 3, 9000)
+    assert j.usage(conn, "acme", 14400.0, hourly=False) == []
+    conn.close()
