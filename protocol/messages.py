@@ -125,6 +125,12 @@ class GetUsage(Base, frozen=True, tag="usage"):
     hourly: bool = False  # one row per tenant and hour instead of one per tenant
 
 
+class GetInfo(Base, frozen=True, tag="info"):
+    """Where the supervisor keeps things: pid, config file, log file or journal unit."""
+
+    rid: int
+
+
 class Reload(Base, frozen=True, tag="reload"):
     """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
 
@@ -143,6 +149,7 @@ Request = (
     | Ping
     | GetStats
     | GetUsage
+    | GetInfo
     | Reload
 )
 

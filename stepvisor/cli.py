@@ -10,7 +10,7 @@ from typing import Any
 
 from protocol.codec import load_json
 from protocol.errors import ProtocolError
-from stepvisor import render
+from stepvisor import logview, render
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -99,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--hourly", action="store_true", help="one row per tenant and UTC hour")
     s.add_argument("--csv", action="store_true", help="CSV with a header row")
 
+    s = sub.add_parser("logs", help="show (and follow) the supervisor's log, filtered")
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    s.add_argument("--tenant")
+    s.add_argument("--instance")
+    s.add_argument("--level", choices=list(logview.LEVELS), default="debug", help="at least")
+    s.add_argument("--since", type=_since_arg, help="90s, 30m, 24h, 7d or an ISO date (UTC)")
+    s.add_argument(
+        "-n", "--lines", type=int, default=200, help="last N matches (default 200, 0: all)"
+    )
+    s.add_argument("--file", help="read this log file (default: ask the supervisor)")
+    s.add_argument("--unit", help="read this systemd unit's journal (default: ask)")
+
     sub.add_parser(
         "reload",
         help="make the supervisor re-read its config file (as SIGHUP does); print what changed",
@@ -178,6 +190,29 @@ def _stats(args: argparse.Namespace, c: Any) -> None:
         time.sleep(args.watch)  # the refresh interval the user asked for
 
 
+def _logs(args: argparse.Namespace, endpoint: str | None) -> int:
+    from stepvisor.client import Client
+
+    file, unit = args.file, args.unit
+    if not (file or unit):
+        with Client(endpoint, timeout_s=args.timeout) as c:
+            info = c.info()
+        file, unit = info["log_file"], info["journal_unit"]
+        if not (file or unit):
+            print(
+                "error LOGS: the supervisor logs to its standard output only (it has no "
+                "[server] log_file and is not under systemd): set log_file, or pass --file",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+    flt = logview.Filter(args.tenant, args.instance, args.level, args.since)
+    how = {"as_json": args.json, "keep": args.lines or None, "follow": args.follow}
+    lines = logview.from_file(file, flt, **how) if file else logview.from_journal(unit, flt, **how)
+    for line in lines:
+        print(line, flush=args.follow)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "serve":
         from supervisor.daemon import serve
@@ -202,6 +237,8 @@ def _run(args: argparse.Namespace) -> int:
     endpoint = None
     if args.socket:
         endpoint = args.socket if "://" in args.socket else f"ipc://{args.socket}"
+    if args.cmd == "logs":
+        return _logs(args, endpoint)
     with Client(endpoint, timeout_s=args.timeout) as c:
         if args.cmd == "deploy":
             r = c.deploy(args.tenant, args.file)

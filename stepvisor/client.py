@@ -25,6 +25,7 @@ from protocol.messages import (
     CreateBatch,
     Deploy,
     GetHistory,
+    GetInfo,
     GetStats,
     GetStatus,
     GetUsage,
@@ -228,6 +229,10 @@ class Client:
         return self.call(
             lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly)
         )
+
+    def info(self) -> dict[str, Any]:
+        """The supervisor's pid, config file, state dir, log file or journal unit."""
+        return self.call(lambda rid: GetInfo(rid=rid))
 
     def reload(self) -> dict[str, Any]:
         """Make the supervisor re-read its config file: {path, changes: {key: {old, new}}}.

@@ -23,6 +23,7 @@ from protocol.messages import (
     CreateBatch,
     Deploy,
     GetHistory,
+    GetInfo,
     GetStats,
     GetStatus,
     GetUsage,
@@ -52,6 +53,8 @@ class Host(Protocol):
     def reload_config(self) -> dict[str, Any]: ...
 
     def stats_view(self, tenant: str | None) -> dict[str, Any]: ...
+
+    def info(self) -> dict[str, Any]: ...
 
 
 def status_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -318,6 +321,10 @@ def usage(host: Host, req: GetUsage, identity: bytes, now: float) -> object:
     ]
 
 
+def info(host: Host, req: GetInfo, identity: bytes, now: float) -> object:
+    return host.info()
+
+
 def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
     return host.reload_config()
 
@@ -335,5 +342,6 @@ HANDLERS: dict[type, Handler] = {
     Ping: ping,
     GetStats: stats,
     GetUsage: usage,
+    GetInfo: info,
     Reload: reload,
 }

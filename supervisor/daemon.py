@@ -313,6 +313,8 @@ class Supervisor(ActivationMessages, ForkServers):
                 self._reload()
 
     def _reload(self) -> None:
+        if why := logs.reopen():  # SIGHUP also follows a log rotation
+            self.log.error("log.reopen_failed", error=why)
         with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
             self.reload_config()
 
@@ -350,6 +352,19 @@ class Supervisor(ActivationMessages, ForkServers):
             for name in names
         }
         return view
+
+    def info(self) -> dict[str, Any]:
+        """Where things are, for `stepvisor logs` and operators."""
+        log_file = self.cfg.server.log_file
+        return {
+            "pid": os.getpid(),
+            "config": None if self.config_path is None else os.path.abspath(self.config_path),
+            "state_dir": str(self.paths.state_dir),
+            "api": self.paths.api_endpoint,
+            "launch_mode": self.cfg.server.launch_mode,
+            "log_file": os.path.abspath(log_file) if log_file else None,
+            "journal_unit": logs.journal_unit(),
+        }
 
     def reload_config(self) -> dict[str, Any]:
         """Re-read the config file. New limits apply to activations launched from now on; a

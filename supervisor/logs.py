@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -35,10 +37,14 @@ class _TeeBytesLogger:
     log = debug = info = warn = warning = error = critical = exception = msg
 
 
+_file: dict[str, Any] = {}  # the log file's path and open sink, for `reopen`
+
+
 def configure(level: str = "info", log_file: str = "") -> None:
     sinks: list[IO[bytes]] = [sys.stdout.buffer]
     if log_file:
         sinks.append(open(log_file, "ab"))  # noqa: SIM115 - lives as long as the process
+        _file.update(path=log_file, sinks=sinks)
     tee = _TeeBytesLogger(sinks)
     structlog.configure(
         processors=[
@@ -52,6 +58,37 @@ def configure(level: str = "info", log_file: str = "") -> None:
         logger_factory=lambda *_: tee,
         cache_logger_on_first_use=False,
     )
+
+
+def reopen() -> str | None:
+    """Reopen the log file (on SIGHUP): after logrotate moved it away, write a new one.
+    Returns why it could not (the old file is kept), or None."""
+    if not _file:
+        return None
+    sinks: list[IO[bytes]] = _file["sinks"]
+    try:
+        new = open(_file["path"], "ab")  # noqa: SIM115 - replaces the sink it closes
+    except OSError as exc:
+        return f"cannot reopen {_file['path']}: {exc.strerror}"
+    old, sinks[-1] = sinks[-1], new
+    old.close()
+    return None
+
+
+def journal_unit() -> str | None:
+    """The systemd unit whose journal receives our stdout, when it does (systemd sets
+    JOURNAL_STREAM for a service whose output goes to the journal)."""
+    if not os.environ.get("JOURNAL_STREAM"):
+        return None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        for part in reversed(line.rsplit(":", 1)[-1].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
 
 
 def get(**context: Any) -> Any:
