@@ -131,6 +131,12 @@ class GetInfo(Base, frozen=True, tag="info"):
     rid: int
 
 
+class CollectGarbage(Base, frozen=True, tag="gc"):
+    """Run retention now: delete what has outlived its tenant's `retention_days`."""
+
+    rid: int
+
+
 class Reload(Base, frozen=True, tag="reload"):
     """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
 
@@ -150,6 +156,7 @@ Request = (
     | GetStats
     | GetUsage
     | GetInfo
+    | CollectGarbage
     | Reload
 )
 

@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="read this log file (default: ask the supervisor)")
     s.add_argument("--unit", help="read this systemd unit's journal (default: ask)")
 
+    sub.add_parser("gc", help="delete now what has outlived its tenant's retention_days")
+
     sub.add_parser(
         "reload",
         help="make the supervisor re-read its config file (as SIGHUP does); print what changed",
@@ -276,6 +278,14 @@ def _run(args: argparse.Namespace) -> int:
         elif args.cmd == "usage":
             rows = c.usage(args.tenant, args.since, hourly=args.hourly)
             _print(args, rows, render.usage_csv(rows) if args.csv else render.usage(rows))
+        elif args.cmd == "gc":
+            r = c.gc()
+            _print(
+                args,
+                r,
+                f"deleted {r['instances']:,} instances and {r['inspections']:,} deploy-check "
+                "records past their retention",
+            )
         elif args.cmd == "reload":
             r = c.reload()
             _print(args, r, format_reload(r))

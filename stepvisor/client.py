@@ -20,6 +20,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     TERMINAL_STATUSES,
     BatchItem,
+    CollectGarbage,
     Control,
     Create,
     CreateBatch,
@@ -233,6 +234,16 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The supervisor's pid, config file, state dir, log file or journal unit."""
         return self.call(lambda rid: GetInfo(rid=rid))
+
+    def gc(self) -> dict[str, Any]:
+        """Run retention now until nothing expired is left: {instances, inspections} deleted."""
+        total = {"instances": 0, "inspections": 0}
+        while True:
+            done = self.call(lambda rid: CollectGarbage(rid=rid))
+            for key in total:
+                total[key] += done[key]
+            if not done["more"]:
+                return total
 
     def reload(self) -> dict[str, Any]:
         """Make the supervisor re-read its config file: {path, changes: {key: {old, new}}}.

@@ -18,6 +18,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_BATCH_ITEMS
 from protocol.messages import (
     TERMINAL_STATUSES,
+    CollectGarbage,
     Control,
     Create,
     CreateBatch,
@@ -55,6 +56,8 @@ class Host(Protocol):
     def stats_view(self, tenant: str | None) -> dict[str, Any]: ...
 
     def info(self) -> dict[str, Any]: ...
+
+    def collect_garbage(self) -> dict[str, Any]: ...
 
 
 def status_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -325,6 +328,10 @@ def info(host: Host, req: GetInfo, identity: bytes, now: float) -> object:
     return host.info()
 
 
+def gc(host: Host, req: CollectGarbage, identity: bytes, now: float) -> object:
+    return host.collect_garbage()
+
+
 def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
     return host.reload_config()
 
@@ -343,5 +350,6 @@ HANDLERS: dict[type, Handler] = {
     GetStats: stats,
     GetUsage: usage,
     GetInfo: info,
+    CollectGarbage: gc,
     Reload: reload,
 }

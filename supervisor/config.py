@@ -32,6 +32,7 @@ MaxInstances = Annotated[int, msgspec.Meta(ge=1)]
 MaxFailures = Annotated[int, msgspec.Meta(ge=1, le=100)]
 MaxPids = Annotated[int, msgspec.Meta(ge=8, le=1_000_000)]
 CpuQuota = Annotated[float, msgspec.Meta(ge=0, le=1024)]
+RetentionDays = Annotated[float, msgspec.Meta(ge=0, le=36_500)]
 AbsPath = Annotated[str, msgspec.Meta(pattern=r"^/")]
 
 
@@ -50,6 +51,9 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python: str = ""  # the tenant's own interpreter / virtualenv python; empty: the server's
     readable_paths: tuple[AbsPath, ...] = ()  # extra read-only paths (Landlock)
     writable_paths: tuple[AbsPath, ...] = ()  # extra read-write paths (Landlock)
+    # finished (complete, errored, terminated) instances are deleted, with their journal,
+    # events and activation records, this long after they finished; 0 keeps them forever
+    retention_days: RetentionDays = 30.0
 
 
 class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -65,6 +69,7 @@ class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python: str | None = None
     readable_paths: tuple[AbsPath, ...] | None = None
     writable_paths: tuple[AbsPath, ...] | None = None
+    retention_days: RetentionDays | None = None
 
 
 Mode = Literal["auto", "required", "off"]
@@ -103,6 +108,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 30.0
     require_declared_tenants: bool = False  # only [tenants.NAME] may deploy
+    # how often the loop deletes what outlived its tenant's retention_days (small batches)
+    retention_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     # acked: whatever is acknowledged (a result, a create, an event, a control) is on disk first;
     # full: every commit is synced; normal: none is (a power loss may drop the last commits)
     synchronous: Literal["acked", "full", "normal"] = "acked"

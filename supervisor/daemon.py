@@ -26,7 +26,7 @@ import zmq
 
 from protocol.codec import decode_request, request_id
 from protocol.errors import ErrorCode, ProtocolError
-from supervisor import api, engine, isolation, launcher, logs, outcome, sdnotify
+from supervisor import api, engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -87,6 +87,8 @@ class Supervisor(ActivationMessages, ForkServers):
         self.more_due = False
         self.notify = sdnotify.Notifier()
         self.stats = Stats(time.monotonic())
+        self.next_gc = time.monotonic() + 1.0  # the first retention pass, after start-up
+        self.vacuum_due = False  # retention freed pages: give some back after the commit
         self.zygote_failures: Counter[str] = Counter()
         self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
         self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
@@ -245,6 +247,8 @@ class Supervisor(ActivationMessages, ForkServers):
             self._check_deadlines(now, mono)
             if not self.draining:
                 self._schedule(now, mono)
+                if mono >= self.next_gc:
+                    self._collect(now, mono)
         self.unsynced |= self.conn.total_changes != changes
         if self.durable_outbox and self.unsynced and self.cfg.server.synchronous == "acked":
             # One fsync for everything this tick acknowledges; what no tick acknowledged yet
@@ -256,6 +260,9 @@ class Supervisor(ActivationMessages, ForkServers):
             act.committed_mono = committed
         self.settled_this_tick.clear()
         self._flush()
+        if self.vacuum_due:  # after the acknowledgements: nothing waits for it
+            j.incremental_vacuum(self.conn, retention.VACUUM_PAGES)
+            self.vacuum_due = False
         self.notify.watchdog(mono, self._status)
 
     def _status(self) -> str:
@@ -275,6 +282,7 @@ class Supervisor(ActivationMessages, ForkServers):
             limit = act.settled_mono + SETTLED_GRACE_S if act.settled_mono else act.deadline_mono
             wait = min(wait, limit - mono)
         if not self.draining:
+            wait = min(wait, self.next_gc - mono)
             nxt = j.next_wake(self.conn)
             # A due instance blocked by concurrency waits for a result or a reap: both wake us.
             if nxt is not None and nxt > now:
@@ -317,6 +325,31 @@ class Supervisor(ActivationMessages, ForkServers):
             self.log.error("log.reopen_failed", error=why)
         with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
             self.reload_config()
+
+    def _collect(self, now: float, mono: float) -> retention.Pass:
+        done = retention.collect(self.conn, self.cfg, list(self.tenants), now)
+        if done.instances or done.inspections:
+            self.log.info(
+                "retention.deleted", instances=done.instances, inspections=done.inspections
+            )
+            self.vacuum_due = True
+        self.next_gc = mono + (
+            retention.SOON_S if done.full else self.cfg.server.retention_interval_s
+        )
+        return done
+
+    def collect_garbage(self) -> dict[str, Any]:
+        """`stepvisor gc`: retention passes now, for up to a second; `more` when the backlog
+        outlasted that (call again)."""
+        total = retention.Pass()
+        deadline = time.monotonic() + 1.0
+        while True:
+            done = self._collect(time.time(), time.monotonic())
+            total.instances += done.instances
+            total.inspections += done.inspections
+            if not done.full or time.monotonic() > deadline:
+                break
+        return {"instances": total.instances, "inspections": total.inspections, "more": done.full}
 
     def stats_view(self, tenant: str | None) -> dict[str, Any]:
         """`stepvisor stats`: the last minute's activations, what runs and waits now, overall and

@@ -152,6 +152,13 @@ MIGRATIONS: list[str] = [
         FROM activations WHERE finished_at IS NOT NULL
         GROUP BY tenant, CAST(launched_at / 3600 AS INTEGER)
     """,
+    # 4: finished instances by age, for retention
+    """
+    CREATE INDEX instances_finished ON instances (tenant, updated_at)
+        WHERE status IN ('complete', 'errored', 'terminated');
+    CREATE INDEX activations_inspections ON activations (tenant, launched_at)
+        WHERE instance IS NULL
+    """,
 ]
 
 
@@ -168,6 +175,12 @@ def connect(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     path.chmod(0o600)
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # INCREMENTAL, so retention can hand freed pages back a few at a time. A new database
+        # takes it as it is; an older one is rebuilt once, here.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            conn.execute("VACUUM")
     migrate(conn)
     return conn
 
@@ -347,10 +360,44 @@ def update_instance(conn: sqlite3.Connection, tenant: str, instance: str, **fiel
 
 
 def delete_instance(conn: sqlite3.Connection, tenant: str, instance: str) -> None:
+    """The instance with its journal, events and activation records (usage stays)."""
     args = (tenant, instance)
     conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
     conn.execute("DELETE FROM events WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM activations WHERE tenant = ? AND instance = ?", args)
     conn.execute("DELETE FROM instances WHERE tenant = ? AND id = ?", args)
+
+
+def expired_instances(
+    conn: sqlite3.Connection, tenant: str, finished_before: float, limit: int
+) -> list[str]:
+    """Finished instances of the tenant last updated before `finished_before`, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM instances WHERE tenant = ? AND updated_at < ? "
+        "AND status IN ('complete', 'errored', 'terminated') ORDER BY updated_at LIMIT ?",
+        (tenant, finished_before, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def delete_inspections(
+    conn: sqlite3.Connection, tenant: str, launched_before: float, limit: int
+) -> int:
+    """Records of deploy-check activations (no instance) launched before the cutoff."""
+    cur = conn.execute(
+        "DELETE FROM activations WHERE id IN (SELECT id FROM activations WHERE tenant = ? "
+        "AND instance IS NULL AND launched_at < ? AND finished_at IS NOT NULL "
+        "ORDER BY launched_at LIMIT ?)",
+        (tenant, launched_before, limit),
+    )
+    return cur.rowcount
+
+
+def incremental_vacuum(conn: sqlite3.Connection, pages: int) -> None:
+    """Give up to `pages` free pages back to the file system. Outside a transaction: the
+    pragma frees one page per step, and only executescript steps it to the end."""
+    assert not conn.in_transaction
+    conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
 
 
 def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:

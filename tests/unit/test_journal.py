@@ -469,3 +469,22 @@ def test_usage_is_filled_from_earlier_activations_on_upgrade(tmp_path: Path) -> 
     assert (total["activations"], total["steps"], total["memory_peak_kib"]) == (4, 3, 9000)
     assert j.usage(conn, "acme", 14400.0, hourly=False) == []
     conn.close()
+
+
+def test_an_older_database_is_converted_to_incremental_vacuum(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # made without auto_vacuum, as before retention
+        old.execute("CREATE TABLE filler (x BLOB)")
+    conn = j.connect(path)
+    try:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        with j.transaction(conn):
+            conn.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 4000,) for _ in range(500)])
+        with j.transaction(conn):
+            conn.execute("DELETE FROM filler")
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        assert free >= 400
+        j.incremental_vacuum(conn, 100)
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == free - 100
+    finally:
+        conn.close()
