@@ -22,6 +22,8 @@ class ErrorCode(enum.StrEnum):
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # a tenant limit (instances, ...) would be exceeded
     UNAVAILABLE = "UNAVAILABLE"  # supervisor draining or not reachable
     CONFIG = "CONFIG"  # the config file is invalid or changes what needs a restart
+    FORBIDDEN = "FORBIDDEN"  # the client's key may not do this (another tenant's, admin only)
+    AUTH = "AUTH"  # the remote API refused the connection (no key, wrong key, wrong server)
     TIMEOUT = "TIMEOUT"  # client gave up waiting for a reply
     INTERNAL = "INTERNAL"  # a bug in stepvisor; logged with details
 

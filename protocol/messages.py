@@ -137,6 +137,26 @@ class CollectGarbage(Base, frozen=True, tag="gc"):
     rid: int
 
 
+PublicKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}\Z")]
+
+
+class CreateKey(Base, frozen=True, tag="key_new"):
+    """A remote API key pair acting for `tenant` (None: an admin key). The secret half is in
+    the reply only; the supervisor keeps the public half."""
+
+    rid: int
+    tenant: Tenant | None = None
+
+
+class ListKeys(Base, frozen=True, tag="key_list"):
+    rid: int
+
+
+class RevokeKey(Base, frozen=True, tag="key_revoke"):
+    rid: int
+    public: PublicKey
+
+
 class Reload(Base, frozen=True, tag="reload"):
     """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
 
@@ -157,6 +177,9 @@ Request = (
     | GetUsage
     | GetInfo
     | CollectGarbage
+    | CreateKey
+    | ListKeys
+    | RevokeKey
     | Reload
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "--socket",
         help="API endpoint (ipc://PATH or a path); default "
         "$STEPVISOR_SOCKET or the embedded default's socket",
+    )
+    p.add_argument(
+        "--credentials",
+        help="key file for the remote tcp:// API (default $STEPVISOR_CREDENTIALS)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
@@ -110,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--file", help="read this log file (default: ask the supervisor)")
     s.add_argument("--unit", help="read this systemd unit's journal (default: ask)")
+
+    s = sub.add_parser("keys", help="remote API keys: new, list, revoke")
+    keys = s.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    k = keys.add_parser("new", help="a key pair that acts for TENANT (or --admin)")
+    k.add_argument("tenant", nargs="?")
+    k.add_argument("--admin", action="store_true", help="acts for every tenant and operations")
+    k.add_argument("--out", help="write the key file here (0600); default: print it")
+    k.add_argument(
+        "--endpoint", help="the tcp:// address clients use (default: the supervisor's own)"
+    )
+    keys.add_parser("list", help="every key: tenant, created, revoked (no secrets)")
+    k = keys.add_parser("revoke", help="stop accepting a key, on open connections too")
+    k.add_argument("public")
 
     sub.add_parser("gc", help="delete now what has outlived its tenant's retention_days")
 
@@ -192,6 +210,45 @@ def _stats(args: argparse.Namespace, c: Any) -> None:
         time.sleep(args.watch)  # the refresh interval the user asked for
 
 
+def _keys(args: argparse.Namespace, c: Any) -> int:
+    if args.keys_cmd == "list":
+        rows = c.list_keys()
+        human = "\n".join(
+            f"{r['public']}  {'admin' if r['admin'] else r['tenant']:<24} created {r['created_at']}"
+            + (f"  revoked {r['revoked_at']}" if r["revoked_at"] else "")
+            for r in rows
+        )
+        _print(args, rows, human or "no keys")
+        return 0
+    if args.keys_cmd == "revoke":
+        _print(args, c.revoke_key(args.public), f"revoked {args.public}")
+        return 0
+    if args.admin == bool(args.tenant):
+        print("error USAGE: give a TENANT or --admin (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out and os.path.exists(args.out):
+        print(f"error USAGE: {args.out} exists; not overwriting a key file", file=sys.stderr)
+        return EXIT_USAGE
+    key = c.new_key(None if args.admin else args.tenant)
+    key["endpoint"] = args.endpoint or c.info()["tcp"]
+    text = json.dumps(key, indent=2) + "\n"
+    if not args.out:
+        print(text, end="")
+    else:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        who = "admin" if args.admin else f"tenant {args.tenant}"
+        print(f"wrote a key for {who} to {args.out} (public {key['public']})")
+    if key["endpoint"] is None:
+        print(
+            "note: the supervisor has no [server] tcp_endpoint yet; the key works once it has "
+            "(add \"endpoint\": \"tcp://HOST:PORT\" to the file, or pass one to Client)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _logs(args: argparse.Namespace, endpoint: str | None) -> int:
     from stepvisor.client import Client
 
@@ -241,7 +298,9 @@ def _run(args: argparse.Namespace) -> int:
         endpoint = args.socket if "://" in args.socket else f"ipc://{args.socket}"
     if args.cmd == "logs":
         return _logs(args, endpoint)
-    with Client(endpoint, timeout_s=args.timeout) as c:
+    with Client(endpoint, timeout_s=args.timeout, credentials=args.credentials) as c:
+        if args.cmd == "keys":
+            return _keys(args, c)
         if args.cmd == "deploy":
             r = c.deploy(args.tenant, args.file)
             _print(

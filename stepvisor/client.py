@@ -14,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol.codec import decode_reply, dump_json, encode
 from protocol.errors import ErrorCode, ProtocolError
@@ -24,6 +25,7 @@ from protocol.messages import (
     Control,
     Create,
     CreateBatch,
+    CreateKey,
     Deploy,
     GetHistory,
     GetInfo,
@@ -31,8 +33,10 @@ from protocol.messages import (
     GetStatus,
     GetUsage,
     ListInstances,
+    ListKeys,
     Ping,
     Reload,
+    RevokeKey,
     SendEvent,
 )
 from stepvisor.sdk import WORKFLOW_ATTR
@@ -62,27 +66,101 @@ def default_endpoint() -> str:
     return default_api_endpoint()
 
 
-class Client:
-    """Talks to the supervisor's API socket. Not thread-safe: use one per thread."""
+def load_credentials(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """A remote API key file (`stepvisor keys new TENANT --out FILE`), or its contents."""
+    if isinstance(source, dict):
+        creds = source
+    else:
+        try:
+            creds = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as exc:
+            raise StepVisorError(
+                ErrorCode.AUTH.value, f"cannot read credentials {source}: {exc}"
+            ) from None
+    missing = [k for k in ("server_key", "public", "secret") if not creds.get(k)]
+    if missing:
+        raise StepVisorError(
+            ErrorCode.AUTH.value, f"credentials lack {', '.join(missing)} (see stepvisor keys new)"
+        )
+    return creds
 
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 60.0) -> None:
-        self.endpoint = endpoint or default_endpoint()
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+)
+
+
+class Client:
+    """Talks to the supervisor's API socket. Not thread-safe: use one per thread.
+
+    `credentials` (a key file or its contents; default $STEPVISOR_CREDENTIALS) are for the remote
+    tcp:// API, which speaks CURVE: the connection is encrypted and the key decides which tenant
+    the client may act for. The key file's `endpoint` is used when no endpoint is given."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        credentials: str | os.PathLike[str] | dict[str, Any] | None = None,
+    ) -> None:
+        source = credentials or os.environ.get("STEPVISOR_CREDENTIALS")
+        self.credentials = load_credentials(source) if source else None
+        from_key = (self.credentials or {}).get("endpoint")
+        self.endpoint = endpoint or from_key or default_endpoint()
         self.timeout_s = timeout_s
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._shaken = False  # a handshake succeeded on this socket
         self._rids = itertools.count(1)
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.endpoint)
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.credentials is not None:
+                sock.curve_serverkey = self.credentials["server_key"].encode()
+                sock.curve_publickey = self.credentials["public"].encode()
+                sock.curve_secretkey = self.credentials["secret"].encode()
+            if self.endpoint.startswith("tcp://"):
+                # A refused handshake is silent otherwise: the call would just time out.
+                self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                self._shaken = False
+            sock.connect(self.endpoint)
+            self._sock = sock
         return self._sock
 
     def close(self) -> None:
         if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._sock.close(linger=0)
             self._sock = None
+
+    def _check_handshake(self) -> None:
+        """Raise AUTH when the remote API refused (or dropped) us during the handshake."""
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._shaken = True
+            elif event != zmq.EVENT_DISCONNECTED or not self._shaken:
+                self.close()
+                if self.credentials is None:
+                    why = "it needs a CURVE key (credentials=..., $STEPVISOR_CREDENTIALS)"
+                else:
+                    why = "this key is unknown or revoked there, or the server key is wrong"
+                raise StepVisorError(
+                    ErrorCode.AUTH.value,
+                    f"the supervisor at {self.endpoint} refused the connection: {why}",
+                )
 
     def __enter__(self) -> Client:
         return self
@@ -96,9 +174,18 @@ class Client:
         sock = self._socket()
         sock.send(encode(make(rid)))
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if self._monitor is not None and self._monitor in ready:
+                self._check_handshake()
+                if sock not in ready:
+                    continue
+            if sock not in ready:
                 self.close()  # a late reply must not be read as the answer to the next call
                 raise StepVisorError(
                     ErrorCode.TIMEOUT.value, f"no reply from the supervisor at {self.endpoint}"
@@ -244,6 +331,19 @@ class Client:
                 total[key] += done[key]
             if not done["more"]:
                 return total
+
+    def new_key(self, tenant: str | None) -> dict[str, Any]:
+        """A remote API key pair for `tenant` (None: admin): {tenant, public, secret,
+        server_key}. The secret is not kept by the supervisor: store it now."""
+        return self.call(lambda rid: CreateKey(rid=rid, tenant=tenant))
+
+    def list_keys(self) -> builtins.list[dict[str, Any]]:
+        """Every remote API key: public half, tenant (or admin), created, revoked."""
+        return self.call(lambda rid: ListKeys(rid=rid))
+
+    def revoke_key(self, public: str) -> dict[str, Any]:
+        """Stop accepting a key, on open connections too."""
+        return self.call(lambda rid: RevokeKey(rid=rid, public=public))
 
     def reload(self) -> dict[str, Any]:
         """Make the supervisor re-read its config file: {path, changes: {key: {old, new}}}.

@@ -32,6 +32,7 @@ from supervisor import engine, launcher, outcome
 from supervisor import journal as j
 from supervisor.activation import CONNECTED, IN_STEP, LAUNCHED, SETTLED, Activation
 from supervisor.output import OutputCapture
+from supervisor.remote_api import RemoteApi
 
 MAX_MESSAGES_PER_TICK = 1000
 MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
@@ -47,6 +48,7 @@ class ActivationMessages:
 
     conn: sqlite3.Connection
     client: zmq.Socket[bytes]
+    remote: RemoteApi | None
     sandbox: zmq.Socket[bytes]
     running: dict[str, Activation]
     active: int
@@ -60,8 +62,9 @@ class ActivationMessages:
     log: Any
 
     def _reply(
-        self, identity: bytes, rid: int, result: object = None, error: ProtocolError | None = None
+        self, peer: bytes, rid: int, result: object = None, error: ProtocolError | None = None
     ) -> None:
+        """Answer a client request; `peer` is its tagged identity (see `client_requests`)."""
         info = (
             None
             if error is None
@@ -70,7 +73,8 @@ class ActivationMessages:
             )
         )
         reply = Reply(rid=rid, ok=error is None, result=result, error=info)
-        self.outbox.append((self.client, [identity, encode(reply)]))
+        sock = self.remote.sock if peer[:1] == b"R" and self.remote is not None else self.client
+        self.outbox.append((sock, [peer[1:], encode(reply)]))
         self.durable_outbox = True
 
     def _drain_sandbox(self, now: float, mono: float) -> None:

@@ -13,6 +13,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import zmq
+
 from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_BATCH_ITEMS
@@ -22,6 +24,7 @@ from protocol.messages import (
     Control,
     Create,
     CreateBatch,
+    CreateKey,
     Deploy,
     GetHistory,
     GetInfo,
@@ -29,8 +32,10 @@ from protocol.messages import (
     GetStatus,
     GetUsage,
     ListInstances,
+    ListKeys,
     Ping,
     Reload,
+    RevokeKey,
     SendEvent,
 )
 from supervisor import engine
@@ -58,6 +63,10 @@ class Host(Protocol):
     def info(self) -> dict[str, Any]: ...
 
     def collect_garbage(self) -> dict[str, Any]: ...
+
+    def keys_changed(self) -> None: ...
+
+    def server_key(self) -> str: ...
 
 
 def status_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -332,6 +341,44 @@ def gc(host: Host, req: CollectGarbage, identity: bytes, now: float) -> object:
     return host.collect_garbage()
 
 
+def key_new(host: Host, req: CreateKey, identity: bytes, now: float) -> object:
+    if (
+        req.tenant is not None
+        and host.cfg.server.require_declared_tenants
+        and req.tenant not in host.cfg.tenants
+    ):
+        raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {req.tenant!r} is not declared")
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    j.add_key(host.conn, public, req.tenant, now)
+    host.keys_changed()
+    return {
+        "tenant": req.tenant,
+        "public": public,
+        "secret": secret,  # only here, only now: the supervisor keeps the public half
+        "server_key": host.server_key(),
+    }
+
+
+def key_list(host: Host, req: ListKeys, identity: bytes, now: float) -> object:
+    return [
+        {
+            "public": r["public"],
+            "tenant": r["tenant"],
+            "admin": r["tenant"] is None,
+            "created_at": engine.iso(r["created_at"]),
+            "revoked_at": engine.iso(r["revoked_at"]),
+        }
+        for r in j.api_keys(host.conn)
+    ]
+
+
+def key_revoke(host: Host, req: RevokeKey, identity: bytes, now: float) -> object:
+    if not j.revoke_key(host.conn, req.public, now):
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no live key {req.public!r}")
+    host.keys_changed()
+    return {"public": req.public, "revoked": True}
+
+
 def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
     return host.reload_config()
 
@@ -351,5 +398,8 @@ HANDLERS: dict[type, Handler] = {
     GetUsage: usage,
     GetInfo: info,
     CollectGarbage: gc,
+    CreateKey: key_new,
+    ListKeys: key_list,
+    RevokeKey: key_revoke,
     Reload: reload,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import tomllib
@@ -113,6 +114,9 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # acked: whatever is acknowledged (a result, a create, an event, a control) is on disk first;
     # full: every commit is synced; normal: none is (a power loss may drop the last commits)
     synchronous: Literal["acked", "full", "normal"] = "acked"
+    # a remote API for platform backends, secured with CURVE keys (`stepvisor keys new`), e.g.
+    # "tcp://0.0.0.0:7700"; empty: none
+    tcp_endpoint: str = ""
     # members of this group may use the ipc:// API socket (0660); empty: root's group only
     api_group: str = ""
     log_file: str = ""
@@ -216,6 +220,11 @@ def parse(text: str, *, source: str = "<config>") -> Config:
             f"{source}: `isolation.sandbox_uid_range`: needs at least `server.max_activations` "
             f"({cfg.server.max_activations}) uids"
         )
+    tcp = cfg.server.tcp_endpoint
+    if tcp and not re.match(r"^tcp://[^:/]+:(\d+|\*)\Z", tcp):
+        raise ConfigError(
+            f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}"
+        )
     resolve_paths(cfg)
     return cfg
 
@@ -240,6 +249,7 @@ RESTART_KEYS = frozenset(
         "server.api_endpoint",
         "server.sandbox_endpoint",
         "server.api_group",
+        "server.tcp_endpoint",
         "server.python",
         "server.launch_mode",
         "server.fork_spares",

@@ -24,9 +24,8 @@ from typing import Any
 import psutil
 import zmq
 
-from protocol.codec import decode_request, request_id
 from protocol.errors import ErrorCode, ProtocolError
-from supervisor import api, engine, isolation, launcher, logs, outcome, retention, sdnotify
+from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -34,7 +33,8 @@ from supervisor.activation import (
     Activation,
     DeployRequest,
 )
-from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK, ActivationMessages
+from supervisor.activation_messages import ActivationMessages
+from supervisor.client_requests import LOCAL, REMOTE, ClientRequests
 from supervisor.config import (
     Config,
     ConfigError,
@@ -47,6 +47,7 @@ from supervisor.config import (
 from supervisor.config import diff as config_diff
 from supervisor.fork_servers import ForkServers
 from supervisor.output import OutputCapture
+from supervisor.remote_api import RemoteApi, server_keypair
 from supervisor.stats import WINDOW_S, Stats
 from supervisor.zygote import Zygote
 
@@ -58,7 +59,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages, ForkServers):
+class Supervisor(ActivationMessages, ClientRequests, ForkServers):
     def __init__(
         self,
         cfg: Config,
@@ -149,6 +150,7 @@ class Supervisor(ActivationMessages, ForkServers):
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        self.remote = self._remote_api()
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
@@ -180,6 +182,34 @@ class Supervisor(ActivationMessages, ForkServers):
                         f"{self.paths.runtime_dir}: {parent} is not searchable by others "
                         "(chmod o+x it, or pick another runtime_dir)"
                     )
+
+    def _remote_api(self) -> RemoteApi | None:
+        endpoint = self.cfg.server.tcp_endpoint
+        if not endpoint:
+            return None
+        try:
+            remote = RemoteApi(self.zctx, endpoint, self.paths.state_dir, self.log)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"server.tcp_endpoint: cannot bind {endpoint}: {exc}") from None
+        remote.load_keys(j.api_keys(self.conn))
+        for sock in (remote.sock, remote.zap, remote.monitor):
+            self.poller.register(sock, zmq.POLLIN)
+        self.log.info(
+            "api.remote",
+            endpoint=remote.endpoint,
+            server_key=remote.public.decode(),
+            keys=len(remote.keys),
+        )
+        return remote
+
+    def keys_changed(self) -> None:
+        if self.remote is not None:
+            self.remote.load_keys(j.api_keys(self.conn))
+
+    def server_key(self) -> str:
+        """The public half of the remote API's CURVE key pair (made now if need be, so keys
+        handed out before a tcp_endpoint is configured work once it is)."""
+        return server_keypair(self.paths.state_dir)[0].decode()
 
     def _bind(self, endpoint: str, mode: int, gid: int = -1) -> zmq.Socket[bytes]:
         sock = self.zctx.socket(zmq.ROUTER)
@@ -215,6 +245,8 @@ class Supervisor(ActivationMessages, ForkServers):
         signal.set_wakeup_fd(-1)
         for zygote in self.zygotes.values():
             zygote.close()
+        if self.remote is not None:
+            self.remote.close()
         for sock in (self.client, self.sandbox):
             sock.close(linger=0)
         self.zctx.term()
@@ -236,7 +268,14 @@ class Supervisor(ActivationMessages, ForkServers):
                 self._drain_wakeups()
             self._handle_signals(mono)
             if self.client in ready:
-                self._drain_clients(now)
+                self._drain_clients(self.client, LOCAL, now)
+            if self.remote is not None:
+                if self.remote.zap in ready:
+                    self.remote.on_zap()
+                if self.remote.monitor in ready:
+                    self.remote.on_monitor()
+                if self.remote.sock in ready:
+                    self._drain_clients(self.remote.sock, REMOTE, now)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
             for python, zygote in list(self.zygotes.items()):
@@ -394,6 +433,8 @@ class Supervisor(ActivationMessages, ForkServers):
             "config": None if self.config_path is None else os.path.abspath(self.config_path),
             "state_dir": str(self.paths.state_dir),
             "api": self.paths.api_endpoint,
+            "tcp": None if self.remote is None else self.remote.endpoint,
+            "server_key": None if self.remote is None else self.remote.public.decode(),
             "launch_mode": self.cfg.server.launch_mode,
             "log_file": os.path.abspath(log_file) if log_file else None,
             "journal_unit": logs.journal_unit(),
@@ -459,62 +500,6 @@ class Supervisor(ActivationMessages, ForkServers):
             self.log.info("recovery.done", interrupted=len(leftovers))
 
     # ------------------------------------------------------------------ client API
-
-    def _drain_clients(self, now: float) -> None:
-        for _ in range(MAX_MESSAGES_PER_TICK):
-            try:
-                frames = self.client.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            identity = frames[0]
-            if self.bad_peers.get(identity, 0) >= MAX_BAD_FRAMES:
-                continue
-            if len(frames) != 2:
-                self._bad_client(
-                    identity,
-                    0,
-                    ProtocolError(ErrorCode.MALFORMED, "expected one frame per request"),
-                )
-                continue
-            try:
-                req = decode_request(frames[1])
-            except ProtocolError as exc:
-                self._bad_client(identity, request_id(frames[1]), exc)
-                continue
-            self._dispatch(identity, req, now)
-
-    def _bad_client(self, identity: bytes, rid: int, exc: ProtocolError) -> None:
-        if len(self.bad_peers) > 10_000:
-            self.bad_peers.clear()
-        self.bad_peers[identity] = self.bad_peers.get(identity, 0) + 1
-        self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
-        self._reply(identity, rid, error=exc)
-
-    def _dispatch(self, identity: bytes, req: Any, now: float) -> None:
-        handler = api.HANDLERS[type(req)]
-        # A savepoint per request: a request that fails changes nothing, the others still commit.
-        self.conn.execute("SAVEPOINT request")
-        try:
-            result = handler(self, req, identity, now)
-        except ProtocolError as exc:
-            self.conn.execute("ROLLBACK TO request")
-            self._reply(identity, req.rid, error=exc)
-        except Exception as exc:
-            self.conn.execute("ROLLBACK TO request")
-            self.log.exception("api.internal_error", request=type(req).__name__)
-            self._reply(
-                identity,
-                req.rid,
-                error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"),
-            )
-        else:
-            tenant = getattr(req, "tenant", None)
-            if tenant and tenant not in self.tenants and j.tenant_exists(self.conn, tenant):
-                self.tenants.append(tenant)
-            if result is not api.DEFERRED:
-                self._reply(identity, req.rid, result)
-        finally:
-            self.conn.execute("RELEASE request")
 
     # Host protocol for api handlers ----------------------------------------------------
 

@@ -159,6 +159,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX activations_inspections ON activations (tenant, launched_at)
         WHERE instance IS NULL
     """,
+    # 5: remote API client keys (CURVE public keys, Z85): each acts for one tenant, or is an
+    # admin key (tenant NULL); revoked keys are kept, marked
+    """
+    CREATE TABLE api_keys (
+        public TEXT PRIMARY KEY,
+        tenant TEXT,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    )
+    """,
 ]
 
 
@@ -660,3 +670,23 @@ def instance_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     for row in conn.execute("SELECT tenant, status, COUNT(*) FROM instances GROUP BY 1, 2"):
         out.setdefault(row[0], {})[row[1]] = row[2]
     return out
+
+
+# ---------------------------------------------------------------- remote API keys
+
+
+def add_key(conn: sqlite3.Connection, public: str, tenant: str | None, now: float) -> None:
+    conn.execute(
+        "INSERT INTO api_keys (public, tenant, created_at) VALUES (?, ?, ?)", (public, tenant, now)
+    )
+
+
+def revoke_key(conn: sqlite3.Connection, public: str, now: float) -> bool:
+    cur = conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE public = ? AND revoked_at IS NULL", (now, public)
+    )
+    return cur.rowcount == 1
+
+
+def api_keys(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM api_keys ORDER BY created_at, public").fetchall()

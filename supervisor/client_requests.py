@@ -1,0 +1,109 @@
+"""Client requests from the local ipc:// socket and, when configured, the remote tcp:// one.
+
+A request's peer is its ROUTER identity tagged with the socket it came on (b"L" local, b"R"
+remote), so a reply, even a deferred one, goes back the way its request came. The local socket
+is guarded by its file permissions and acts as admin; a remote request acts for the key it was
+sent with (see `remote_api.authorize`). A mixin of `daemon.Supervisor`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, cast
+
+import zmq
+
+from protocol.codec import decode_request, request_id
+from protocol.errors import ErrorCode, ProtocolError
+from supervisor import api
+from supervisor import journal as j
+from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK
+from supervisor.remote_api import ADMIN, RemoteApi, authorize
+
+LOCAL, REMOTE = b"L", b"R"
+
+
+class ClientRequests:
+    conn: sqlite3.Connection
+    client: zmq.Socket[bytes]
+    remote: RemoteApi | None
+    tenants: list[str]
+    bad_peers: dict[bytes, int]
+    log: Any
+    _reply: Any  # ActivationMessages._reply
+
+    def _drain_clients(self, sock: zmq.Socket[bytes], tag: bytes, now: float) -> None:
+        for _ in range(MAX_MESSAGES_PER_TICK):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer = tag + frames[0].bytes
+            if self.bad_peers.get(peer, 0) >= MAX_BAD_FRAMES:
+                continue
+            if len(frames) != 2:
+                error = ProtocolError(ErrorCode.MALFORMED, "expected one frame per request")
+                self._bad_client(peer, 0, error)
+                continue
+            body = frames[1].bytes
+            try:
+                req = decode_request(body)
+            except ProtocolError as exc:
+                self._bad_client(peer, request_id(body), exc)
+                continue
+            principal = ADMIN if tag == LOCAL else self._principal(frames[1])
+            if principal is None:
+                why = "this key was revoked; ask for a new one (stepvisor keys new)"
+                self._reply(peer, req.rid, error=ProtocolError(ErrorCode.FORBIDDEN, why))
+                continue
+            try:
+                req = authorize(principal, req)
+            except ProtocolError as exc:
+                self.log.warning(
+                    "api.forbidden", tenant=principal or None, request=type(req).__name__
+                )
+                self._reply(peer, req.rid, error=exc)
+                continue
+            self._dispatch(peer, req, now)
+
+    def _principal(self, frame: zmq.Frame) -> str | None:
+        assert self.remote is not None
+        try:
+            public = frame.get("User-Id")  # what our ZAP handler put there: the client's key
+        except zmq.ZMQError:
+            return None
+        return self.remote.principal(str(public))
+
+    def _bad_client(self, peer: bytes, rid: int, exc: ProtocolError) -> None:
+        if len(self.bad_peers) > 10_000:
+            self.bad_peers.clear()
+        self.bad_peers[peer] = self.bad_peers.get(peer, 0) + 1
+        self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
+        self._reply(peer, rid, error=exc)
+
+    def _dispatch(self, peer: bytes, req: Any, now: float) -> None:
+        handler = api.HANDLERS[type(req)]
+        # A savepoint per request: a request that fails changes nothing, the others still commit.
+        self.conn.execute("SAVEPOINT request")
+        try:
+            # The Supervisor this is mixed into is the handlers' Host.
+            result = handler(cast(api.Host, self), req, peer, now)
+        except ProtocolError as exc:
+            self.conn.execute("ROLLBACK TO request")
+            self._reply(peer, req.rid, error=exc)
+        except Exception as exc:
+            self.conn.execute("ROLLBACK TO request")
+            self.log.exception("api.internal_error", request=type(req).__name__)
+            self._reply(
+                peer,
+                req.rid,
+                error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"),
+            )
+        else:
+            tenant = getattr(req, "tenant", None)
+            if tenant and tenant not in self.tenants and j.tenant_exists(self.conn, tenant):
+                self.tenants.append(tenant)
+            if result is not api.DEFERRED:
+                self._reply(peer, req.rid, result)
+        finally:
+            self.conn.execute("RELEASE request")
