@@ -116,6 +116,19 @@ class GetStats(Base, frozen=True, tag="stats"):
     tenant: Tenant | None = None  # one tenant's figures only
 
 
+# What a usage row counts, after its tenant and period (see `journal.add_usage`).
+USAGE_FIELDS = (
+    "activations",
+    "steps",
+    "failures",
+    "cpu_ms",
+    "wall_ms",
+    "memory_peak_kib",  # the largest peak RSS of one activation
+    "memory_sum_kib",  # the sum of every activation's peak RSS
+    "memory_kib_s",  # each activation's peak RSS times its wall time
+)
+
+
 class GetUsage(Base, frozen=True, tag="usage"):
     """Durable per-tenant usage, summed from the UTC hour holding `since` (epoch s) on."""
 

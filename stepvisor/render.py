@@ -8,6 +8,8 @@ import io
 import re
 from typing import Any
 
+from protocol.messages import USAGE_FIELDS
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -97,19 +99,7 @@ def _table(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:
     ]
 
 
-USAGE_COLUMNS = (
-    "tenant",
-    "from",
-    "to",
-    "activations",
-    "steps",
-    "failures",
-    "cpu_ms",
-    "wall_ms",
-    "memory_peak_kib",
-    "memory_sum_kib",
-    "memory_kib_s",
-)
+USAGE_COLUMNS = ("tenant", "from", "to", *USAGE_FIELDS)
 
 
 def usage_csv(rows: list[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_BATCH_ITEMS
 from protocol.messages import (
     TERMINAL_STATUSES,
+    USAGE_FIELDS,
     CollectGarbage,
     Control,
     Create,
@@ -327,7 +328,7 @@ def usage(host: Host, req: GetUsage, identity: bytes, now: float) -> object:
             "tenant": r["tenant"],
             "from": engine.iso(r["hour"]),
             "to": engine.iso(r["last_hour"] + 3600),
-            **{f: round(r[f], 3) if isinstance(r[f], float) else r[f] for f in j.USAGE_FIELDS},
+            **{f: round(r[f], 3) if isinstance(r[f], float) else r[f] for f in USAGE_FIELDS},
         }
         for r in rows
     ]

@@ -594,18 +594,6 @@ def instance_activations(conn: sqlite3.Connection, tenant: str, instance: str) -
 
 # ---------------------------------------------------------------- usage and counts
 
-USAGE_FIELDS = (
-    "activations",
-    "steps",
-    "failures",
-    "cpu_ms",
-    "wall_ms",
-    "memory_peak_kib",
-    "memory_sum_kib",
-    "memory_kib_s",
-)
-
-
 def add_usage(
     conn: sqlite3.Connection,
     tenant: str,

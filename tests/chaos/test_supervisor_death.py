@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import signal
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from stepvisor import Client
 from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 pytestmark = pytest.mark.chaos
@@ -62,9 +65,11 @@ def sandbox_processes(daemon: Daemon) -> list[psutil.Process]:
     ]
 
 
-def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
-    make_daemon, shared: Path
-) -> None:
+def through_two_stops(
+    make_daemon, shared: Path, stop: Callable[[Daemon], None]
+) -> tuple[Daemon, Client, dict[str, Any], dict[tuple[str, int], list[str]]]:
+    """Six 5-step instances, stopped with `stop` after 4 and after 12 journaled steps and
+    restarted each time; returns the daemon, a client, the final statuses and every execution."""
     daemon = make_daemon(writable(shared, max_concurrent=3))
     log = make_log(shared)
     c = daemon.client()
@@ -73,14 +78,23 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
     c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 5, "pause": 0.15}) for i in ids])
     for threshold in (4, 12):
         wait_for(lambda t=threshold, c=c: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
-        daemon.stop(signal.SIGKILL)
-        # PDEATHSIG: the running activations die with their supervisor.
-        wait_for(lambda: not sandbox_processes(daemon), 10, "orphaned activations to die")
+        stop(daemon)
         daemon.start()
         c = daemon.client()
     finals = {i: c.wait("acme", i, timeout_s=120) for i in ids}
     assert all(st["status"] == "complete" for st in finals.values())
-    runs = executions(log)
+    return daemon, c, finals, executions(log)
+
+
+def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
+    make_daemon, shared: Path
+) -> None:
+    def kill(daemon: Daemon) -> None:
+        daemon.stop(signal.SIGKILL)
+        # PDEATHSIG: the running activations die with their supervisor.
+        wait_for(lambda: not sandbox_processes(daemon), 10, "orphaned activations to die")
+
+    daemon, c, finals, runs = through_two_stops(make_daemon, shared, kill)
     for iid, st in finals.items():
         for seq, journaled_token in enumerate(st["output"]):
             tokens = runs[(iid, seq)]
@@ -88,27 +102,17 @@ def test_sigkill_mid_workflow_then_restart_loses_and_repeats_nothing(
             assert tokens[-1] == journaled_token, (iid, seq, tokens)
             assert len(tokens) <= 3  # at most one re-run per supervisor death
     assert daemon.events("recovery.requeued")
-    outcomes = [a["outcome"] for i in ids for a in c.history("acme", i)["activations"]]
+    outcomes = [a["outcome"] for i in finals for a in c.history("acme", i)["activations"]]
     assert "interrupted" in outcomes
     assert outcomes.count(None) == 0
 
 
 def test_sigterm_mid_load_then_restart_loses_and_repeats_nothing(make_daemon, shared: Path) -> None:
-    daemon = make_daemon(writable(shared, max_concurrent=3))
-    log = make_log(shared)
-    c = daemon.client()
-    deploy_source(c, "acme", SRC)
-    ids = [f"i{n}" for n in range(6)]
-    c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 5, "pause": 0.15}) for i in ids])
-    for threshold in (4, 12):
-        wait_for(lambda t=threshold, c=c: journaled_steps(c, ids) >= t, 60, f"{threshold} steps")
-        assert daemon.stop(signal.SIGTERM) == 0  # drains: running steps finish and are journaled
+    def drain(daemon: Daemon) -> None:
+        assert daemon.stop(signal.SIGTERM) == 0  # running steps finish and are journaled
         assert not sandbox_processes(daemon)
-        daemon.start()
-        c = daemon.client()
-    finals = {i: c.wait("acme", i, timeout_s=120) for i in ids}
-    assert all(st["status"] == "complete" for st in finals.values())
-    runs = executions(log)
+
+    daemon, _, finals, runs = through_two_stops(make_daemon, shared, drain)
     for iid, st in finals.items():
         for seq, journaled_token in enumerate(st["output"]):
             assert runs[(iid, seq)] == [journaled_token], (iid, seq)  # each step ran once
