@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 import zmq
 
-from protocol.errors import ErrorCode, ProtocolError
 from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
@@ -40,15 +39,14 @@ from supervisor.config import (
     ConfigError,
     Paths,
     load,
-    needs_restart,
     resolve_paths,
     with_dirs,
 )
-from supervisor.config import diff as config_diff
 from supervisor.fork_servers import ForkServers
+from supervisor.operations import Operations
 from supervisor.output import OutputCapture
-from supervisor.remote_api import RemoteApi, server_keypair
-from supervisor.stats import WINDOW_S, Stats
+from supervisor.remote_api import RemoteApi
+from supervisor.stats import Stats
 from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
@@ -59,7 +57,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages, ClientRequests, ForkServers):
+class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     def __init__(
         self,
         cfg: Config,
@@ -202,15 +200,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers):
         )
         return remote
 
-    def keys_changed(self) -> None:
-        if self.remote is not None:
-            self.remote.load_keys(j.api_keys(self.conn))
-
-    def server_key(self) -> str:
-        """The public half of the remote API's CURVE key pair (made now if need be, so keys
-        handed out before a tcp_endpoint is configured work once it is)."""
-        return server_keypair(self.paths.state_dir)[0].decode()
-
     def _bind(self, endpoint: str, mode: int, gid: int = -1) -> zmq.Socket[bytes]:
         sock = self.zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -304,14 +293,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers):
             self.vacuum_due = False
         self.notify.watchdog(mono, self._status)
 
-    def _status(self) -> str:
-        """systemd's one-line STATUS (`systemctl status stepvisor`)."""
-        state = "draining" if self.draining else "serving"
-        return (
-            f"{state}: {self.active} steps running, {len(self.running) - self.active} exiting, "
-            f"{len(self.tenants)} tenants"
-        )
-
     def _poll_timeout_ms(self) -> int:
         if self.more_due:
             return 0
@@ -358,115 +339,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers):
                 )
             elif signum == signal.SIGHUP:
                 self._reload()
-
-    def _reload(self) -> None:
-        if why := logs.reopen():  # SIGHUP also follows a log rotation
-            self.log.error("log.reopen_failed", error=why)
-        with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
-            self.reload_config()
-
-    def _collect(self, now: float, mono: float) -> retention.Pass:
-        done = retention.collect(self.conn, self.cfg, list(self.tenants), now)
-        if done.instances or done.inspections:
-            self.log.info(
-                "retention.deleted", instances=done.instances, inspections=done.inspections
-            )
-            self.vacuum_due = True
-        self.next_gc = mono + (
-            retention.SOON_S if done.full else self.cfg.server.retention_interval_s
-        )
-        return done
-
-    def collect_garbage(self) -> dict[str, Any]:
-        """`stepvisor gc`: retention passes now, for up to a second; `more` when the backlog
-        outlasted that (call again)."""
-        total = retention.Pass()
-        deadline = time.monotonic() + 1.0
-        while True:
-            done = self._collect(time.time(), time.monotonic())
-            total.instances += done.instances
-            total.inspections += done.inspections
-            if not done.full or time.monotonic() > deadline:
-                break
-        return {"instances": total.instances, "inspections": total.inspections, "more": done.full}
-
-    def stats_view(self, tenant: str | None) -> dict[str, Any]:
-        """`stepvisor stats`: the last minute's activations, what runs and waits now, overall and
-        per tenant; with `tenant`, that tenant's figures only."""
-        mono = time.monotonic()
-        counts = j.instance_counts(self.conn)
-        names = [tenant] if tenant else sorted(set(self.tenants) | self.stats.tenants())
-        view: dict[str, Any] = {
-            "uptime_s": round(mono - self.stats.started, 1),
-            "window_s": WINDOW_S,
-        }
-        if tenant is None:
-            everyone: Counter[str] = Counter()
-            for per_status in counts.values():
-                everyone.update(per_status)
-            view |= {
-                "launch_mode": self.cfg.server.launch_mode,
-                "draining": self.draining,
-                "running": self.active,
-                "exiting": len(self.running) - self.active,
-                "instances": dict(sorted(everyone.items())),
-                **self.stats.window(mono),
-                "failures_since_start": self.stats.failures_since_start(),
-                "fork_servers": self.fork_server_view(mono),
-            }
-        view["tenants"] = {
-            name: {
-                "running": self.per_tenant.get(name, 0),
-                "instances": dict(sorted(counts.get(name, {}).items())),
-                **self.stats.window(mono, name),
-                "failures_since_start": self.stats.failures_since_start(name),
-            }
-            for name in names
-        }
-        return view
-
-    def info(self) -> dict[str, Any]:
-        """Where things are, for `stepvisor logs` and operators."""
-        log_file = self.cfg.server.log_file
-        return {
-            "pid": os.getpid(),
-            "config": None if self.config_path is None else os.path.abspath(self.config_path),
-            "state_dir": str(self.paths.state_dir),
-            "api": self.paths.api_endpoint,
-            "tcp": None if self.remote is None else self.remote.endpoint,
-            "server_key": None if self.remote is None else self.remote.public.decode(),
-            "launch_mode": self.cfg.server.launch_mode,
-            "log_file": os.path.abspath(log_file) if log_file else None,
-            "journal_unit": logs.journal_unit(),
-        }
-
-    def reload_config(self) -> dict[str, Any]:
-        """Re-read the config file. New limits apply to activations launched from now on; a
-        file that does not validate, or that changes what only a restart applies, is refused
-        (CONFIG) and the running config stays."""
-        self.notify.reloading()
-        try:
-            if self.config_path is None:
-                raise ConfigError(
-                    "running on the embedded default config: no file to reload "
-                    "(start with --config FILE)"
-                )
-            new = with_dirs(load(self.config_path), *self.dirs)
-            changes = config_diff(self.cfg, new)
-            if fixed := needs_restart(changes):
-                raise ConfigError(
-                    f"{self.config_path}: {', '.join(fixed)} change only with a restart; "
-                    "nothing was applied"
-                )
-        except ConfigError as exc:
-            self.log.error("config.reload_rejected", error=str(exc))
-            self.notify.ready(self._status())
-            raise ProtocolError(ErrorCode.CONFIG, str(exc)) from None
-        self.cfg = new
-        view = {key: {"old": old, "new": now} for key, (old, now) in changes.items()}
-        self.log.info("config.reloaded", path=str(self.config_path), changes=view)
-        self.notify.ready(self._status())
-        return {"path": str(self.config_path), "changes": view}
 
     # ------------------------------------------------------------------ recovery
 
