@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -134,3 +138,20 @@ def test_usage_agrees_with_the_activations_and_survives_a_restart(
     ]
     bad = daemon.cli("usage", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "neither a duration" in bad.stderr
+
+
+def test_stats_watch_refreshes_until_stopped(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon()
+    cli = [sys.executable, "-m", "stepvisor.cli", "--socket", daemon.endpoint, "--json"]
+    proc = subprocess.Popen(
+        [*cli, "stats", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
+        assert second["uptime_s"] >= first["uptime_s"] and "fork_servers" in second
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130  # Ctrl-C ends it quietly
