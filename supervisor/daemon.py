@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import grp
 import json
@@ -24,6 +25,7 @@ from typing import Any
 import psutil
 import zmq
 
+from protocol.errors import ErrorCode, ProtocolError
 from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
@@ -138,7 +140,18 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.cfg.server.launch_mode == "fork":
             # Forked activations are re-parented to us, so we reap them like spawned ones.
             _set_child_subreaper()
-        self.conn = j.connect(self.paths.db, synchronous=self.cfg.server.synchronous)
+        self.conn = j.connect(
+            self.paths.db,
+            synchronous=self.cfg.server.synchronous,
+            before_rebuild=self._before_rebuild,
+        )
+        if not j.is_incremental(self.conn):
+            self.log.warning(
+                "database.not_incremental",
+                detail="retention frees pages for reuse but the file does not shrink; to convert,"
+                " stop the service and run: sqlite3 stepvisor.db "
+                "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'",
+            )
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client = self._bind(self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group))
@@ -167,6 +180,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             pid=os.getpid(),
         )
         self.notify.ready(self._status())
+
+    def _before_rebuild(self, size: int) -> None:
+        """The database is rebuilt once for incremental vacuum: tell systemd it may take a while
+        (EXTEND_TIMEOUT_USEC) and say so in the log."""
+        self.log.info("database.rebuilding", bytes=size, reason="auto_vacuum = INCREMENTAL")
+        self.notify.send(f"EXTEND_TIMEOUT_USEC={600 * 10**6}")
 
     def _check_uid_reach(self) -> None:
         """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
@@ -376,6 +395,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     # Host protocol for api handlers ----------------------------------------------------
 
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None:
+        if self.uids is not None and not self.uids.has_free():
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "every sandbox uid is in use (isolation.sandbox_uid_range): retry the deploy",
+            )
         j.ensure_tenant(self.conn, tenant, time.time())  # numbered now: its sandbox group
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
 
@@ -461,7 +485,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             kind=kind,
             instance=instance,
             limits=limits,
-            scratch=launcher.make_scratch(self.paths, aid, uid, gid),
+            scratch=launcher.scratch_path(self.paths, aid),
             uid=uid,
             gid=gid,
             launched_at=launched_at,
@@ -473,8 +497,13 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.active += 1
         self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
-            if self.cgroups is not None:
-                self.cgroups.tenant(tenant, limits)
+            if self.uids is not None and uid is None:
+                # Never without one: the launch paths wait for a free uid (`_slot_free`,
+                # `launch_inspection`), so this is a bug; refuse rather than run as root.
+                raise OSError(errno.EAGAIN, "no free sandbox uid")
+            launcher.make_scratch(self.paths, aid, uid, gid)
+            if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
+                self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
             if self.cfg.server.launch_mode == "fork":
                 if self._request_fork(act):
                     return  # _on_zygote records it when the fork server answers
@@ -501,6 +530,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
         if act.proc is not None:
             act.proc.wait()
+        self._finish_record(act, None, None, time.time(), time.monotonic())  # no reap follows
         self._forget(act)
 
     def _sandbox(self, act: Activation) -> launcher.Sandbox:

@@ -150,6 +150,7 @@ class Cgroups:
     version: Literal[1, 2]
     bases: dict[str, Path]  # controller → this supervisor's directory (v2: one shared dir)
     applied: dict[str, Limits] = field(default_factory=dict)
+    refused: dict[str, Limits] = field(default_factory=dict)  # limits the kernel would not take
 
     @classmethod
     def detect(cls, state_dir: Path) -> tuple[Cgroups | None, str]:
@@ -201,20 +202,29 @@ class Cgroups:
 
     # -- tenants
 
-    def tenant(self, tenant: str, limits: Limits) -> None:
-        """Create the tenant's cgroups and (re)apply its limits when they changed."""
+    def tenant(self, tenant: str, limits: Limits) -> list[str]:
+        """Create the tenant's cgroups and (re)apply its limits when they changed. These limits
+        hold for all the tenant's activations at once, running ones included.
+
+        Returns the limits the kernel refused this time, reported once per new set of limits
+        (say, a lower memory limit than the tenant's running activations use now: EBUSY on v1).
+        The launch goes on under the old value and the next one tries again."""
         if self.applied.get(tenant) == limits:
-            return
+            return []
         mem = limits.memory_mib * 1024 * 1024
         quota = int(limits.cpu_quota * 100_000)
+        writes: list[tuple[Path, str]]
         if self.version == 2:
             d = self.bases["memory"] / tenant
             d.mkdir(exist_ok=True)
             _write(d / "cgroup.subtree_control", "+memory +pids +cpu")
-            _write(d / "memory.max", str(mem))
-            _write(d / "memory.swap.max", "0") if (d / "memory.swap.max").exists() else None
-            _write(d / "pids.max", str(limits.max_pids))
-            _write(d / "cpu.max", f"{quota} 100000" if quota else "max 100000")
+            writes = [(d / "memory.max", str(mem))]
+            if (d / "memory.swap.max").exists():
+                writes.append((d / "memory.swap.max", "0"))
+            writes += [
+                (d / "pids.max", str(limits.max_pids)),
+                (d / "cpu.max", f"{quota} 100000" if quota else "max 100000"),
+            ]
         else:
             for base in self.bases.values():
                 (base / tenant).mkdir(exist_ok=True)
@@ -223,14 +233,28 @@ class Cgroups:
             order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
             if mem > int((m / order[0]).read_text()):
                 order.reverse()
-            for name in order:
-                if (m / name).exists():  # memsw is absent without swap accounting
-                    _write(m / name, str(mem))
-            _write(self.bases["pids"] / tenant / "pids.max", str(limits.max_pids))
+            # memsw is absent without swap accounting
+            writes = [(m / name, str(mem)) for name in order if (m / name).exists()]
             c = self.bases["cpu"] / tenant
-            _write(c / "cpu.cfs_period_us", "100000")
-            _write(c / "cpu.cfs_quota_us", str(quota) if quota else "-1")
-        self.applied[tenant] = limits
+            writes += [
+                (self.bases["pids"] / tenant / "pids.max", str(limits.max_pids)),
+                (c / "cpu.cfs_period_us", "100000"),
+                (c / "cpu.cfs_quota_us", str(quota) if quota else "-1"),
+            ]
+        refused = []
+        for path, value in writes:
+            try:
+                _write(path, value)
+            except OSError as exc:
+                refused.append(f"{path.parent.name}/{path.name} = {value}: {exc.strerror}")
+        if not refused:
+            self.applied[tenant] = limits
+            self.refused.pop(tenant, None)
+            return []
+        if self.refused.get(tenant) == limits:
+            return []  # reported already
+        self.refused[tenant] = limits
+        return refused
 
     def oom_killed(self, tenant: str, activation: int) -> bool:
         """Whether the kernel OOM-killed a process of this activation (read before `kill`).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -169,10 +169,56 @@ MIGRATIONS: list[str] = [
         revoked_at REAL
     )
     """,
+    # 6: activation ids are never handed out twice, even after their rows are deleted (with an
+    # instance, or by retention): an id names a scratch dir and cgroups that may outlive its row.
+    # And the events of one instance, found without a scan, for deleting them.
+    """
+    CREATE TABLE activations_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        instance TEXT,
+        kind TEXT NOT NULL,
+        seq INTEGER,
+        step TEXT,
+        pid INTEGER,
+        pid_started REAL,
+        launched_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT,
+        detail TEXT,
+        exit_code INTEGER,
+        cold_start_ms REAL,
+        exec_ms REAL,
+        total_ms REAL,
+        cpu_ms REAL,
+        max_rss_kib INTEGER,
+        phases TEXT
+    );
+    INSERT INTO activations_new
+        SELECT id, tenant, instance, kind, seq, step, pid, pid_started, launched_at, finished_at,
+               outcome, detail, exit_code, cold_start_ms, exec_ms, total_ms, cpu_ms, max_rss_kib,
+               phases
+        FROM activations;
+    DROP TABLE activations;
+    ALTER TABLE activations_new RENAME TO activations;
+    CREATE INDEX activations_instance ON activations (tenant, instance, id);
+    CREATE INDEX activations_open ON activations (id) WHERE finished_at IS NULL;
+    CREATE INDEX activations_inspections ON activations (tenant, launched_at)
+        WHERE instance IS NULL;
+    CREATE INDEX events_instance ON events (tenant, instance)
+    """,
 ]
 
 
-def connect(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
+CONVERT_AT_START_MAX_BYTES = 1 << 30  # larger databases are not rebuilt at start (see connect)
+
+
+def connect(
+    path: Path,
+    *,
+    synchronous: str = "full",
+    before_rebuild: Callable[[int], None] | None = None,
+) -> sqlite3.Connection:
     """Open (creating and migrating) the state database. Autocommit; callers use `transaction`.
 
     `synchronous`: "full", SQLite syncs the WAL at every commit; "normal" and "acked", only
@@ -180,17 +226,22 @@ def connect(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.row_factory = sqlite3.Row
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # INCREMENTAL, so retention can give freed pages back a few at a time. A new database
+        # takes it here, before anything is written; an older one only with a rebuild (VACUUM,
+        # needing its size again in free disk), done here up to CONVERT_AT_START_MAX_BYTES.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            size = path.stat().st_size
+            if size <= CONVERT_AT_START_MAX_BYTES:
+                if before_rebuild is not None:
+                    before_rebuild(size)
+                conn.execute("VACUUM")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     path.chmod(0o600)
-    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-        # INCREMENTAL, so retention can hand freed pages back a few at a time. A new database
-        # takes it as it is; an older one is rebuilt once, here.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
-            conn.execute("VACUUM")
     migrate(conn)
     return conn
 
@@ -401,6 +452,10 @@ def delete_inspections(
         (tenant, launched_before, limit),
     )
     return cur.rowcount
+
+
+def is_incremental(conn: sqlite3.Connection) -> bool:
+    return bool(conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2)
 
 
 def incremental_vacuum(conn: sqlite3.Connection, pages: int) -> None:
@@ -652,10 +707,15 @@ def usage(
     return conn.execute(sql, (tenant, first_hour)).fetchall()
 
 
-def instance_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """tenant → status → number of instances (an index-only scan)."""
+def instance_counts(conn: sqlite3.Connection, tenant: str | None) -> dict[str, dict[str, int]]:
+    """tenant → status → number of instances (an index-only scan), of one tenant or all."""
     out: dict[str, dict[str, int]] = {}
-    for row in conn.execute("SELECT tenant, status, COUNT(*) FROM instances GROUP BY 1, 2"):
+    if tenant is None:
+        rows = conn.execute("SELECT tenant, status, COUNT(*) FROM instances GROUP BY 1, 2")
+    else:  # a range of the (tenant, status, created_at) index
+        sql = "SELECT tenant, status, COUNT(*) FROM instances WHERE tenant = ? GROUP BY 1, 2"
+        rows = conn.execute(sql, (tenant,))
+    for row in rows:
         out.setdefault(row[0], {})[row[1]] = row[2]
     return out
 

@@ -63,9 +63,13 @@ def sandbox_for(
     )
 
 
+def scratch_path(paths: Paths, activation: int) -> Path:
+    return paths.runtime_dir / "scratch" / str(activation)
+
+
 def make_scratch(paths: Paths, activation: int, uid: int | None, gid: int | None) -> Path:
     """A private directory for one activation: 0700, owned by its sandbox uid when it has one."""
-    scratch = paths.runtime_dir / "scratch" / str(activation)
+    scratch = scratch_path(paths, activation)
     scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     scratch.mkdir(mode=0o700)
     if uid is not None and gid is not None:

@@ -60,8 +60,6 @@ class Operations:
         )
 
     def _reload(self) -> None:
-        if why := logs.reopen():  # SIGHUP also follows a log rotation
-            self.log.error("log.reopen_failed", error=why)
         with contextlib.suppress(ProtocolError):  # logged; SIGHUP has nobody to tell
             self.reload_config()
 
@@ -94,8 +92,10 @@ class Operations:
         """`stepvisor stats`: the last minute's activations, what runs and waits now, overall and
         per tenant; with `tenant`, that tenant's figures only."""
         mono = time.monotonic()
-        counts = j.instance_counts(self.conn)
+        counts = j.instance_counts(self.conn, tenant)
         names = [tenant] if tenant else sorted(set(self.tenants) | self.stats.tenants())
+        windows = self.stats.by_tenant(mono)
+        idle = self.stats.summary(mono, [])
         view: dict[str, Any] = {
             "uptime_s": round(mono - self.stats.started, 1),
             "window_s": WINDOW_S,
@@ -118,7 +118,7 @@ class Operations:
             name: {
                 "running": self.per_tenant.get(name, 0),
                 "instances": dict(sorted(counts.get(name, {}).items())),
-                **self.stats.window(mono, name),
+                **windows.get(name, idle),
                 "failures_since_start": self.stats.failures_since_start(name),
             }
             for name in names
@@ -145,6 +145,8 @@ class Operations:
         file that does not validate, or that changes what only a restart applies, is refused
         (CONFIG) and the running config stays."""
         self.notify.reloading()
+        if why := logs.reopen():  # a reload also follows a log rotation
+            self.log.error("log.reopen_failed", error=why)
         try:
             if self.config_path is None:
                 raise ConfigError(

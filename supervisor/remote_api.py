@@ -13,6 +13,7 @@ the peer's address for the log.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from protocol.messages import (
 )
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks; fixed by RFC 27
+REFUSALS_LOGGED = 20  # refused connections logged a minute; more are counted
 DOMAIN = b"stepvisor-api"
 ADMIN = ""  # the principal of an admin key; a tenant key's principal is its tenant
 ADMIN_ONLY = (CollectGarbage, CreateKey, GetInfo, ListKeys, Reload, RevokeKey)
@@ -98,6 +100,23 @@ class RemoteApi:
         self.monitor = self.sock.get_monitor_socket(_HANDSHAKE_FAILED)
         self.sock.bind(endpoint)
         self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # port * resolved
+        # Refusals are logged, but anyone who reaches the port can cause them: at most
+        # REFUSALS_LOGGED a minute, the rest counted in one line.
+        self.refusals_window = 0.0
+        self.refusals_logged = 0
+        self.refusals_dropped = 0
+
+    def _refused(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self.refusals_window >= 60.0:
+            if self.refusals_dropped:
+                self.log.warning("api.refusals_not_logged", count=self.refusals_dropped)
+            self.refusals_window, self.refusals_logged, self.refusals_dropped = now, 0, 0
+        if self.refusals_logged < REFUSALS_LOGGED:
+            self.refusals_logged += 1
+            self.log.warning(event, **fields)
+        else:
+            self.refusals_dropped += 1
 
     def load_keys(self, rows: list[Any]) -> None:
         self.keys = {
@@ -127,12 +146,12 @@ class RemoteApi:
         if version != b"1.0":
             return [b"1.0", request_id, b"500", b"unknown ZAP version", b"", b""]
         if mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != 32:
-            self.log.warning("api.auth_denied", address=peer, reason="not CURVE")
+            self._refused("api.auth_denied", address=peer, reason="not CURVE")
             return [version, request_id, b"400", b"CURVE only", b"", b""]
         public = z85.encode(creds[0]).decode()
         principal = self.principal(public)
         if principal is None:
-            self.log.warning("api.auth_denied", address=peer, key=public, reason="unknown key")
+            self._refused("api.auth_denied", address=peer, key=public, reason="unknown key")
             return [version, request_id, b"400", b"unknown or revoked key", b"", b""]
         self.log.info("api.auth_accepted", address=peer, key=public, tenant=principal or None)
         return [version, request_id, b"200", b"OK", public.encode(), b""]
@@ -144,7 +163,7 @@ class RemoteApi:
                 event = zmq_monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.log.warning(
+            self._refused(
                 "api.handshake_failed",
                 endpoint=str(event.get("endpoint", b""), "ascii", "replace"),
                 reason=_EVENT_NAMES.get(int(event["event"]), str(event["event"])),

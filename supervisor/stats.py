@@ -52,10 +52,23 @@ class Stats:
 
     def window(self, mono: float, tenant: str | None = None) -> dict[str, Any]:
         """Rates, latency percentiles and failures over the last WINDOW_S (or since start)."""
+        self._forget_old(mono)
+        return self.summary(mono, [s for s in self.samples if tenant is None or s.tenant == tenant])
+
+    def by_tenant(self, mono: float) -> dict[str, dict[str, Any]]:
+        """`window` for every tenant with activations in it, in one pass over the samples."""
+        self._forget_old(mono)
+        groups: dict[str, list[Sample]] = {}
+        for s in self.samples:
+            groups.setdefault(s.tenant, []).append(s)
+        return {tenant: self.summary(mono, picked) for tenant, picked in groups.items()}
+
+    def _forget_old(self, mono: float) -> None:
         while self.samples and self.samples[0].mono < mono - WINDOW_S:
             self.samples.popleft()
+
+    def summary(self, mono: float, picked: list[Sample]) -> dict[str, Any]:
         span = max(1e-3, min(WINDOW_S, mono - self.started))
-        picked = [s for s in self.samples if tenant is None or s.tenant == tenant]
         failures = Counter(s.outcome for s in picked if s.outcome != "ok")
         return {
             "activations": len(picked),

@@ -440,3 +440,19 @@ def test_tenants_without_network_never_share_a_network_namespace(make_daemon) ->
     assert host not in seen["one"] + seen["two"]
     assert not set(seen["one"]) & set(seen["two"])
     assert seen["one"][0] == seen["one"][1]  # fork mode (the default): kept per tenant
+
+
+def test_code_never_runs_as_root_when_every_sandbox_uid_is_taken(make_daemon) -> None:
+    daemon = make_daemon(
+        "[isolation]\nsandbox_uid_range = [900000, 900000]\n", server="max_activations = 1\n"
+    )
+    if "uid" not in {e["layer"] for e in daemon.events("isolation.layer")}:
+        pytest.skip("isolation layer uid is not available on this host")
+    c = daemon.client()
+    deploy_source(c, "evil", ATTACKER)
+    c.create("evil", "attack", {"code": "import time; time.sleep(30)"}, id="busy")
+    wait_for(lambda: c.history("evil", "busy")["entries"], 30, "the only uid to be taken")
+    with pytest.raises(StepVisorError) as err:  # a deploy check would otherwise run as root
+        c.deploy("evil", "import os\nraise RuntimeError(os.getuid())\n", filename="x.py")
+    assert err.value.code == "UNAVAILABLE" and "sandbox uid" in err.value.message
+    c.terminate("evil", "busy")

@@ -115,6 +115,25 @@ def test_delete_removes_the_instance(daemon: Daemon) -> None:
     assert c.list("acme") == []
 
 
+def test_deleting_a_running_instance_leaves_the_next_one_alone(make_daemon) -> None:
+    # The deleted instance's activation is still exiting when the next one launches: it must
+    # not get the same activation id (its scratch dir and cgroups are not gone yet).
+    daemon = make_daemon("[tenants.acme]\nmax_concurrent = 1\n")
+    c = daemon.client()
+    deploy_source(c, "acme", LONG_STEP)
+    deploy_source(c, "acme", SLEEPY.replace('"w"', '"quick"'))
+    c.create("acme", "w", id="doomed")
+    wait_for(lambda: c.history("acme", "doomed")["entries"], 30, "the long step to start")
+    c.create("acme", "quick", {"rounds": 1, "rest_s": 0}, id="next")
+    assert c.delete("acme", "doomed")["deleted"] is True
+    assert c.wait("acme", "next", timeout_s=60)["output"] == "finished"
+    assert daemon.alive()
+    ids = [a["id"] for a in c.history("acme", "next")["activations"]]
+    assert len(ids) == len(set(ids)) and all(
+        e["activation"] in ids for e in daemon.events("activation.finished", instance="next")
+    )
+
+
 def test_list_filters_by_status(daemon: Daemon) -> None:
     c = daemon.client()
     deploy_source(c, "acme", SLEEPY)

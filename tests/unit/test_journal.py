@@ -488,3 +488,15 @@ def test_an_older_database_is_converted_to_incremental_vacuum(tmp_path: Path) ->
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == free - 100
     finally:
         conn.close()
+
+
+def test_a_new_database_is_incremental_and_activation_ids_never_repeat(db_path: Path) -> None:
+    conn = j.connect(db_path)
+    try:
+        assert j.is_incremental(conn)
+        with j.transaction(conn):
+            first = j.insert_activation(conn, "acme", "i", "run", T0)
+            conn.execute("DELETE FROM activations WHERE id = ?", (first,))
+            assert j.insert_activation(conn, "acme", "i", "run", T0) == first + 1
+    finally:
+        conn.close()
