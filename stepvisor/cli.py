@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_parser("list", help="every key: tenant, created, revoked (no secrets)")
     k = keys.add_parser("revoke", help="stop accepting a key, on open connections too")
-    k.add_argument("public")
+    k.add_argument("public", help="the public key as `keys list` shows it (quote it)")
 
     sub.add_parser("gc", help="delete now what has outlived its tenant's retention_days")
 

@@ -350,6 +350,8 @@ def key_new(host: Host, req: CreateKey, identity: bytes, now: float) -> object:
     ):
         raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {req.tenant!r} is not declared")
     public, secret = (k.decode() for k in zmq.curve_keypair())
+    while public.startswith("-"):  # Z85 may start with "-": a command line would see an option
+        public, secret = (k.decode() for k in zmq.curve_keypair())
     j.add_key(host.conn, public, req.tenant, now)
     host.keys_changed()
     return {

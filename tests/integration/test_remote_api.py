@@ -173,3 +173,10 @@ def test_a_bad_tcp_endpoint_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="tcp_endpoint"):
         parse('[server]\ntcp_endpoint = "udp://0.0.0.0:1"\n')
     assert parse('[server]\ntcp_endpoint = "tcp://0.0.0.0:7700"\n').server.tcp_endpoint
+
+
+def test_public_keys_never_look_like_an_option(remote: Remote) -> None:
+    # Z85 has "-" in its alphabet; a key starting with it could not be passed to `keys revoke`.
+    keys = [remote.local.new_key("a")["public"] for _ in range(300)]
+    assert not [k for k in keys if k.startswith("-")]
+    assert remote.daemon.cli("keys", "revoke", keys[0]).returncode == 0
