@@ -20,8 +20,9 @@ from typing import Any
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 FOLLOW_POLL_S = 0.2  # how often a followed file is checked for new lines
-_SHOWN_FIRST = ("event", "outcome", "step", "stream", "line")
-_NOT_SHOWN = {"timestamp", "level", "tenant", "instance", "activation", "component", *_SHOWN_FIRST}
+_FIRST = ("outcome", "step")  # right after the event name; then the other fields by name
+# In the line's prefix (or, for tenant output, its body) instead of as key=value:
+_NOT_FIELDS = {"timestamp", "level", "tenant", "instance", "activation", "component", "event"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ def render(rec: dict[str, Any]) -> str:
         body = f"{step}{rec.get('stream', 'stdout')}: {rec.get('line', '')}"
     else:
         parts = [str(rec.get("event", "?"))]
-        for key in (*_SHOWN_FIRST[1:], *sorted(k for k in rec if k not in _NOT_SHOWN)):
-            if key in rec and rec[key] is not None and key not in ("stream", "line"):
+        rest = sorted(k for k in rec if k not in _NOT_FIELDS and k not in _FIRST)
+        for key in (*_FIRST, *rest):
+            if rec.get(key) is not None:
                 parts.append(f"{key}={_value(rec[key])}")
         body = " ".join(parts)
     return f"{stamp:<23} {rec.get('level', '')!s:<7} {who}  {body}".rstrip()

@@ -30,10 +30,6 @@ class Notifier:
         )
         self.last_ping = 0.0
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.addr)
-
     def send(self, *fields: str) -> bool:
         """One datagram of KEY=VALUE lines; False when it could not be sent (never raises)."""
         if not self.addr:

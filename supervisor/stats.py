@@ -50,10 +50,10 @@ class Stats:
         self.samples.append(Sample(mono, tenant, how, cold_start_ms, exec_ms))
         self.since_start[tenant, how] += 1
 
-    def window(self, mono: float, tenant: str | None = None) -> dict[str, Any]:
+    def window(self, mono: float) -> dict[str, Any]:
         """Rates, latency percentiles and failures over the last WINDOW_S (or since start)."""
         self._forget_old(mono)
-        return self.summary(mono, [s for s in self.samples if tenant is None or s.tenant == tenant])
+        return self.summary(mono, list(self.samples))
 
     def by_tenant(self, mono: float) -> dict[str, dict[str, Any]]:
         """`window` for every tenant with activations in it, in one pass over the samples."""
