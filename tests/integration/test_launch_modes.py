@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.activation import PHASES
 from tests.conftest import deploy_source, reaped_activations, wait_for, writable
-from tests.integration.test_escapes import ATTACKER
+from tests.integration.arena import ATTACKER
 
 FORK = 'launch_mode = "fork"\n'
 MODES = pytest.mark.parametrize("mode", ["fork", "spawn"])
