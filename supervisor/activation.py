@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,11 @@ class Activation:
     outcome: str | None = None
     detail: str = ""
     deploy: DeployRequest | None = None
-    partial: dict[int, bytes] = field(default_factory=dict)  # unterminated output per fd
     stderr_tail: bytes = b""
-    output_bytes: int = 0
+    output_bytes: int = 0  # tenant output accepted for logging, newlines counted
+    output_lines: int = 0
+    output_dropped: int = 0  # bytes over the caps, read and thrown away
+    lingered: bool = False  # still there `settled_grace_s` after it settled: killed
     uid: int | None = None  # its sandbox uid, when it has one
     gid: int | None = None  # its tenant's sandbox group
     oom_killed: bool = False  # the kernel OOM-killed one of its processes (cgroup)

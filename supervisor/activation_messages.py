@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 from typing import Any
 
 import zmq
@@ -53,6 +54,7 @@ class ActivationMessages:
     running: dict[str, Activation]
     active: int
     per_tenant: dict[str, int]
+    exiting: Counter[str]
     bad_peers: dict[bytes, int]
     outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
     output: OutputCapture
@@ -309,6 +311,7 @@ class ActivationMessages:
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
         self.active -= 1  # its concurrency slot; the process itself is counted until reaped
         self.per_tenant[act.tenant] -= 1
+        self.exiting[act.tenant] += 1
         self.settled_this_tick.append(act)
         now = time.time()
         j.update_activation(

@@ -108,6 +108,9 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 30.0
+    # an activation whose fate is decided (its result journaled) and whose processes are still
+    # there after this long is killed, whole cgroup and process group
+    settled_grace_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 1.0
     require_declared_tenants: bool = False  # only [tenants.NAME] may deploy
     # how often the loop deletes what outlived its tenant's retention_days (small batches)
     retention_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0

@@ -52,7 +52,6 @@ from supervisor.stats import Stats
 from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
-SETTLED_GRACE_S = 5.0  # an activation that lingers this long after its result is killed
 
 
 class StartupError(Exception):
@@ -78,6 +77,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # activation only exits, and the instance's next step need not wait for that.
         self.active = 0
         self.per_tenant: dict[str, int] = {}
+        # Settled but not reaped yet, per tenant: a tenant whose processes linger after their
+        # results (until `settled_grace_s` kills them) holds back its own launches only.
+        self.exiting: Counter[str] = Counter()
         self.tenants: list[str] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
         self.bad_peers: dict[bytes, int] = {}
@@ -313,12 +315,13 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.notify.watchdog(mono, self._status)
 
     def _poll_timeout_ms(self) -> int:
-        if self.more_due:
+        if self.more_due or self.output.busy():
             return 0
         mono, now = time.monotonic(), time.time()
         wait = 1.0
+        grace = self.cfg.server.settled_grace_s
         for act in self.running.values():
-            limit = act.settled_mono + SETTLED_GRACE_S if act.settled_mono else act.deadline_mono
+            limit = act.settled_mono + grace if act.settled_mono else act.deadline_mono
             wait = min(wait, limit - mono)
         if not self.draining:
             wait = min(wait, self.next_gc - mono)
@@ -431,7 +434,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 if launched >= MAX_LAUNCHES_PER_TICK:
                     self.more_due = True
                     return
-                if self.per_tenant.get(tenant, 0) >= self.cfg.limits_for(tenant).max_concurrent:
+                most = self.cfg.limits_for(tenant).max_concurrent
+                if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] >= most:
                     continue
                 due = j.due_instances(self.conn, tenant, now, 1)
                 if due:
@@ -440,10 +444,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     progress = True
 
     def _slot_free(self) -> bool:
-        """Room for one more activation: fewer than `max_activations` unsettled, and at most as
-        many again still exiting, each of which holds a sandbox uid until it is reaped."""
-        cap = self.cfg.server.max_activations
-        if self.active >= cap or len(self.running) >= 2 * cap:
+        """Room for one more activation: fewer than `max_activations` unsettled, and a free
+        sandbox uid (each exiting activation holds its own until it is reaped). How many may be
+        exiting is bounded per tenant (`_schedule`), so one tenant's stragglers never hold back
+        another's launches, and each is killed `settled_grace_s` after it settled."""
+        if self.active >= self.cfg.server.max_activations:
             return False
         return self.uids is None or self.uids.has_free()
 
@@ -539,10 +544,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
 
     def _check_deadlines(self, now: float, mono: float) -> None:
         self._check_zygotes(mono)
+        grace = self.cfg.server.settled_grace_s
         for act in list(self.running.values()):
             if act.state == SETTLED:
-                if act.settled_mono is not None and mono > act.settled_mono + SETTLED_GRACE_S:
-                    launcher.kill_group(act.pid)
+                if act.settled_mono is not None and mono > act.settled_mono + grace:
+                    self._kill_straggler(act)
                 continue
             if mono <= act.deadline_mono:
                 continue
@@ -560,6 +566,18 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             else:
                 limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
                 self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
+
+    def _kill_straggler(self, act: Activation) -> None:
+        """Its fate is decided but something of it is still there: the process that reported,
+        or what it left behind (a setsid grandchild holding its pipes). Kill all of it; the
+        reap that follows records it. Once per activation."""
+        if act.lingered:
+            return
+        act.lingered = True
+        act.log.warning("activation.lingered", grace_s=self.cfg.server.settled_grace_s)
+        launcher.kill_group(act.pid)
+        if self.cgroups is not None:
+            self.cgroups.kill(act.tenant, act.aid)
 
     def _reap(self, now: float, mono: float) -> None:
         for pid, act in list(self.by_pid.items()):
@@ -647,9 +665,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             detail=act.detail or None,
             **record,
             phases=phases,
+            output_dropped_bytes=act.output_dropped or None,
         )
 
     def _forget(self, act: Activation) -> None:
+        if act.state == SETTLED:
+            self.exiting[act.tenant] -= 1
         self.output.forget(act)
         if act.proc is not None:
             for stream in (act.proc.stdout, act.proc.stderr):
