@@ -94,7 +94,9 @@ class ActivationMessages:
                     self.log.warning("sandbox.unknown_token", token=identity[:64].hex())
                 continue
             if act.state == SETTLED:
-                act.log.warning("sandbox.late_message", outcome=act.outcome)
+                act.late_messages += 1
+                if act.late_messages == 1:  # said once: a straggler may send many
+                    act.log.warning("sandbox.late_message", outcome=act.outcome)
                 continue
             if len(frames) != 2:
                 self._protocol_error(act, "expected one frame per message", mono)

@@ -26,6 +26,8 @@ import psutil
 import zmq
 
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
+from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
 from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
@@ -52,6 +54,7 @@ from supervisor.stats import Stats
 from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
+SANDBOX_HWM = 16  # messages queued per activation connection (it needs three or four)
 
 
 class StartupError(Exception):
@@ -156,9 +159,17 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             )
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.client = self._bind(self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group))
+        self.client = self._bind(
+            self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group), 2 * MAX_CLIENT
+        )
         # Activations with their own uids must be able to connect; their tokens guard the rest.
-        self.sandbox = self._bind(self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660)
+        # What one of them may queue here is small: ZeroMQ drops a peer whose frame is over the
+        # limit, and stops reading from one with SANDBOX_HWM messages waiting, so a flood costs
+        # the supervisor neither memory nor the other activations their turn.
+        self.sandbox = self._bind(
+            self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660, -1, 2 * MAX_SANDBOX
+        )
+        self.sandbox.setsockopt(zmq.RCVHWM, SANDBOX_HWM)
         self.poller = zmq.Poller()
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
@@ -221,10 +232,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         )
         return remote
 
-    def _bind(self, endpoint: str, mode: int, gid: int = -1) -> zmq.Socket[bytes]:
+    def _bind(self, endpoint: str, mode: int, gid: int, max_frame: int) -> zmq.Socket[bytes]:
         sock = self.zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, 32 << 20)  # hard cap below the codec's own checks
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)  # a hard cap above the codec's own checks
         path = Path(endpoint.removeprefix("ipc://"))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale socket of a dead supervisor; the state-dir lock is held

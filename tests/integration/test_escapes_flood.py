@@ -121,3 +121,21 @@ def test_processes_lingering_after_their_result_hold_back_only_their_tenant(
     wait_for(lambda: len(daemon.events("activation.lingered", tenant="evil")) == 2, 30, "kills")
     for iid in ("l1", "l2"):
         assert c.wait("evil", iid, timeout_s=30)["output"] == "reported"
+
+
+def test_messages_after_the_result_are_dropped_and_said_once(arena: Arena) -> None:
+    st = arena.attack(
+        """
+        import gc
+        from protocol.messages import StepResult
+        (channel,) = [o for o in gc.get_objects() if type(o).__name__ == "Channel"]
+        channel.send(StepResult(seq=0, ok=True, value=b'"first"'))
+        channel.wait_ack()
+        for _ in range(3000):  # the supervisor queues few of these and logs one
+            channel.send(StepResult(seq=0, ok=True, value=b'"again"'))
+        result = "second"
+        """
+    )
+    assert st["output"] == "first"  # the journaled result stands
+    late = arena.daemon.events("sandbox.late_message", tenant="evil")
+    assert len(late) == 1, late
