@@ -587,8 +587,15 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         act.lingered = True
         act.log.warning("activation.lingered", grace_s=self.cfg.server.settled_grace_s)
         launcher.kill_group(act.pid)
+        self._kill_leftovers(act)
+
+    def _kill_leftovers(self, act: Activation) -> None:
+        """Kill what the activation left outside its process group (setsid, double fork): by
+        its cgroup, or without cgroups by its sandbox uid, before that uid is handed out again."""
         if self.cgroups is not None:
             self.cgroups.kill(act.tenant, act.aid)
+        elif act.uid is not None:
+            launcher.kill_uid(act.uid)
 
     def _reap(self, now: float, mono: float) -> None:
         for pid, act in list(self.by_pid.items()):
@@ -689,8 +696,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     stream.close()
         self.by_pid.pop(act.pid, None)
         self.running.pop(act.token, None)
-        if self.cgroups is not None:
-            self.cgroups.kill(act.tenant, act.aid)
+        self._kill_leftovers(act)
         if self.uids is not None and act.uid is not None:
             self.uids.release(act.uid)
         launcher.remove_scratch(act.scratch)

@@ -116,6 +116,28 @@ def send_token(proc: subprocess.Popen[bytes], token: str) -> None:
         proc.stdin.close()
 
 
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process running as sandbox uid `uid`, wherever it went (another session,
+    a double fork): what an activation leaves behind when there are no cgroups to find it by.
+
+    A short-lived child takes the uid and signals everything of that uid (`kill(-1)`), which the
+    kernel limits to processes of the same uid: the only race-free way to find them all."""
+    if uid <= 0:
+        return
+    pid = os.fork()
+    if pid == 0:  # only async-signal-safe work here: the parent has ZeroMQ's threads
+        try:
+            os.setresgid(65534, 65534, 65534)
+            os.setgroups([])
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the activation's whole process group (it is a session leader: pgid == pid)."""
     if pid <= 0:  # never started; killpg(0) would hit the supervisor's own group

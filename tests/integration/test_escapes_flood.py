@@ -8,29 +8,31 @@ import textwrap
 from collections.abc import Callable
 
 import psutil
+import pytest
 
 from stepvisor import Client
 from supervisor.output import MAX_OUTPUT_LINES
 from tests.conftest import Daemon, deploy_source, wait_for
 from tests.integration.arena import ATTACKER, VICTIM, Arena
 
-# A step that leaves a daemonised flooder behind, writing empty lines to the activation's stdout
-# as fast as it can, and then reports its result while the flood goes on.
-FLOOD = """
+# A step that leaves a daemonised process behind (setsid, double fork) running `{body}`, and
+# returns its pid.
+LEAVE_BEHIND = """
 import os
 r, w = os.pipe()
 if os.fork() == 0:
     os.setsid()
     pid = os.fork()
     if pid == 0:
-        block = b"\\n" * 65536
-        while True:
-            os.write(1, block)
+        {body}
     os.write(w, str(pid).encode())
     os._exit(0)
 os.close(w)
 result = int(os.read(r, 32))
 """
+# Empty lines to the activation's stdout as fast as it can, while the step reports its result.
+FLOOD = LEAVE_BEHIND.format(body='while True: os.write(1, b"\\n" * 65536)')
+SLEEPER = LEAVE_BEHIND.format(body="__import__('time').sleep(300)")
 
 
 def test_an_output_flood_stalls_nobody_and_is_cut(arena: Arena) -> None:
@@ -139,3 +141,25 @@ def test_messages_after_the_result_are_dropped_and_said_once(arena: Arena) -> No
     assert st["output"] == "first"  # the journaled result stands
     late = arena.daemon.events("sandbox.late_message", tenant="evil")
     assert len(late) == 1, late
+
+
+def test_without_cgroups_a_daemonised_grandchild_dies_by_its_uid(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon('[isolation]\ncgroup = "off"\n')
+    if "uid" not in {e["layer"] for e in daemon.events("isolation.layer")}:
+        pytest.skip("isolation layer uid is not available on this host")
+    c = daemon.client(timeout_s=60)
+    deploy_source(c, "evil", ATTACKER)
+    c.create("evil", "attack", {"code": SLEEPER}, id="d")
+    st = c.wait("evil", "d", timeout_s=60)
+    assert st["status"] == "complete", st
+    escapee = st["output"]
+    wait_for(
+        lambda: (
+            not psutil.pid_exists(escapee)
+            or psutil.Process(escapee).status() == psutil.STATUS_ZOMBIE
+        ),
+        15,
+        "the daemonised grandchild to be killed by its sandbox uid",
+    )
