@@ -144,6 +144,11 @@ class ActivationMessages:
             return
         tenant, instance = act.tenant, act.instance
         assert instance is not None
+        if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd) and act.state == CONNECTED:
+            over = engine.over_step_limit(msg.seq, act.limits)
+            if over is not None:
+                self._limit_exceeded(act, over, now, mono)
+                return
         if isinstance(msg, StepStarted) and act.state == CONNECTED:
             if msg.seq != act.expected_seq:
                 self._protocol_error(
@@ -163,15 +168,21 @@ class ActivationMessages:
                 self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
                 return
             if msg.ok:
+                value = msg.value or b""
                 try:
-                    load_json(msg.value or b"", what="step result")
+                    load_json(value, what="step result")
+                    error = engine.over_state_limit(
+                        self.conn, tenant, instance, len(value), act.limits
+                    )
                 except ProtocolError as exc:
+                    error = ErrorInfo(type="StepResultError", message=exc.message)
+                if error is not None:  # a failed step, not retried: the workflow may catch it
                     msg = StepResult(
                         seq=msg.seq,
                         ok=False,
                         retryable=False,
                         duration_ms=msg.duration_ms,
-                        error=ErrorInfo(type="StepResultError", message=exc.message),
+                        error=error,
                     )
             engine.step_result(self.conn, tenant, instance, msg, now)
             self._settle(act, self._result_outcome(msg), "", mono, committed=True)
@@ -216,6 +227,14 @@ class ActivationMessages:
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
+
+    def _limit_exceeded(self, act: Activation, err: ErrorInfo, now: float, mono: float) -> None:
+        """The instance asked for more than its tenant may have: it ends `errored` with `err`,
+        and the activation is told no and stopped."""
+        assert act.instance is not None
+        engine.fail(self.conn, act.tenant, act.instance, err, now)
+        launcher.kill_group(act.pid)
+        self._settle(act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True)
 
     @staticmethod
     def _result_outcome(msg: StepResult) -> str:

@@ -34,6 +34,8 @@ MaxFailures = Annotated[int, msgspec.Meta(ge=1, le=100)]
 MaxPids = Annotated[int, msgspec.Meta(ge=8, le=1_000_000)]
 CpuQuota = Annotated[float, msgspec.Meta(ge=0, le=1024)]
 RetentionDays = Annotated[float, msgspec.Meta(ge=0, le=36_500)]
+MaxSteps = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+MaxStateMiB = Annotated[int, msgspec.Meta(ge=1, le=1024)]
 AbsPath = Annotated[str, msgspec.Meta(pattern=r"^/")]
 
 
@@ -55,6 +57,10 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # finished (complete, errored, terminated) instances are deleted, with their journal,
     # events and activation records, this long after they finished; 0 keeps them forever
     retention_days: RetentionDays = 30.0
+    # journaled commands (steps, sleeps, waits) of one instance; each activation replays them all
+    max_steps: MaxSteps = 10_000
+    # step results journaled for one instance: every activation of it carries them all
+    max_state_mib: MaxStateMiB = 64
 
 
 class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -71,6 +77,8 @@ class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readable_paths: tuple[AbsPath, ...] | None = None
     writable_paths: tuple[AbsPath, ...] | None = None
     retention_days: RetentionDays | None = None
+    max_steps: MaxSteps | None = None
+    max_state_mib: MaxStateMiB | None = None
 
 
 Mode = Literal["auto", "required", "off"]

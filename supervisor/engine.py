@@ -138,6 +138,35 @@ def build_activate(
     )
 
 
+def over_step_limit(seq: int, limits: Limits) -> ErrorInfo | None:
+    """The error that ends an instance asking for one command more than `max_steps`."""
+    if seq < limits.max_steps:
+        return None
+    return ErrorInfo(
+        type="StepLimitExceeded",
+        code="LIMIT_EXCEEDED",
+        message=f"the workflow asked for command {seq + 1}; the tenant's max_steps is "
+        f"{limits.max_steps} (every activation replays them all)",
+    )
+
+
+def over_state_limit(
+    conn: sqlite3.Connection, tenant: str, instance: str, adding: int, limits: Limits
+) -> ErrorInfo | None:
+    """The error a step result gets instead of being journaled when the instance's journaled
+    results would exceed `max_state_mib`: every activation of the instance carries them all."""
+    cap = limits.max_state_mib * 1024 * 1024
+    total = j.state_bytes(conn, tenant, instance) + adding
+    if total <= cap:
+        return None
+    return ErrorInfo(
+        type="StateLimitExceeded",
+        code="LIMIT_EXCEEDED",
+        message=f"journaling this result ({adding} bytes) would bring the instance's state to "
+        f"{total} bytes; the tenant's max_state_mib is {limits.max_state_mib}",
+    )
+
+
 def step_started(
     conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted, now: float
 ) -> None:

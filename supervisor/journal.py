@@ -530,6 +530,16 @@ def last_entry(conn: sqlite3.Connection, tenant: str, instance: str) -> sqlite3.
     return row
 
 
+def state_bytes(conn: sqlite3.Connection, tenant: str, instance: str) -> int:
+    """What the instance's journal carries in step results (and the errors kept with them)."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(LENGTH(result)), 0) + COALESCE(SUM(LENGTH(error)), 0) FROM journal "
+        "WHERE tenant = ? AND instance = ?",
+        (tenant, instance),
+    ).fetchone()
+    return int(row[0])
+
+
 def journal_entries(conn: sqlite3.Connection, tenant: str, instance: str) -> list[JournalEntry]:
     """The journal as replay sees it."""
     return [
