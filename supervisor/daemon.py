@@ -385,11 +385,15 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         with j.transaction(self.conn):
             leftovers = j.open_activations(self.conn)
             groups = {int(a["pid"]) for a in leftovers if a["pid"]}
-            if groups:
-                for proc in psutil.process_iter(["pid"]):
-                    with contextlib.suppress(ProcessLookupError, psutil.Error):
-                        if os.getpgid(proc.pid) in groups and proc.pid != os.getpid():
-                            proc.kill()
+            low, high = self.cfg.isolation.sandbox_uid_range
+            for proc in psutil.process_iter(["pid", "uids"]) if groups else ():
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    if os.getpgid(proc.pid) not in groups or proc.pid == os.getpid():
+                        continue
+                    # A group id the dead run recorded may have been reused since by a process
+                    # that is not ours: with sandbox uids, only kill what runs as one.
+                    if self.uids is None or low <= proc.info["uids"].real <= high:
+                        proc.kill()
             for a in leftovers:
                 j.update_activation(
                     self.conn,
