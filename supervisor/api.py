@@ -70,15 +70,16 @@ class Host(Protocol):
     def server_key(self) -> str: ...
 
 
-def status_view(row: sqlite3.Row) -> dict[str, Any]:
+def status_view(row: sqlite3.Row, details: bool = True) -> dict[str, Any]:
+    """An instance as clients see it; without `details`, no output and no error."""
     return {
         "tenant": row["tenant"],
         "id": row["id"],
         "workflow": row["workflow"],
         "version": row["version"],
         "status": row["status"],
-        "output": None if row["output"] is None else load_json(row["output"]),
-        "error": _error_view(row["error"]),
+        "output": None if row["output"] is None or not details else load_json(row["output"]),
+        "error": _error_view(row["error"]) if details else None,
         "created_at": engine.iso(row["created_at"]),
         "updated_at": engine.iso(row["updated_at"]),
         "wake_at": engine.iso(row["wake_at"]),
@@ -204,9 +205,26 @@ def status(host: Host, req: GetStatus, identity: bytes, now: float) -> object:
     return status_view(_instance(host, req.tenant, req.id))
 
 
+LIST_INLINE_BYTES = 64 * 1024  # an output or error up to this size is shown in a listing
+LIST_REPLY_BYTES = 4 * 1024 * 1024  # of outputs and errors in one listing; `status` has the rest
+
+
 def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object:
+    """The tenant's instances. Outputs and errors are shown while they are small and the reply
+    stays under LIST_REPLY_BYTES; the rest say `omitted` (`status` shows them whole), so one
+    listing cannot make the supervisor read and send gigabytes."""
     _tenant(host, req.tenant)
-    return [status_view(r) for r in j.list_instances(host.conn, req.tenant, req.status, req.limit)]
+    budget = LIST_REPLY_BYTES
+    views = []
+    for row in j.list_instances(host.conn, req.tenant, req.status, req.limit, LIST_INLINE_BYTES):
+        size = len(row["output"] or b"") + len(row["error"] or "")
+        show = size <= budget
+        budget -= size if show else 0
+        view = status_view(row, details=show)
+        large = max(row["output_bytes"] or 0, row["error_bytes"] or 0) > LIST_INLINE_BYTES
+        view["omitted"] = not show or large
+        views.append(view)
+    return views
 
 
 def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:

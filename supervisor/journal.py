@@ -403,13 +403,20 @@ def insert_instance(
 
 
 def list_instances(
-    conn: sqlite3.Connection, tenant: str, status: str | None, limit: int
+    conn: sqlite3.Connection, tenant: str, status: str | None, limit: int, inline_bytes: int
 ) -> list[sqlite3.Row]:
-    if status is None:
-        sql = "SELECT * FROM instances WHERE tenant = ? ORDER BY created_at, id LIMIT ?"
-        return conn.execute(sql, (tenant, limit)).fetchall()
-    sql = "SELECT * FROM instances WHERE tenant = ? AND status = ? ORDER BY created_at, id LIMIT ?"
-    return conn.execute(sql, (tenant, status, limit)).fetchall()
+    """A tenant's instances, oldest first. An output or error longer than `inline_bytes` is left
+    out (NULL), so a listing never reads every instance's megabyte; `*_bytes` say their sizes."""
+    cols = (
+        "tenant, id, workflow, version, status, created_at, updated_at, wake_at, steps, "
+        "activations, LENGTH(output) AS output_bytes, LENGTH(error) AS error_bytes, "
+        "CASE WHEN LENGTH(output) <= :inline THEN output END AS output, "
+        "CASE WHEN LENGTH(error) <= :inline THEN error END AS error"
+    )
+    where = "tenant = :tenant" + ("" if status is None else " AND status = :status")
+    sql = f"SELECT {cols} FROM instances WHERE {where} ORDER BY created_at, id LIMIT :limit"
+    args = {"tenant": tenant, "status": status, "limit": limit, "inline": inline_bytes}
+    return conn.execute(sql, args).fetchall()
 
 
 def update_instance(conn: sqlite3.Connection, tenant: str, instance: str, **fields: Any) -> None:

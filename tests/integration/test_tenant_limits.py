@@ -56,3 +56,27 @@ def test_a_result_over_the_state_limit_is_a_failed_step(make_daemon: Callable[..
     assert "max_state_mib is 1" in st["output"]["error"]
     entries = c.history("acme", "h")["entries"]
     assert entries[2]["status"] == "error" and entries[2]["attempts"] == 1  # not retried
+
+
+def test_a_listing_leaves_out_large_outputs(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon()
+    c = daemon.client()
+    deploy_source(
+        c,
+        "acme",
+        """
+        from stepvisor import workflow
+
+        @workflow("sized")
+        def sized(event, step):
+            return "x" * event.payload
+        """,
+    )
+    for iid, size in (("small", 10), ("large", 200_000)):
+        c.create("acme", "sized", size, id=iid)
+        c.wait("acme", iid, timeout_s=60)
+    listed = {r["id"]: r for r in c.list("acme")}
+    assert listed["small"]["output"] == "x" * 10 and not listed["small"]["omitted"]
+    assert listed["large"]["output"] is None and listed["large"]["omitted"]
+    assert listed["large"]["status"] == "complete"
+    assert c.status("acme", "large")["output"] == "x" * 200_000
