@@ -114,7 +114,7 @@ def usage(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no usage recorded in that period"
     head = ("tenant", "from (UTC)", "activations", "steps", "failures", "CPU s", "wall s")
-    table: list[tuple[str, ...]] = [(*head, "peak MiB", "MiB s")]
+    table: list[tuple[str, ...]] = [(*head, "peak MiB", "MiB s", "scratch MiB")]
     for r in rows:
         table.append(
             (
@@ -127,6 +127,7 @@ def usage(rows: list[dict[str, Any]]) -> str:
                 f"{r['wall_ms'] / 1000:,.2f}",
                 f"{r['memory_peak_kib'] / 1024:,.1f}",
                 f"{r['memory_kib_s'] / 1024:,.1f}",
+                f"{r.get('scratch_max_kib', 0) / 1024:,.1f}",
             )
         )
     return "\n".join(_table(table, right_from=2))

@@ -26,7 +26,7 @@ import psutil
 import zmq
 
 from protocol.errors import ErrorCode, ProtocolError
-from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
+from supervisor import disk, engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -131,6 +131,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 self.log.info("isolation.layer", layer=layer.name, detail=layer.detail)
             elif getattr(self.cfg.isolation, layer.name) != "off":
                 self.log.warning("isolation.unavailable", layer=layer.name, reason=layer.detail)
+        self.scratch = disk.ScratchSpace(
+            launcher.scratch_root(self.paths), quota=self.layers["disk"].enabled
+        )
         try:
             self._check_uid_reach()
         except StartupError:
@@ -264,6 +267,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.conn.close()
         if self.cgroups is not None:
             self.cgroups.close()
+        self.scratch.close()
         self._lock.close()
 
     # ------------------------------------------------------------------ one iteration
@@ -368,6 +372,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             killed = self.cgroups.sweep()
             if killed:
                 self.log.info("recovery.killed_leftovers", processes=killed)
+        if unmounted := self.scratch.sweep():  # after the kill: nothing writes there any more
+            self.log.info("recovery.unmounted_scratch", mounts=unmounted)
         with j.transaction(self.conn):
             leftovers = j.open_activations(self.conn)
             groups = {int(a["pid"]) for a in leftovers if a["pid"]}
@@ -485,7 +491,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             kind=kind,
             instance=instance,
             limits=limits,
-            scratch=launcher.scratch_path(self.paths, aid),
+            scratch=launcher.scratch_path(self.paths, tenant, aid),
             uid=uid,
             gid=gid,
             launched_at=launched_at,
@@ -501,7 +507,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 # Never without one: the launch paths wait for a free uid (`_slot_free`,
                 # `launch_inspection`), so this is a bug; refuse rather than run as root.
                 raise OSError(errno.EAGAIN, "no free sandbox uid")
-            launcher.make_scratch(self.paths, aid, uid, gid)
+            if refused := self.scratch.prepare(tenant, limits.disk_mib):
+                self.log.warning("disk.limit_refused", tenant=tenant, refused=refused)
+            launcher.make_scratch(self.paths, tenant, aid, uid, gid)
             if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
                 self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
             if self.cfg.server.launch_mode == "fork":
@@ -618,6 +626,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
         }
         phases = act.phases(mono)
+        # What its scratch holds now that it has exited (not its peak): measured per activation,
+        # where the tenant's tmpfs (statvfs) would sum its concurrent activations.
+        scratch_kib = disk.scratch_bytes(act.scratch) // 1024
         j.add_usage(
             self.conn,
             act.tenant,
@@ -627,6 +638,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             cpu_ms=record["cpu_ms"] or 0.0,
             wall_ms=record["total_ms"] or 0.0,
             max_rss_kib=int(record["max_rss_kib"] or 0),
+            scratch_kib=scratch_kib,
         )
         self.stats.record(mono, act.tenant, act.outcome, record["cold_start_ms"], record["exec_ms"])
         j.update_activation(
@@ -646,6 +658,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             outcome=act.outcome,
             detail=act.detail or None,
             **record,
+            scratch_kib=scratch_kib,
             phases=phases,
         )
 

@@ -1,0 +1,77 @@
+"""Disk escapes: a tenant filling its scratch space stops at its `disk_mib` (a tmpfs per tenant),
+the space is free again once the activation is gone, and the usage roll-up shows what it held."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.integration.arena import Arena
+
+FILL = """
+import os
+written, error = 0, None
+chunk = b"x" * (1 << 20)
+try:
+    for n in range(10_000):  # far more than any disk_mib here: only ENOSPC stops it
+        with open(f"fill-{n}", "wb") as f:
+            for _ in range(32):  # 32 MiB files: below RLIMIT_FSIZE, so the quota must stop it
+                f.write(chunk)
+                written += len(chunk)
+except OSError as exc:
+    error = exc.strerror
+for name in os.listdir("."):  # leave the first `keep` files for the usage figure
+    if name.startswith("fill-") and int(name[5:]) >= params.get("keep", 0):
+        os.unlink(name)
+result = {"mib": written >> 20, "error": error}
+"""
+
+DISK_MIB = 96  # below the tenant's memory_mib: tmpfs pages are charged to its memory cgroup
+
+
+@pytest.fixture
+def disk_arena(make_daemon: Callable[..., Daemon]) -> Iterator[Arena]:
+    if os.geteuid() != 0:
+        pytest.skip("the disk layer mounts a tmpfs per tenant: needs root")
+    config = f"""
+        [tenants.evil]
+        memory_mib = 256
+        disk_mib = {DISK_MIB}
+        cpu_seconds = 10
+        timeout_s = 30
+        max_pids = 32
+        max_concurrent = 2
+    """
+    arena = Arena(make_daemon(config))
+    arena.need("disk")
+    yield arena
+    if arena.daemon.alive():  # stopped on purpose by a test that looks at what stop leaves
+        arena.assert_unharmed()
+
+
+def test_scratch_stops_at_disk_mib_and_is_free_again(disk_arena: Arena) -> None:
+    first = disk_arena.attack(FILL, iid="a")["output"]
+    assert first["error"] == "No space left on device"
+    assert DISK_MIB - 32 <= first["mib"] <= DISK_MIB
+    # The same tenant's next activation has the whole space again: the first one's scratch
+    # (and the files it left, here one 32 MiB file) went with it.
+    second = disk_arena.attack(FILL, iid="b", keep=1)["output"]
+    assert second["error"] == "No space left on device"
+    assert DISK_MIB - 32 <= second["mib"] <= DISK_MIB
+    assert disk_arena.outcomes("a") == ["ok", "ok"]
+    rows = disk_arena.client.usage("evil")
+    # "b" kept one 32 MiB file in its scratch until it exited: that is what usage reports
+    assert rows[0]["scratch_max_kib"] >= 32 * 1024
+
+
+def test_scratch_mounts_are_gone_after_stop(disk_arena: Arena) -> None:
+    disk_arena.attack("result = len(open('f', 'w').write('x'))")
+    disk_arena.assert_unharmed()
+    root = str(disk_arena.daemon.run_dir / "scratch") + "/"
+    assert disk_arena.daemon.stop() == 0
+    with open("/proc/self/mountinfo") as f:
+        left = [line for line in f if line.split(" ")[4].startswith(root)]
+    assert left == []
