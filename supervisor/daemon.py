@@ -507,8 +507,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 # Never without one: the launch paths wait for a free uid (`_slot_free`,
                 # `launch_inspection`), so this is a bug; refuse rather than run as root.
                 raise OSError(errno.EAGAIN, "no free sandbox uid")
-            if refused := self.scratch.prepare(tenant, limits.disk_mib):
-                self.log.warning("disk.limit_refused", tenant=tenant, refused=refused)
+            if why := self.scratch.prepare(tenant, limits.disk_mib):
+                self.log.warning("disk.limit_refused", tenant=tenant, reason=why)
             launcher.make_scratch(self.paths, tenant, aid, uid, gid)
             if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
                 self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
