@@ -314,9 +314,7 @@ class Client:
         """Durable usage per tenant (per tenant and UTC hour with `hourly`) from the hour
         holding `since` (epoch seconds) on: activations, steps, failures, CPU and wall ms,
         peak and summed peak memory (KiB), and memory x time (KiB s)."""
-        return self.call(
-            lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly)
-        )
+        return self.call(lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly))
 
     def info(self) -> dict[str, Any]:
         """The supervisor's pid, config file, state dir, log file or journal unit."""

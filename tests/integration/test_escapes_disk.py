@@ -1,14 +1,17 @@
-"""Disk escapes: a tenant filling its scratch space stops at its `disk_mib` (a tmpfs per tenant),
-the space is free again once the activation is gone, and the usage roll-up shows what it held."""
+"""Escapes through the disk and the operator's terminal. A tenant filling its scratch space stops
+at its `disk_mib` (a tmpfs per tenant), the space is free again once the activation is gone, and
+the usage roll-up shows what it held. A tenant printing terminal escapes into its output cannot
+overwrite or fake lines in `stepvisor logs`: they come out escaped."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, deploy_source, wait_for
 from tests.integration.arena import Arena
 
 FILL = """
@@ -75,3 +78,39 @@ def test_scratch_mounts_are_gone_after_stop(disk_arena: Arena) -> None:
     with open("/proc/self/mountinfo") as f:
         left = [line for line in f if line.split(" ")[4].startswith(root)]
     assert left == []
+
+
+PRINTER = """
+from stepvisor import workflow
+
+@workflow("say")
+def say(event, step):
+    return step.do("say", lambda: print(event.payload) or "said")
+"""
+# erase the line, back to its start, then what looks like another tenant's line; a fake newline
+# with a whole fake record; a bidi override
+SPOOF = (
+    "\x1b[2K\rglobex/x#1  [pay] stdout: paid in full"
+    "\n2026-11-25 14:13:29.113 info    globex/x#1  activation.finished outcome=ok \u202edone"
+)
+
+
+def test_tenant_output_cannot_spoof_lines_in_logs(
+    make_daemon: Callable[..., Daemon], tmp_short: Path
+) -> None:
+    log = tmp_short / "stepvisor.jsonl"
+    daemon = make_daemon(server=f'log_file = "{log}"\n')
+    c = daemon.client()
+    deploy_source(c, "evil", PRINTER)
+    c.create("evil", "say", SPOOF, id="s")
+    assert c.wait("evil", "s", timeout_s=60)["status"] == "complete"
+    wait_for(lambda: daemon.events("tenant.output", tenant="evil"), 30, "evil's output logged")
+    out = daemon.cli("logs", "--tenant", "evil")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\r" not in out.stdout and "\u202e" not in out.stdout
+    mine = [line for line in out.stdout.splitlines() if "stdout:" in line]
+    # print() wrote two lines: each is shown as evil's, its escapes visible
+    assert len(mine) == 2 and all("evil/s#" in line for line in mine)
+    assert "stdout: \\x1b[2K\\rglobex/x#1  [pay] stdout: paid in full" in mine[0]
+    assert "\\u202edone" in mine[1]
+    assert not any(line.lstrip().startswith("globex") for line in out.stdout.splitlines())
