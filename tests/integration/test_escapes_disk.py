@@ -6,6 +6,7 @@ overwrite or fake lines in `stepvisor logs`: they come out escaped."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,22 +34,22 @@ result = {"mib": written >> 20, "error": error}
 """
 
 DISK_MIB = 96  # below the tenant's memory_mib: tmpfs pages are charged to its memory cgroup
+EVIL = """
+    [tenants.evil]
+    memory_mib = 256
+    disk_mib = {disk_mib}
+    cpu_seconds = 10
+    timeout_s = 30
+    max_pids = 32
+    max_concurrent = 2
+"""
 
 
 @pytest.fixture
 def disk_arena(make_daemon: Callable[..., Daemon]) -> Iterator[Arena]:
     if os.geteuid() != 0:
         pytest.skip("the disk layer mounts a tmpfs per tenant: needs root")
-    config = f"""
-        [tenants.evil]
-        memory_mib = 256
-        disk_mib = {DISK_MIB}
-        cpu_seconds = 10
-        timeout_s = 30
-        max_pids = 32
-        max_concurrent = 2
-    """
-    arena = Arena(make_daemon(config))
+    arena = Arena(make_daemon(EVIL.format(disk_mib=DISK_MIB)))
     arena.need("disk")
     yield arena
     if arena.daemon.alive():  # stopped on purpose by a test that looks at what stop leaves
@@ -68,16 +69,42 @@ def test_scratch_stops_at_disk_mib_and_is_free_again(disk_arena: Arena) -> None:
     rows = disk_arena.client.usage("evil")
     # "b" kept one 32 MiB file in its scratch until it exited: that is what usage reports
     assert rows[0]["scratch_max_kib"] >= 32 * 1024
+    table = disk_arena.daemon.cli("usage", "--tenant", "evil").stdout
+    assert "scratch MiB" in table.splitlines()[0]
+
+
+def test_a_reload_resizes_the_tenants_scratch_at_its_next_launch(disk_arena: Arena) -> None:
+    assert disk_arena.attack(FILL, iid="a")["output"]["mib"] <= DISK_MIB
+    disk_arena.daemon.write_config(EVIL.format(disk_mib=2 * DISK_MIB))
+    disk_arena.client.reload()
+    out = disk_arena.attack(FILL, iid="b")["output"]
+    assert out["error"] == "No space left on device"
+    assert 2 * DISK_MIB - 32 <= out["mib"] <= 2 * DISK_MIB
+
+
+def _scratch_mounts(daemon: Daemon) -> list[str]:
+    root = str(daemon.run_dir / "scratch") + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [p for line in f if (p := line.split(" ")[4]).startswith(root)]
+
+
+def test_a_killed_supervisors_mounts_are_unmounted_at_its_next_start(disk_arena: Arena) -> None:
+    disk_arena.attack("result = 1")
+    daemon = disk_arena.daemon
+    assert len(_scratch_mounts(daemon)) == 2  # evil's and victim's
+    daemon.stop(signal.SIGKILL)
+    assert len(_scratch_mounts(daemon)) == 2  # nobody unmounted them
+    daemon.start()
+    wait_for(lambda: daemon.events("recovery.unmounted_scratch", mounts=2), 30, "the sweep")
+    assert _scratch_mounts(daemon) == []  # until a tenant's next launch mounts its own again
 
 
 def test_scratch_mounts_are_gone_after_stop(disk_arena: Arena) -> None:
     disk_arena.attack("result = len(open('f', 'w').write('x'))")
     disk_arena.assert_unharmed()
-    root = str(disk_arena.daemon.run_dir / "scratch") + "/"
+    assert _scratch_mounts(disk_arena.daemon)
     assert disk_arena.daemon.stop() == 0
-    with open("/proc/self/mountinfo") as f:
-        left = [line for line in f if line.split(" ")[4].startswith(root)]
-    assert left == []
+    assert _scratch_mounts(disk_arena.daemon) == []
 
 
 PRINTER = """
