@@ -46,16 +46,20 @@ EVIL = """
 
 
 @pytest.fixture
-def disk_arena(make_daemon: Callable[..., Daemon]) -> Iterator[Arena]:
+def disk_arena(
+    make_daemon: Callable[..., Daemon], request: pytest.FixtureRequest
+) -> Iterator[Arena]:
     if os.geteuid() != 0:
         pytest.skip("the disk layer mounts a tmpfs per tenant: needs root")
-    arena = Arena(make_daemon(EVIL.format(disk_mib=DISK_MIB)))
+    mode = getattr(request, "param", "fork")  # launch_mode
+    arena = Arena(make_daemon(EVIL.format(disk_mib=DISK_MIB), f'launch_mode = "{mode}"\n'))
     arena.need("disk")
     yield arena
     if arena.daemon.alive():  # stopped on purpose by a test that looks at what stop leaves
         arena.assert_unharmed()
 
 
+@pytest.mark.parametrize("disk_arena", ["fork", "spawn"], indirect=True)
 def test_scratch_stops_at_disk_mib_and_is_free_again(disk_arena: Arena) -> None:
     first = disk_arena.attack(FILL, iid="a")["output"]
     assert first["error"] == "No space left on device"
