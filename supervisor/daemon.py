@@ -372,8 +372,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             killed = self.cgroups.sweep()
             if killed:
                 self.log.info("recovery.killed_leftovers", processes=killed)
-        if unmounted := self.scratch.sweep():  # after the kill: nothing writes there any more
-            self.log.info("recovery.unmounted_scratch", mounts=unmounted)
         with j.transaction(self.conn):
             leftovers = j.open_activations(self.conn)
             groups = {int(a["pid"]) for a in leftovers if a["pid"]}
@@ -393,6 +391,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             for inst in j.leased_instances(self.conn):
                 engine.interrupted(self.conn, inst["tenant"], inst["id"], now)
                 self.log.info("recovery.requeued", tenant=inst["tenant"], instance=inst["id"])
+        # After the kills above: nothing of a dead run writes there any more.
+        if unmounted := self.scratch.sweep():
+            self.log.info("recovery.unmounted_scratch", mounts=unmounted)
         if leftovers:
             self.log.info("recovery.done", interrupted=len(leftovers))
 
