@@ -37,7 +37,7 @@ from bench.harness import (
     write_report,
 )
 
-LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp")
+LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp", "disk")
 METRICS = ("cold_start_ms", "exec_ms", "total_ms", "cpu_ms")
 QUANTILES = ("p50", "p95")
 SUP_CPU = "supervisor_cpu_ms_per_activation"
@@ -61,6 +61,8 @@ WHERE = {
     "Hello, then every path lookup is checked",
     "seccomp": "activation: filter installed once Activate arrives, after Hello: it can show in "
     "exec, not in cold start",
+    "disk": "supervisor: mount(2) of the tenant's tmpfs at its first launch in a supervisor's "
+    "life only; scratch dirs are then made and removed on tmpfs, not the runtime dir's file system",
 }
 
 

@@ -126,6 +126,7 @@ USAGE_FIELDS = (
     "memory_peak_kib",  # the largest peak RSS of one activation
     "memory_sum_kib",  # the sum of every activation's peak RSS
     "memory_kib_s",  # each activation's peak RSS times its wall time
+    "scratch_max_kib",  # the most scratch disk one activation held at its exit
 )
 
 

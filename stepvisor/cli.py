@@ -146,16 +146,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print(args: argparse.Namespace, value: Any, human: str | None = None) -> None:
+    """JSON (ASCII-only: every control, format and non-ASCII character `\\u`-escaped) or the
+    human rendering, each of its lines with what a terminal would act on escaped: the
+    renderers escape tenant strings, newlines included; this catches any one they miss."""
     if args.json or human is None:
         print(json.dumps(value, indent=None if args.json else 2, default=str))
     else:
-        print(human)
+        print("\n".join(render.visible(line) for line in human.split("\n")))
 
 
 def format_history(h: dict[str, Any]) -> str:
+    """The instance's journal, one line per entry; every tenant string escaped (`visible`)."""
+    v = render.visible
     inst = h["instance"]
     lines = [
-        f"{inst['tenant']}/{inst['id']}  workflow={inst['workflow']}  "
+        f"{inst['tenant']}/{inst['id']}  workflow={v(inst['workflow'])}  "
         f"version={inst['version']}  status={inst['status']}  "
         f"activations={inst['activations']}"
     ]
@@ -166,18 +171,18 @@ def format_history(h: dict[str, Any]) -> str:
         detail = (
             json.dumps(e["result"])
             if e["error"] is None or e["status"] == "ok"
-            else f"{e['error']['type']}: {e['error']['message']}"
+            else v(f"{e['error']['type']}: {e['error']['message']}")
         )
         if e["kind"] == "sleep":
             detail = f"until {e['until']}"
         lines.append(
-            f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
+            f"  {e['seq']:>3}  {e['kind']:<10} {v(e['name'])[:22]:<22} {e['status']:<9} "
             f"{e['attempts']:>3}  {detail[:70]}"
         )
     if inst["status"] == "complete":
         lines.append(f"  output: {json.dumps(inst['output'])[:200]}")
     if inst["error"]:
-        lines.append(f"  error: {inst['error']['type']}: {inst['error']['message']}")
+        lines.append("  error: " + v(f"{inst['error']['type']}: {inst['error']['message']}"))
     colds = [a["cold_start_ms"] for a in h["activations"] if a["cold_start_ms"] is not None]
     if colds:
         colds.sort()
@@ -243,7 +248,7 @@ def _keys(args: argparse.Namespace, c: Any) -> int:
     if key["endpoint"] is None:
         print(
             "note: the supervisor has no [server] tcp_endpoint yet; the key works once it has "
-            "(add \"endpoint\": \"tcp://HOST:PORT\" to the file, or pass one to Client)",
+            '(add "endpoint": "tcp://HOST:PORT" to the file, or pass one to Client)',
             file=sys.stderr,
         )
     return 0
@@ -319,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
         elif args.cmd == "list":
             rows = c.list(args.tenant, args.status, args.limit)
             human = "\n".join(
-                f"{r['id']:<24} {r['workflow']:<20} {r['status']:<10} "
+                f"{r['id']:<24} {render.visible(r['workflow']):<20} {r['status']:<10} "
                 f"steps={r['steps']:<4} {r['updated_at']}"
                 for r in rows
             )
@@ -365,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except StepVisorError as exc:
-        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        # a deploy's error quotes the tenant's code and its exception: escaped like any output
+        print(render.visible(f"error {exc.code}: {exc.message}"), file=sys.stderr)
         return EXIT_ERROR
     except ProtocolError as exc:
-        print(f"error {exc.code.value}: {exc.message}", file=sys.stderr)
+        print(render.visible(f"error {exc.code.value}: {exc.message}"), file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         print(f"error IO: {exc}", file=sys.stderr)

@@ -313,7 +313,8 @@ class Client:
     ) -> builtins.list[dict[str, Any]]:
         """Durable usage per tenant (per tenant and UTC hour with `hourly`) from the hour
         holding `since` (epoch seconds) on: activations, steps, failures, CPU and wall ms,
-        peak and summed peak memory (KiB), and memory x time (KiB s)."""
+        peak and summed peak memory (KiB), memory x time (KiB s), and the most scratch disk one
+        activation held at its exit (KiB)."""
         return self.call(
             lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly)
         )

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from stepvisor.render import visible
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 FOLLOW_POLL_S = 0.2  # how often a followed file is checked for new lines
 _FIRST = ("outcome", "step")  # right after the event name; then the other fields by name
@@ -62,7 +64,11 @@ def parse(line: str) -> dict[str, Any] | None:
 
 
 def render(rec: dict[str, Any]) -> str:
-    """`2026-11-25 14:13:29.112 info  acme/ann#12  activation.finished outcome=ok ...`"""
+    """`2026-11-25 14:13:29.112 info  acme/ann#12  activation.finished outcome=ok ...`
+
+    One line, whatever the record holds: control and format characters in any of its strings
+    (a tenant's output above all) come out escaped (`render.visible`), so a tenant cannot
+    overwrite the line or fake one of another tenant's."""
     stamp = str(rec.get("timestamp", ""))[:23].replace("T", " ")
     who = ""
     if rec.get("tenant"):
@@ -78,7 +84,7 @@ def render(rec: dict[str, Any]) -> str:
             if rec.get(key) is not None:
                 parts.append(f"{key}={_value(rec[key])}")
         body = " ".join(parts)
-    return f"{stamp:<23} {rec.get('level', '')!s:<7} {who}  {body}".rstrip()
+    return visible(f"{stamp:<23} {rec.get('level', '')!s:<7} {who}  {body}".rstrip())
 
 
 def _value(v: Any) -> str:
@@ -88,12 +94,14 @@ def _value(v: Any) -> str:
 
 
 def _shown(line: str, flt: Filter, as_json: bool) -> str | None:
+    """The line as shown, or None when filtered out. Raw lines (`--json`, or not a record)
+    are escaped too: JSON escapes control characters but not, unless ASCII-only, bidi ones."""
     rec = parse(line)
     if rec is None:  # not ours: shown only when nothing is filtered
-        return None if as_json or flt != Filter() else line
+        return None if as_json or flt != Filter() else visible(line)
     if not flt.accepts(rec):
         return None
-    return line if as_json else render(rec)
+    return visible(line) if as_json else render(rec)
 
 
 def _tail(lines: Iterator[str], flt: Filter, as_json: bool, keep: int | None) -> list[str]:

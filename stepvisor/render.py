@@ -10,6 +10,33 @@ from typing import Any
 
 from protocol.messages import USAGE_FIELDS
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str) -> str:
+    """`text` with every character a terminal would act on instead of show escaped visibly:
+    ESC and the other C0 and C1 controls, DEL, carriage return and newline (`\\x1b`, `\\r`,
+    `\\n`), bidi overrides and other format characters (`\\u202e`), line separators.
+
+    Tenant strings (output lines, step and workflow names, error messages) go through this
+    before they reach an operator's terminal, so they cannot move the cursor, recolour or
+    overwrite what is shown, or fake a line of another tenant. What is escaped is what Python
+    does not call printable (categories C* and Z* but the space); backslashes are kept as they
+    are, so a tenant can print the text `\\x1b`, which is harmless."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -90,8 +117,10 @@ def _table(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:
     return [
         "  ".join(
             [
-                *(c.rjust(w) if i >= right_from else c.ljust(w)
-                  for i, (c, w) in enumerate(zip(r, widths, strict=False))),
+                *(
+                    c.rjust(w) if i >= right_from else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(r, widths, strict=False))
+                ),
                 r[-1],
             ]
         )
@@ -114,7 +143,7 @@ def usage(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no usage recorded in that period"
     head = ("tenant", "from (UTC)", "activations", "steps", "failures", "CPU s", "wall s")
-    table: list[tuple[str, ...]] = [(*head, "peak MiB", "MiB s")]
+    table: list[tuple[str, ...]] = [(*head, "peak MiB", "MiB s", "scratch MiB")]
     for r in rows:
         table.append(
             (
@@ -127,6 +156,7 @@ def usage(rows: list[dict[str, Any]]) -> str:
                 f"{r['wall_ms'] / 1000:,.2f}",
                 f"{r['memory_peak_kib'] / 1024:,.1f}",
                 f"{r['memory_kib_s'] / 1024:,.1f}",
+                f"{r.get('scratch_max_kib', 0) / 1024:,.1f}",
             )
         )
     return "\n".join(_table(table, right_from=2))

@@ -61,6 +61,7 @@ class Activation:
     output_dropped: int = 0  # bytes over the caps, read and thrown away
     lingered: bool = False  # still there `settled_grace_s` after it settled: killed
     late_messages: int = 0  # messages after it settled, dropped
+    scratch_entries: int = 0  # what its scratch dir held when it was measured, at reap
     uid: int | None = None  # its sandbox uid, when it has one
     gid: int | None = None  # its tenant's sandbox group
     oom_killed: bool = False  # the kernel OOM-killed one of its processes (cgroup)

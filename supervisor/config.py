@@ -33,6 +33,7 @@ MaxInstances = Annotated[int, msgspec.Meta(ge=1)]
 MaxFailures = Annotated[int, msgspec.Meta(ge=1, le=100)]
 MaxPids = Annotated[int, msgspec.Meta(ge=8, le=1_000_000)]
 CpuQuota = Annotated[float, msgspec.Meta(ge=0, le=1024)]
+DiskMiB = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
 RetentionDays = Annotated[float, msgspec.Meta(ge=0, le=36_500)]
 MaxSteps = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
 MaxStateMiB = Annotated[int, msgspec.Meta(ge=1, le=1024)]
@@ -54,6 +55,9 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python: str = ""  # the tenant's own interpreter / virtualenv python; empty: the server's
     readable_paths: tuple[AbsPath, ...] = ()  # extra read-only paths (Landlock)
     writable_paths: tuple[AbsPath, ...] = ()  # extra read-write paths (Landlock)
+    # scratch space of all the tenant's running activations together (a tmpfs; its pages also
+    # count toward memory_mib); writable_paths are not bounded by it
+    disk_mib: DiskMiB = 256
     # finished (complete, errored, terminated) instances are deleted, with their journal,
     # events and activation records, this long after they finished; 0 keeps them forever
     retention_days: RetentionDays = 30.0
@@ -76,6 +80,7 @@ class TenantOverrides(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python: str | None = None
     readable_paths: tuple[AbsPath, ...] | None = None
     writable_paths: tuple[AbsPath, ...] | None = None
+    disk_mib: DiskMiB | None = None
     retention_days: RetentionDays | None = None
     max_steps: MaxSteps | None = None
     max_state_mib: MaxStateMiB | None = None
@@ -93,6 +98,7 @@ class Isolation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     network: Mode = "auto"  # private network namespace for tenants without `network` (root)
     landlock: Mode = "auto"  # filesystem: read-only interpreter, read-write scratch only
     seccomp: Mode = "auto"  # no new sockets (only IPv4/IPv6 for tenants with `network`)
+    disk: Mode = "auto"  # a tmpfs of disk_mib per tenant for its scratch dirs (needs root)
     sandbox_uid_range: tuple[
         Annotated[int, msgspec.Meta(ge=1000, le=4_294_967_294)],
         Annotated[int, msgspec.Meta(ge=1000, le=4_294_967_294)],
@@ -233,9 +239,7 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         )
     tcp = cfg.server.tcp_endpoint
     if tcp and not re.match(r"^tcp://[^:/]+:(\d+|\*)\Z", tcp):
-        raise ConfigError(
-            f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}"
-        )
+        raise ConfigError(f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}")
     resolve_paths(cfg)
     return cfg
 

@@ -28,7 +28,7 @@ import zmq
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
 from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
-from supervisor import engine, isolation, launcher, logs, outcome, retention, sdnotify
+from supervisor import disk, engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -47,6 +47,7 @@ from supervisor.config import (
     with_dirs,
 )
 from supervisor.fork_servers import ForkServers
+from supervisor.janitor import Janitor
 from supervisor.operations import Operations
 from supervisor.output import OutputCapture
 from supervisor.remote_api import RemoteApi
@@ -83,6 +84,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # Settled but not reaped yet, per tenant: a tenant whose processes linger after their
         # results (until `settled_grace_s` kills them) holds back its own launches only.
         self.exiting: Counter[str] = Counter()
+        self.janitor = Janitor()
         self.tenants: list[str] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
         self.bad_peers: dict[bytes, int] = {}
@@ -136,6 +138,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 self.log.info("isolation.layer", layer=layer.name, detail=layer.detail)
             elif getattr(self.cfg.isolation, layer.name) != "off":
                 self.log.warning("isolation.unavailable", layer=layer.name, reason=layer.detail)
+        self.scratch = disk.ScratchSpace(
+            launcher.scratch_root(self.paths), quota=self.layers["disk"].enabled
+        )
         try:
             self._check_uid_reach()
         except StartupError:
@@ -277,6 +282,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.conn.close()
         if self.cgroups is not None:
             self.cgroups.close()
+        self.scratch.close()
         self._lock.close()
 
     # ------------------------------------------------------------------ one iteration
@@ -304,6 +310,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     self._on_zygote(python, now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
+            self.janitor.tick()
             self._check_deadlines(now, mono)
             if not self.draining:
                 self._schedule(now, mono)
@@ -405,6 +412,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             for inst in j.leased_instances(self.conn):
                 engine.interrupted(self.conn, inst["tenant"], inst["id"], now)
                 self.log.info("recovery.requeued", tenant=inst["tenant"], instance=inst["id"])
+        # After the kills above: nothing of a dead run writes there any more.
+        if unmounted := self.scratch.sweep():
+            self.log.info("recovery.unmounted_scratch", mounts=unmounted)
         if leftovers:
             self.log.info("recovery.done", interrupted=len(leftovers))
 
@@ -505,7 +515,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             kind=kind,
             instance=instance,
             limits=limits,
-            scratch=launcher.scratch_path(self.paths, aid),
+            scratch=launcher.scratch_path(self.paths, tenant, aid),
             uid=uid,
             gid=gid,
             launched_at=launched_at,
@@ -521,7 +531,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 # Never without one: the launch paths wait for a free uid (`_slot_free`,
                 # `launch_inspection`), so this is a bug; refuse rather than run as root.
                 raise OSError(errno.EAGAIN, "no free sandbox uid")
-            launcher.make_scratch(self.paths, aid, uid, gid)
+            if why := self.scratch.prepare(tenant, limits.disk_mib):
+                self.log.warning("disk.limit_refused", tenant=tenant, reason=why)
+            launcher.make_scratch(self.paths, tenant, aid, uid, gid)
             if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
                 self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
             if self.cfg.server.launch_mode == "fork":
@@ -658,6 +670,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
         }
         phases = act.phases(mono)
+        # What its scratch holds now that it has exited (not its peak): measured per activation,
+        # where the tenant's tmpfs (statvfs) would sum its concurrent activations.
+        scratch_bytes, act.scratch_entries = disk.scratch_bytes(act.scratch)
+        scratch_kib = scratch_bytes // 1024
         j.add_usage(
             self.conn,
             act.tenant,
@@ -667,6 +683,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             cpu_ms=record["cpu_ms"] or 0.0,
             wall_ms=record["total_ms"] or 0.0,
             max_rss_kib=int(record["max_rss_kib"] or 0),
+            scratch_kib=scratch_kib,
         )
         self.stats.record(mono, act.tenant, act.outcome, record["cold_start_ms"], record["exec_ms"])
         j.update_activation(
@@ -686,6 +703,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             outcome=act.outcome,
             detail=act.detail or None,
             **record,
+            scratch_kib=scratch_kib,
             phases=phases,
             output_dropped_bytes=act.output_dropped or None,
         )
@@ -703,7 +721,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self._kill_leftovers(act)
         if self.uids is not None and act.uid is not None:
             self.uids.release(act.uid)
-        launcher.remove_scratch(act.scratch)
+        self.janitor.remove(act.scratch, act.scratch_entries)
 
     # ------------------------------------------------------------------ drain
 

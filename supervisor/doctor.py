@@ -19,7 +19,7 @@ import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.messages import Ack, Activate, FailCmd, Hello, StepResult, StepStarted
-from supervisor import isolation, launcher
+from supervisor import disk, isolation, launcher
 from supervisor.config import Config, Paths, resolve_paths
 
 PROBE_TENANT = "_doctor"  # not a valid tenant name: never collides with a real one
@@ -52,6 +52,7 @@ def probe(event, step):
             "tcp_loopback": _try(tcp),
             "rlimit_as_mib": resource.getrlimit(resource.RLIMIT_AS)[0] >> 20,
             "rlimit_cpu_s": resource.getrlimit(resource.RLIMIT_CPU)[0],
+            "scratch_mib": (lambda v: v.f_blocks * v.f_frsize >> 20)(os.statvfs(".")),
         }
     return step.do("look", look)
 """
@@ -79,6 +80,9 @@ def _effective(name: str, facts: dict[str, Any], on: bool) -> tuple[bool, str]:
             f"Seccomp mode {facts['seccomp']}; new socket: {facts['unix_socket']}; "
             f"TCP to loopback: {facts['tcp_loopback']}"
         )
+    if name == "disk":
+        size, want = facts["scratch_mib"], facts["disk_mib"]
+        return size == want, f"its scratch is on a {size} MiB file system (disk_mib {want})"
     return False, "unknown layer"
 
 
@@ -114,9 +118,11 @@ def _probe(
     uid = cfg.isolation.sandbox_uid_range[1] if on["uid"] else None
     gid = cfg.isolation.sandbox_gid_base if on["uid"] else None
     aid = os.getpid()
-    scratch = launcher.make_scratch(paths, aid, uid, gid)
+    space = disk.ScratchSpace(launcher.scratch_root(paths), quota=on["disk"])
     proc = None
     try:
+        space.prepare(PROBE_TENANT, limits.disk_mib)
+        scratch = launcher.make_scratch(paths, PROBE_TENANT, aid, uid, gid)
         if cgroups is not None:
             cgroups.tenant(PROBE_TENANT, limits)
         proc = launcher.spawn(paths, limits, launcher.sandbox_for(on, limits, scratch, uid, gid))
@@ -156,7 +162,7 @@ def _probe(
                 if not msg.ok:
                     return {"error": f"probe step failed: {msg.error}"}
                 facts: dict[str, Any] = load_json(msg.value or b"{}")
-                return facts
+                return {**facts, "disk_mib": limits.disk_mib}
             elif isinstance(msg, FailCmd):
                 return {"error": f"probe failed: {msg.error.type}: {msg.error.message}"}
         return {"error": "the probe activation did not report within 30 s"}
@@ -172,6 +178,7 @@ def _probe(
             for b in set(cgroups.bases.values()):
                 with contextlib.suppress(OSError):  # busy while a supervisor uses it: fine
                     b.rmdir()
+        space.close()
         router.close()
         ctx.term()
         server.close()

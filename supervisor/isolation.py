@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from supervisor import disk
 from supervisor.config import Config, Limits
 
-LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp")
+LAYERS = ("uid", "cgroup", "network", "landlock", "seccomp", "disk")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids", "cpu")
 CGROUP_NAME_PREFIX = "stepvisor-"
@@ -69,6 +70,11 @@ def interpreter_paths() -> list[str]:
 
 def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[bool, str]:
     root = os.geteuid() == 0
+    if name == "disk":
+        if not root:
+            return False, "needs root (to mount a tmpfs per tenant)"
+        why = disk.probe()
+        return (False, why) if why else (True, "a tmpfs of disk_mib per tenant for its scratch")
     if name == "uid":
         if not root:
             return False, "needs root"

@@ -207,6 +207,13 @@ MIGRATIONS: list[str] = [
         WHERE instance IS NULL;
     CREATE INDEX events_instance ON events (tenant, instance)
     """,
+    # 7: reserved for a migration that lands from another branch; this placeholder is replaced
+    # by it when they are merged (a database migrated past it here is a development one).
+    "",
+    # 8: usage: the most scratch disk one activation of the hour held at its exit
+    """
+    ALTER TABLE usage ADD COLUMN scratch_max_kib INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 
@@ -666,6 +673,7 @@ def instance_activations(conn: sqlite3.Connection, tenant: str, instance: str) -
 
 # ---------------------------------------------------------------- usage and counts
 
+
 def add_usage(
     conn: sqlite3.Connection,
     tenant: str,
@@ -676,11 +684,12 @@ def add_usage(
     cpu_ms: float,
     wall_ms: float,
     max_rss_kib: int,
+    scratch_kib: int = 0,
 ) -> None:
     """Count one reaped activation in its tenant's hour (by launch time, UTC)."""
     conn.execute(
         """
-        INSERT INTO usage VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?)
+        INSERT INTO usage VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (tenant, hour) DO UPDATE SET
             activations = activations + 1,
             steps = steps + excluded.steps,
@@ -689,7 +698,8 @@ def add_usage(
             wall_ms = wall_ms + excluded.wall_ms,
             memory_peak_kib = MAX(memory_peak_kib, excluded.memory_peak_kib),
             memory_sum_kib = memory_sum_kib + excluded.memory_sum_kib,
-            memory_kib_s = memory_kib_s + excluded.memory_kib_s
+            memory_kib_s = memory_kib_s + excluded.memory_kib_s,
+            scratch_max_kib = MAX(scratch_max_kib, excluded.scratch_max_kib)
         """,
         (
             tenant,
@@ -701,6 +711,7 @@ def add_usage(
             max_rss_kib,
             max_rss_kib,
             max_rss_kib * wall_ms / 1000.0,
+            scratch_kib,
         ),
     )
 
@@ -716,7 +727,7 @@ def usage(
                SUM(activations) AS activations, SUM(steps) AS steps, SUM(failures) AS failures,
                SUM(cpu_ms) AS cpu_ms, SUM(wall_ms) AS wall_ms,
                MAX(memory_peak_kib) AS memory_peak_kib, SUM(memory_sum_kib) AS memory_sum_kib,
-               SUM(memory_kib_s) AS memory_kib_s
+               SUM(memory_kib_s) AS memory_kib_s, MAX(scratch_max_kib) AS scratch_max_kib
         FROM usage WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR hour >= ?2)
         GROUP BY {group} ORDER BY {group}
     """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -63,22 +62,25 @@ def sandbox_for(
     )
 
 
-def scratch_path(paths: Paths, activation: int) -> Path:
-    return paths.runtime_dir / "scratch" / str(activation)
+def scratch_root(paths: Paths) -> Path:
+    return paths.runtime_dir / "scratch"
 
 
-def make_scratch(paths: Paths, activation: int, uid: int | None, gid: int | None) -> Path:
+def scratch_path(paths: Paths, tenant: str, activation: int) -> Path:
+    """In the tenant's dir: its tmpfs, when the disk layer is on (see `supervisor.disk`)."""
+    return scratch_root(paths) / tenant / str(activation)
+
+
+def make_scratch(
+    paths: Paths, tenant: str, activation: int, uid: int | None, gid: int | None
+) -> Path:
     """A private directory for one activation: 0700, owned by its sandbox uid when it has one."""
-    scratch = scratch_path(paths, activation)
-    scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    scratch = scratch_path(paths, tenant, activation)
+    scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     scratch.mkdir(mode=0o700)
     if uid is not None and gid is not None:
         os.chown(scratch, uid, gid)
     return scratch
-
-
-def remove_scratch(scratch: Path) -> None:
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def spawn(paths: Paths, limits: Limits, sandbox: Sandbox) -> subprocess.Popen[bytes]:

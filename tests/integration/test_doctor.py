@@ -27,7 +27,7 @@ def test_doctor_verifies_each_layer_with_a_probe(make_daemon) -> None:
     r = doctor(daemon.config_path)
     report = json.loads(r.stdout)
     rows = {row["layer"]: row for row in report["layers"]}
-    assert set(rows) == {"uid", "cgroup", "network", "landlock", "seccomp"}
+    assert set(rows) == {"uid", "cgroup", "network", "landlock", "seccomp", "disk"}
     assert "error" not in report["probe"], report["probe"]
     for row in rows.values():
         # whatever this host offers is not only enabled but seen in force by the probe

@@ -52,7 +52,7 @@ def test_cannot_read_another_tenants_scratch(arena: Arena) -> None:
             step.do("hold", write_and_wait, timeout=60)
     """, filename="hold.py")  # fmt: skip
     c.create("victim", "hold", id="h")
-    scratch_root = arena.daemon.run_dir / "scratch"
+    scratch_root = arena.daemon.run_dir / "scratch" / "victim"  # one dir per tenant
     wait_for(lambda: list(scratch_root.glob("*/secret.txt")), 30, "the victim's secret")
     st = arena.attack(
         """

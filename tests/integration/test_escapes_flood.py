@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -163,3 +164,22 @@ def test_without_cgroups_a_daemonised_grandchild_dies_by_its_uid(
         15,
         "the daemonised grandchild to be killed by its sandbox uid",
     )
+
+
+def test_a_scratch_full_of_files_is_deleted_off_the_loop(arena: Arena) -> None:
+    st = arena.attack(
+        """
+        import os
+        os.mkdir("many")
+        for n in range(params["files"]):
+            open(f"many/{n}", "w").close()
+        result = os.getcwd()
+        """,
+        files=20_000,
+    )
+    scratch = Path(st["output"])
+    trash = scratch.parent / ".trash"
+    wait_for(lambda: not scratch.exists(), 30, "the scratch dir to be taken away")
+    assert trash.exists()  # too many files to delete in the loop: handed to the janitor
+    wait_for(lambda: not any(trash.iterdir()), 60, "the janitor to empty the trash")
+    assert arena.client.ping()
