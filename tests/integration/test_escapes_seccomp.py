@@ -260,3 +260,59 @@ def test_root_without_a_sandbox_uid_has_no_capability(make_daemon) -> None:
         "uid": 0,
         "chown": "Operation not permitted",
     }
+
+
+def test_a_network_tenant_sends_udp_but_still_reaches_no_socket_file(
+    make_daemon, root_socket
+) -> None:
+    daemon = make_daemon("[tenants.online]\nnetwork = true\n")
+    if "seccomp" not in {e["layer"] for e in daemon.events("isolation.layer")}:
+        pytest.skip("isolation layer seccomp is not available on this host")
+    listener, path = root_socket
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(30)
+    c = daemon.client(timeout_s=60)
+    deploy_source(c, "online", ATTACKER)
+    code = """
+        import socket
+        out = {}
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"datagram", ("127.0.0.1", params["port"]))
+        out["udp"] = "sent"
+        for how, make in (
+            ("unix_dgram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)),
+            ("dgram_pair", lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)),
+        ):
+            try:
+                make()
+                out[how] = "created"
+            except OSError as exc:
+                out[how] = exc.strerror
+        a, b = socket.socketpair()
+        try:  # sendto with an address is allowed here (UDP needs it); a stream pair refuses it
+            a.sendto(b"<0>evil", params["path"])
+            out["stream_sendto"] = "sent"
+        except OSError as exc:
+            out["stream_sendto"] = exc.strerror
+        result = out
+    """
+    try:
+        c.create(
+            "online",
+            "attack",
+            {"code": textwrap.dedent(code), "port": udp.getsockname()[1], "path": str(path)},
+            id="n",
+        )
+        out = c.wait("online", "n", timeout_s=60)["output"]
+        assert udp.recv(100) == b"datagram"
+    finally:
+        udp.close()
+    assert out == {
+        "udp": "sent",
+        "unix_dgram": "Operation not permitted",
+        "dgram_pair": "Operation not permitted",
+        "stream_sendto": "Transport endpoint is already connected",
+    }
+    with pytest.raises(BlockingIOError):
+        listener.recv(100)

@@ -101,6 +101,29 @@ def test_the_policy_decides_by_name_and_arguments(machine: str, allow_inet: bool
     assert run_bpf(code, 0, 0x40000003) == RET_KILL_PROCESS  # i386
 
 
+def test_every_denied_name_has_a_number_and_only_legacy_calls_are_x86_only() -> None:
+    names = set(isolation.DENIED + isolation.DENIED_WITHOUT_NETWORK)
+    assert names <= set(SYSCALLS["x86_64"])
+    legacy = {"modify_ldt", "uselib", "iopl", "ioperm", "create_module", "get_kernel_syms"}
+    legacy |= {"query_module", "_sysctl"}
+    assert names - set(SYSCALLS["aarch64"]) == legacy
+
+
+def test_the_assembler_refuses_a_bad_jump() -> None:
+    p = isolation._Program()
+    p.op(0x15, 1, jt="nowhere")
+    with pytest.raises(ValueError, match="never defined"):
+        p.code()
+    far = isolation._Program()
+    far.op(0x15, 1, jt="end")
+    for _ in range(300):
+        far.op(0x06, RET_ALLOW)
+    far.label("end")
+    far.op(0x06, RET_EPERM)
+    with pytest.raises(ValueError, match="out of range"):
+        far.code()
+
+
 def header_numbers(path: Path) -> dict[str, int]:
     text = path.read_text()
     return {m[1]: int(m[2]) for m in re.finditer(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", text)}
