@@ -12,10 +12,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -404,6 +404,41 @@ def _rule_ioctl(p: _Program) -> None:
     p.op(_BPF_JEQ_K, TIOCLINUX, jt="eperm", jf="allow")
 
 
+def _ranges(numbers: list[int]) -> list[tuple[int, int]]:
+    """Sorted numbers as runs of consecutive ones: [(first, last), ...]."""
+    runs: list[tuple[int, int]] = []
+    for n in numbers:
+        if runs and runs[-1][1] + 1 == n:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs
+
+
+def _deny_ranges(p: _Program, runs: list[tuple[int, int]], done: str, tag: str) -> None:
+    """EPERM when the syscall number (in the accumulator) is in one of `runs`, else on to `done`.
+
+    A binary search, not a chain: the kernel emulates the program for every syscall number when
+    it installs it (to cache what is always allowed), and a chain of 80 would cost that 80 steps
+    per number, in every activation.
+    """
+    if len(runs) <= 2:
+        for i, (first, last) in enumerate(runs):
+            if first == last:
+                p.op(_BPF_JEQ_K, first, jt="eperm")
+                continue
+            p.op(_BPF_JGE_K, first, jf=f"{tag}{i}")
+            p.op(_BPF_JGE_K, last + 1, jf="eperm")
+            p.label(f"{tag}{i}")
+        p.goto(done)
+        return
+    mid = len(runs) // 2
+    p.op(_BPF_JGE_K, runs[mid][0], jt=f"{tag}r")
+    _deny_ranges(p, runs[:mid], done, f"{tag}l")
+    p.label(f"{tag}r")
+    _deny_ranges(p, runs[mid:], done, f"{tag}r")
+
+
 def syscall_filter(machine: str, *, allow_inet: bool) -> tuple[int, bytes]:
     """The policy above as a BPF program for `machine`: (instruction count, code)."""
     numbers = SYSCALLS[machine]
@@ -427,9 +462,8 @@ def syscall_filter(machine: str, *, allow_inet: bool) -> tuple[int, bytes]:
         p.op(_BPF_JEQ_K, numbers[name], jf=f"after_{name}")
         rule(p)
         p.label(f"after_{name}")
-    for name in denied:
-        if name in numbers:  # legacy calls exist on x86_64 only
-            p.op(_BPF_JEQ_K, numbers[name], jt="eperm")
+    # legacy calls exist on x86_64 only
+    _deny_ranges(p, _ranges(sorted(numbers[n] for n in denied if n in numbers)), "allow", "d")
     p.label("allow")
     p.op(_BPF_RET_K, RET_ALLOW)
     p.label("eperm")
@@ -441,8 +475,27 @@ def syscall_filter(machine: str, *, allow_inet: bool) -> tuple[int, bytes]:
     return len(p), p.code()
 
 
+_MACHINE = os.uname().machine
+
+
+class _Filter(NamedTuple):
+    code: ctypes.Array[ctypes.c_char]  # the instructions, kept alive for the pointer below
+    fprog: bytes  # struct sock_fprog {unsigned short len; struct sock_filter *filter}
+
+
+def _prepare(machine: str, allow_inet: bool) -> _Filter:
+    count, code = syscall_filter(machine, allow_inet=allow_inet)
+    buf = ctypes.create_string_buffer(code, len(code))
+    return _Filter(buf, struct.pack("=HxxxxxxQ", count, ctypes.addressof(buf)))
+
+
+# Both programs are built at import: in fork mode that is once, in the fork server, instead of
+# in every activation (where it costs more than the seccomp() call itself).
+_PREPARED = {v: _prepare(_MACHINE, v) for v in (False, True)} if _MACHINE in SYSCALLS else {}
+
+
 def seccomp_supported() -> bool:
-    return platform.machine() in SYSCALLS and os.path.exists("/proc/self/status")
+    return _MACHINE in SYSCALLS and os.path.exists("/proc/self/status")
 
 
 def restrict_syscalls(*, allow_inet: bool) -> None:
@@ -451,11 +504,10 @@ def restrict_syscalls(*, allow_inet: bool) -> None:
     Runs after the supervisor connection exists, which keeps working: it needs only send, recv,
     sendmsg, recvmsg, poll and epoll on sockets already open.
     """
-    machine = platform.machine()
-    count, code = syscall_filter(machine, allow_inet=allow_inet)
-    buf = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("=HxxxxxxQ", count, ctypes.addressof(buf))
-    nr_seccomp = SYSCALLS[machine]["seccomp"]
+    if not _PREPARED:
+        raise OSError(errno.ENOSYS, f"no seccomp policy for {_MACHINE}")
+    fprog = _PREPARED[allow_inet].fprog
+    nr_seccomp = SYSCALLS[_MACHINE]["seccomp"]
     rc = _libc.syscall(nr_seccomp, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, fprog)
     if rc != 0:
         err = ctypes.get_errno() if rc < 0 else errno.EBUSY  # rc > 0: a thread that refused

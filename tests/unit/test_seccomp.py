@@ -101,6 +101,21 @@ def test_the_policy_decides_by_name_and_arguments(machine: str, allow_inet: bool
     assert run_bpf(code, 0, 0x40000003) == RET_KILL_PROCESS  # i386
 
 
+@pytest.mark.parametrize("machine", sorted(SYSCALLS))
+def test_every_number_below_the_unknown_ones_gets_its_verdict(machine: str) -> None:
+    _, code = syscall_filter(machine, allow_inet=False)
+    nr = SYSCALLS[machine]
+    denied = {nr[n] for n in isolation.DENIED + isolation.DENIED_WITHOUT_NETWORK if n in nr}
+    checked = {nr[n] for n in ("ioctl", "clone", "socketpair", "personality", "sendto")}
+    for number in range(isolation.FIRST_UNKNOWN_NR):
+        if number in checked:
+            continue
+        expected = (
+            RET_ENOSYS if number == nr["clone3"] else RET_EPERM if number in denied else RET_ALLOW
+        )
+        assert run_bpf(code, number, AUDIT_ARCH[machine]) == expected, number
+
+
 def test_every_denied_name_has_a_number_and_only_legacy_calls_are_x86_only() -> None:
     names = set(isolation.DENIED + isolation.DENIED_WITHOUT_NETWORK)
     assert names <= set(SYSCALLS["x86_64"])
