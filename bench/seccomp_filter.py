@@ -1,6 +1,7 @@
-"""What the activation's seccomp policy costs: building and installing it (once per activation,
-after Activate arrives), and every later syscall (an argument-checked one runs the program; one
-allowed whatever its arguments is answered from the kernel's per-filter cache).
+"""What the activation's seccomp policy costs: building it (once per process, at import),
+installing it (once per activation, after Activate arrives), and every later syscall (an
+argument-checked one runs the program; one allowed whatever its arguments is answered from the
+kernel's per-filter cache).
 
     python -m bench.seccomp_filter [--runs N]
 
