@@ -240,6 +240,16 @@ def test_root_without_a_sandbox_uid_has_no_capability(make_daemon) -> None:
         status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines())
         out = {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
         out["uid"] = os.getuid()
+        import subprocess, sys
+        # The child reads its own sets with capget: Landlock grants this process's /proc entry
+        # only, not its children's.
+        probe = (
+            "import ctypes, struct; d = ctypes.create_string_buffer(24); "
+            "ctypes.CDLL(None).capget(struct.pack('=Ii', 0x20080522, 0), d); "
+            "print(sum(struct.unpack('=6I', d.raw)))"
+        )
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        out["exec_caps"] = child.stdout.strip() or child.stderr[-300:]
         open("mine", "w").close()
         try:
             os.chown("mine", 4242, 4242)
@@ -258,6 +268,7 @@ def test_root_without_a_sandbox_uid_has_no_capability(make_daemon) -> None:
         "CapBnd": zero,
         "CapAmb": zero,
         "uid": 0,
+        "exec_caps": "0",  # nothing regained by an exec: empty bounding set, SECBIT_NOROOT
         "chown": "Operation not permitted",
     }
 
