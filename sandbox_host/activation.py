@@ -58,6 +58,9 @@ def run(
         )
     if box.get("uid") is not None:
         isolation.drop_privileges(box["uid"], box["gid"])
+    if box.get("uid") is None and os.geteuid() == 0:
+        # Root without a sandbox uid: keep uid 0, but no capability (not even after an exec).
+        isolation.drop_capabilities()
     if before_parent_check is not None:
         before_parent_check()
     limits.die_with_parent(ppid)  # after the uid change, which clears it
@@ -75,8 +78,9 @@ def run(
         os._exit(EXIT_NO_ACTIVATE)
     activated = time.monotonic()
     if box.get("seccomp"):
-        # Connected: from here on no new socket at all (the supervisor's API included).
-        isolation.deny_new_sockets(allow_inet=box.get("allow_inet", False))
+        # Connected: from here on no new socket (the supervisor's API included) and no call
+        # a step has no use for; see isolation.py.
+        isolation.restrict_syscalls(allow_inet=box.get("allow_inet", False))
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     runtime = Runtime(act, channel, marks=(started, hello, activated))
     with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit
