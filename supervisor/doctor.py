@@ -190,14 +190,17 @@ def _path_report(path: Path) -> str:
     return f"{path}: {kind}, mode {st.st_mode & 0o777:o}, uid {st.st_uid}"
 
 
-def _runs_as(cfg: Config, layers: dict[str, isolation.Layer] | None) -> str:
-    """Who tenant code runs as under this config: the fail-closed decision."""
+def _runs_as(cfg: Config, refused: list[str] | None) -> str:
+    """Who tenant code runs as under this config: the fail-closed decision. `refused`: the
+    layers for which the supervisor would refuse to start, if it would."""
+    if refused is not None:
+        as_root = "uid" in refused and os.geteuid() == 0
+        why = "tenant code never runs as root" if as_root else "see error"
+        return f"nothing: the supervisor refuses to start ({why})"
     if os.geteuid() != 0:
         return f"uid {os.geteuid()}, the supervisor's own (sandbox uids need root)"
     if cfg.isolation.uid == "off":
         return 'root, without capabilities ([isolation] uid = "off"; not recommended)'
-    if layers is None or not layers["uid"].enabled:
-        return "nothing: the supervisor refuses to start, as tenant code never runs as root"
     low, high = cfg.isolation.sandbox_uid_range
     return f"a sandbox uid in {low}-{high} per activation"
 
@@ -262,19 +265,19 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
         "landlock_abi": isolation.landlock_abi(),
     }
     errors = []
-    resolved: dict[str, isolation.Layer] | None = None
+    refused: list[str] | None = None
     try:
-        resolved, cgroups = isolation.resolve(cfg, paths.state_dir, paths.python)
-        layers = resolved
+        layers, cgroups = isolation.resolve(cfg, paths.state_dir, paths.python)
     except isolation.IsolationError as exc:
         errors.append(str(exc))
+        refused = exc.layers
         # Probe what the host gives anyway; a layer at fault is left out.
         modes = {n: "off" if n in exc.layers else "auto" for n in isolation.LAYERS}
         cfg_loose = msgspec.structs.replace(
             cfg, isolation=msgspec.structs.replace(cfg.isolation, **modes)
         )
         layers, cgroups = isolation.resolve(cfg_loose, paths.state_dir, paths.python)
-    report["tenant_code_runs_as"] = _runs_as(cfg, resolved)
+    report["tenant_code_runs_as"] = _runs_as(cfg, refused)
     report["interpreters"], bad = _interpreters(cfg, paths.python)
     errors += bad
     report["cgroup"] = cgroups.describe() if cgroups else "none"
