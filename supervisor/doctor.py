@@ -256,7 +256,6 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     paths = resolve_paths(cfg)
     report: dict[str, Any] = {
         "interpreter": paths.python,
-        "runtime_dir": _path_report(paths.runtime_dir),
         "running_as_uid": os.geteuid(),
         "state_dir": _path_report(paths.state_dir),
         "database": _path_report(paths.db),
@@ -282,6 +281,7 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     errors += bad
     report["cgroup"] = cgroups.describe() if cgroups else "none"
     run_dir, why = _probe_dir(paths, cfg, layers["uid"].enabled)
+    report["runtime_dir"] = _path_report(paths.runtime_dir)  # as the probe found or made it
     base = Path(tempfile.mkdtemp(prefix="svdoc-", dir="/tmp"))
     base.chmod(0o711)
     try:
@@ -323,9 +323,9 @@ def render(report: dict[str, Any]) -> str:
             f"{yes[r['enabled']]:<8} {yes[r['effective']]:<10} {r['detail']}"
         )
     lines.append("")
+    lines.append(f"{'tenant code:':<16} runs as {report['tenant_code_runs_as']}")
     for key in (
         "interpreter",
-        "tenant_code_runs_as",
         "running_as_uid",
         "landlock_abi",
         "cgroup",
