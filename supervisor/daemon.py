@@ -28,7 +28,7 @@ import zmq
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
 from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
-from supervisor import disk, engine, isolation, launcher, logs, outcome, retention, sdnotify
+from supervisor import dirs, disk, engine, isolation, launcher, logs, outcome, retention, sdnotify
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -41,6 +41,7 @@ from supervisor.client_requests import LOCAL, REMOTE, ClientRequests
 from supervisor.config import (
     Config,
     ConfigError,
+    Limits,
     Paths,
     load,
     resolve_paths,
@@ -120,8 +121,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 f"API at {self.paths.api_endpoint}",
                 file=sys.stderr,
             )
-        self.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._make_dirs()
         self._lock = open(self.paths.state_dir / "supervisor.lock", "w")  # noqa: SIM115
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -129,8 +129,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             raise StartupError(
                 f"another supervisor is running on state dir {self.paths.state_dir}"
             ) from None
+        if errors := isolation.tenant_interpreter_errors(self.cfg):
+            raise StartupError("; ".join(errors))
         try:
-            self.layers, self.cgroups = isolation.resolve(self.cfg, self.paths.state_dir)
+            self.layers, self.cgroups = isolation.resolve(
+                self.cfg, self.paths.state_dir, self.paths.python
+            )
         except (isolation.IsolationError, OSError) as exc:
             raise StartupError(str(exc)) from None
         for layer in self.layers.values():
@@ -141,6 +145,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.scratch = disk.ScratchSpace(
             launcher.scratch_root(self.paths), quota=self.layers["disk"].enabled
         )
+        if os.geteuid() == 0 and self.cfg.isolation.uid == "off":
+            self.log.warning(
+                "isolation.uid_off",
+                detail="[isolation] uid = off: tenant code runs as root, without capabilities; "
+                'set uid = "auto" to give each activation a sandbox uid',
+            )
         try:
             self._check_uid_reach()
         except StartupError:
@@ -205,18 +215,45 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.log.info("database.rebuilding", bytes=size, reason="auto_vacuum = INCREMENTAL")
         self.notify.send(f"EXTEND_TIMEOUT_USEC={600 * 10**6}")
 
+    def _make_dirs(self) -> None:
+        """The state dir (0700) and the runtime dir, made or checked (`dirs`). The runtime dir
+        is 0755 for a root supervisor, whose sandbox uids reach the sandbox socket in it, and
+        private otherwise (0711 when an api_group's members must reach the API socket)."""
+        server = self.cfg.server
+        runtime_mode = 0o755 if os.geteuid() == 0 else 0o711 if server.api_group else 0o700
+        try:
+            for path, mode, key, configured in (
+                (self.paths.state_dir, 0o700, "server.state_dir", server.state_dir),
+                (self.paths.runtime_dir, runtime_mode, "server.runtime_dir", server.runtime_dir),
+            ):
+                dirs.ensure_private_dir(path, mode, key, follow_symlink=bool(configured))
+        except dirs.UnsafeDir as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot make {exc.filename}: {exc.strerror}") from None
+
     def _check_uid_reach(self) -> None:
-        """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
+        """Tenant code never runs as root: a root supervisor has a sandbox uid for each
+        activation unless `[isolation] uid = "off"` says otherwise (`isolation.resolve`
+        refuses the start when it cannot). Sandbox uids must reach the sandbox socket."""
         low, high = self.cfg.isolation.sandbox_uid_range
         self.uids = isolation.UidPool(low, high) if self.layers["uid"].enabled else None
-        if self.uids is not None:
-            for parent in [self.paths.runtime_dir, *self.paths.runtime_dir.parents]:
-                if not parent.stat().st_mode & 0o001:
-                    raise StartupError(
-                        f"activations run as sandbox uids and cannot reach the runtime dir "
-                        f"{self.paths.runtime_dir}: {parent} is not searchable by others "
-                        "(chmod o+x it, or pick another runtime_dir)"
-                    )
+        self.root_needs_uid = os.geteuid() == 0 and self.cfg.isolation.uid != "off"
+        if self.root_needs_uid and self.uids is None:
+            raise StartupError("tenant code would run as root: the uid layer is not enabled")
+        if self.uids is not None and (why := isolation.runtime_unreachable(self.paths.runtime_dir)):
+            raise StartupError(why)
+
+    def _interpreter_refusal(self, limits: Limits) -> str | None:
+        """Why a tenant's own interpreter cannot run its activations now (sandbox uids could not
+        read it, say after it was reinstalled in a private place), or None. Checked at every
+        launch, cheaply; the supervisor's own was checked in full at start."""
+        if self.uids is None or not limits.python or limits.python == self.paths.python:
+            return None
+        why = isolation.interpreter_blocked(limits.python, ask=False)
+        return (
+            isolation.not_root_fix(limits.python, why, "the tenant's interpreter") if why else None
+        )
 
     def _remote_api(self) -> RemoteApi | None:
         endpoint = self.cfg.server.tcp_endpoint
@@ -423,6 +460,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     # Host protocol for api handlers ----------------------------------------------------
 
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None:
+        if why := self._interpreter_refusal(self.cfg.limits_for(tenant)):
+            raise ProtocolError(ErrorCode.DEPLOY_FAILED, why)
         if self.uids is not None and not self.uids.has_free():
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE,
@@ -531,6 +570,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 # Never without one: the launch paths wait for a free uid (`_slot_free`,
                 # `launch_inspection`), so this is a bug; refuse rather than run as root.
                 raise OSError(errno.EAGAIN, "no free sandbox uid")
+            if self.root_needs_uid and uid is None:  # `_check_uid_reach` makes this a bug too
+                raise OSError(errno.EPERM, "no sandbox uid, and tenant code never runs as root")
+            if why := self._interpreter_refusal(limits):
+                raise OSError(errno.EACCES, why)
             if why := self.scratch.prepare(tenant, limits.disk_mib):
                 self.log.warning("disk.limit_refused", tenant=tenant, reason=why)
             launcher.make_scratch(self.paths, tenant, aid, uid, gid)

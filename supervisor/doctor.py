@@ -19,12 +19,12 @@ import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.messages import Ack, Activate, FailCmd, Hello, StepResult, StepStarted
-from supervisor import disk, isolation, launcher
+from supervisor import dirs, disk, isolation, launcher
 from supervisor.config import Config, Paths, resolve_paths
 
 PROBE_TENANT = "_doctor"  # not a valid tenant name: never collides with a real one
 PROBE_SOURCE = """
-import os, resource, socket
+import os, resource, socket, sys
 from stepvisor import workflow
 
 def _try(fn):
@@ -53,6 +53,7 @@ def probe(event, step):
             "rlimit_as_mib": resource.getrlimit(resource.RLIMIT_AS)[0] >> 20,
             "rlimit_cpu_s": resource.getrlimit(resource.RLIMIT_CPU)[0],
             "scratch_mib": (lambda v: v.f_blocks * v.f_frsize >> 20)(os.statvfs(".")),
+            "cwd": os.getcwd(), "executable": sys.executable,
         }
     return step.do("look", look)
 """
@@ -87,11 +88,14 @@ def _effective(name: str, facts: dict[str, Any], on: bool) -> tuple[bool, str]:
 
 
 def _probe(
-    cfg: Config, layers: dict[str, isolation.Layer], cgroups: isolation.Cgroups | None, base: Path
+    cfg: Config,
+    layers: dict[str, isolation.Layer],
+    cgroups: isolation.Cgroups | None,
+    base: Path,
+    run_dir: Path,
 ) -> dict[str, Any]:
-    """Launch one activation exactly as the supervisor would, and collect what it observes."""
-    run_dir = base / "run"
-    run_dir.mkdir(mode=0o755)
+    """Launch one activation exactly as the supervisor would, with its interpreter, from a
+    directory inside its runtime dir, and collect what it observes."""
     real = resolve_paths(cfg)
     paths = Paths(
         state_dir=base,
@@ -193,6 +197,67 @@ def _path_report(path: Path) -> str:
     return f"{path}: {kind}, mode {st.st_mode & 0o777:o}, uid {st.st_uid}"
 
 
+def _runs_as(cfg: Config, refused: list[str] | None) -> str:
+    """Who tenant code runs as under this config: the fail-closed decision. `refused`: the
+    layers for which the supervisor would refuse to start, if it would."""
+    if refused is not None:
+        as_root = "uid" in refused and os.geteuid() == 0
+        why = "tenant code never runs as root" if as_root else "see error"
+        return f"nothing: the supervisor refuses to start ({why})"
+    if os.geteuid() != 0:
+        return f"uid {os.geteuid()}, the supervisor's own (sandbox uids need root)"
+    if cfg.isolation.uid == "off":
+        return 'root, without capabilities ([isolation] uid = "off"; not recommended)'
+    low, high = cfg.isolation.sandbox_uid_range
+    return f"a sandbox uid in {low}-{high} per activation"
+
+
+def _interpreters(cfg: Config, python: str) -> tuple[dict[str, str], list[str]]:
+    """Each interpreter the daemon would run, looked at in full; errors for those it would
+    refuse (a tenant's interpreter that sandbox uids cannot run, see `isolation`)."""
+    seen = {python: "the server's"}
+    if cfg.defaults.python:
+        seen.setdefault(cfg.defaults.python, "defaults.python")
+    for tenant, over in cfg.tenants.items():
+        if over.python:
+            seen.setdefault(over.python, f"tenants.{tenant}.python")
+    enforced = os.geteuid() == 0 and cfg.isolation.uid != "off"
+    report: dict[str, str] = {}
+    errors: list[str] = []
+    for path, key in seen.items():
+        if os.geteuid() != 0:
+            report[path] = "not checked (no sandbox uids without root)"
+            continue
+        why = isolation.interpreter_blocked(path)
+        report[path] = why or "usable by sandbox uids"
+        if why and enforced and path != python:  # the server's own: `resolve` says it
+            errors.append(f"`{key}`: " + isolation.not_root_fix(path, why))
+    return report, errors
+
+
+def _probe_dir(paths: Paths, cfg: Config, uid_on: bool) -> tuple[Path | None, str | None]:
+    """A directory for the probe's socket and scratch inside the daemon's runtime dir, made or
+    checked as `serve` does: what keeps sandbox uids from it there shows."""
+    mode = 0o755 if os.geteuid() == 0 else 0o711 if cfg.server.api_group else 0o700
+    try:
+        dirs.ensure_private_dir(
+            paths.runtime_dir,
+            mode,
+            "server.runtime_dir",
+            follow_symlink=bool(cfg.server.runtime_dir),
+        )
+        if uid_on and (why := isolation.runtime_unreachable(paths.runtime_dir)):
+            return None, why
+        run_dir = paths.runtime_dir / f"doctor-{os.getpid()}"
+        run_dir.mkdir(mode=0o755)
+        run_dir.chmod(0o755)
+    except dirs.UnsafeDir as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot make {exc.filename}: {exc.strerror}"
+    return run_dir, None
+
+
 def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     """Check the host and config; returns the report and whether every wanted layer is in force."""
     paths = resolve_paths(cfg)
@@ -205,25 +270,36 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
         "sandbox_socket": _path_report(Path(paths.sandbox_endpoint.removeprefix("ipc://"))),
         "landlock_abi": isolation.landlock_abi(),
     }
+    errors = []
+    refused: list[str] | None = None
     try:
-        layers, cgroups = isolation.resolve(cfg, paths.state_dir)
+        layers, cgroups = isolation.resolve(cfg, paths.state_dir, paths.python)
     except isolation.IsolationError as exc:
-        report["error"] = str(exc)
+        errors.append(str(exc))
+        refused = exc.layers
+        # Probe what the host gives anyway; a layer at fault is left out.
+        modes = {n: "off" if n in exc.layers else "auto" for n in isolation.LAYERS}
         cfg_loose = msgspec.structs.replace(
-            cfg,
-            isolation=msgspec.structs.replace(
-                cfg.isolation, **{n: "auto" for n in isolation.LAYERS}
-            ),
+            cfg, isolation=msgspec.structs.replace(cfg.isolation, **modes)
         )
-        layers, cgroups = isolation.resolve(cfg_loose, paths.state_dir)
+        layers, cgroups = isolation.resolve(cfg_loose, paths.state_dir, paths.python)
+    report["tenant_code_runs_as"] = _runs_as(cfg, refused)
+    report["interpreters"], bad = _interpreters(cfg, paths.python)
+    errors += bad
     report["cgroup"] = cgroups.describe() if cgroups else "none"
+    run_dir, why = _probe_dir(paths, cfg, layers["uid"].enabled)
+    report["runtime_dir"] = _path_report(paths.runtime_dir)  # as the probe found or made it
     base = Path(tempfile.mkdtemp(prefix="svdoc-", dir="/tmp"))
     base.chmod(0o711)
     try:
-        facts = _probe(cfg, layers, cgroups, base)
+        facts = {"error": why} if run_dir is None else _probe(cfg, layers, cgroups, base, run_dir)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
     report["probe"] = facts
+    if errors:
+        report["error"] = "; ".join(errors)
     ok = "error" not in report and "error" not in facts
     rows = []
     for name, layer in layers.items():
@@ -254,17 +330,21 @@ def render(report: dict[str, Any]) -> str:
             f"{yes[r['enabled']]:<8} {yes[r['effective']]:<10} {r['detail']}"
         )
     lines.append("")
+    lines.append(f"{'tenant code:':<16} runs as {report['tenant_code_runs_as']}")
     for key in (
         "interpreter",
         "running_as_uid",
         "landlock_abi",
         "cgroup",
         "state_dir",
+        "runtime_dir",
         "database",
         "api_socket",
         "sandbox_socket",
     ):
         lines.append(f"{key + ':':<16} {report[key]}")
+    for python, verdict in report["interpreters"].items():
+        lines.append(f"{'python:':<16} {python}: {verdict}")
     probe = report["probe"]
     if "error" in probe:
         lines.append(f"probe failed:    {probe['error']}")

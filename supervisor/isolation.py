@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,12 @@ CGROUP_NAME_PREFIX = "stepvisor-"
 
 
 class IsolationError(Exception):
-    """A layer the config requires is not available on this host."""
+    """A layer the config requires is not available on this host, or tenant code would run as
+    root; `layers` names the layers at fault."""
+
+    def __init__(self, message: str, layers: list[str]) -> None:
+        super().__init__(message)
+        self.layers = layers
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,83 @@ def unreadable_by_others(paths: list[str]) -> str | None:
     return None
 
 
-def interpreter_paths() -> list[str]:
+# What `python -I` reads, as the interpreter itself reports it.
+_ASK_PATHS = "import json, sys; print(json.dumps([sys.base_prefix, sys.prefix, *sys.path]))"
+
+
+def interpreter_paths(python: str) -> list[str]:
     """What an activation (`python -I`) reads: the interpreter, its prefixes, its import path.
-    The supervisor's own cwd, which `python -m` puts on its path, is not among them."""
-    real = os.path.realpath(sys.executable)  # resolved only to check it, never to run it
-    cwd = os.getcwd()
-    imports = [p for p in sys.path if os.path.isabs(p) and p != cwd]
-    return [real, sys.base_prefix, sys.prefix, *imports]
+    The supervisor's own is known in-process (its cwd, which `python -m` puts on its path, is not
+    among them); another one is asked, once, as root (which reads whatever is there)."""
+    real = os.path.realpath(python)  # resolved only to check it, never to run it
+    if python == sys.executable:
+        cwd = os.getcwd()
+        imports = [p for p in sys.path if os.path.isabs(p) and p != cwd]
+        return [python, real, sys.base_prefix, sys.prefix, *imports]
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", _ASK_PATHS], capture_output=True, timeout=30, check=True
+        ).stdout
+        asked = [str(p) for p in json.loads(out) if os.path.isabs(str(p))]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        asked = []  # it does not run at all: launching it fails, with its own error
+    return [python, real, *asked]
 
 
-def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[bool, str]:
+def interpreter_blocked(python: str, *, ask: bool = True) -> str | None:
+    """Why a sandbox uid could not run `python`, or None. Without `ask` only the interpreter's
+    path, its target and their directories are looked at: a few stat calls, cheap enough for
+    every launch."""
+    paths = interpreter_paths(python) if ask else [python, os.path.realpath(python)]
+    if blocked := unreadable_by_others(paths):
+        return blocked
+    real = Path(os.path.realpath(python))
+    with contextlib.suppress(OSError):
+        if not real.stat().st_mode & 0o001:
+            return f"{real} (mode {real.stat().st_mode & 0o777:o}) is not executable by others"
+    return None
+
+
+def not_root_fix(python: str, why: str, key: str = "the interpreter") -> str:
+    """The fail-closed refusal: tenant code would otherwise run as root. Names the fixes."""
+    return (
+        f"{key} {python} is not usable by sandbox uids ({why}), and tenant code never runs as "
+        "root: install stepvisor in a virtualenv made from a system python (not under /root), "
+        "or chmod o+rx the directories in the way (o+r its files), or set [isolation] "
+        'uid = "off" to run tenant code as root without capabilities (not recommended)'
+    )
+
+
+def tenant_interpreter_errors(cfg: Config) -> list[str]:
+    """`[defaults]`/`[tenants.NAME]` interpreters that sandbox uids could not run (a cheap look,
+    see `interpreter_blocked`): when the supervisor is root and `uid` is not off, each is a
+    config error naming its key."""
+    if os.geteuid() != 0 or cfg.isolation.uid == "off":
+        return []
+    pythons = [("defaults.python", cfg.defaults.python)]
+    pythons += [(f"tenants.{t}.python", o.python or "") for t, o in cfg.tenants.items()]
+    errors = []
+    for key, python in pythons:
+        if python and (why := interpreter_blocked(python, ask=False)):
+            errors.append(f"`{key}`: " + not_root_fix(python, why, "the interpreter"))
+    return errors
+
+
+def runtime_unreachable(runtime_dir: Path) -> str | None:
+    """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
+    for parent in [runtime_dir, *runtime_dir.parents]:
+        if not parent.stat().st_mode & 0o001:
+            return (
+                f"activations run as sandbox uids and cannot reach the runtime dir "
+                f"{runtime_dir}: {parent} is not searchable by others "
+                "(chmod o+x it, or pick another runtime_dir)"
+            )
+    return None
+
+
+def _available(
+    name: str, cgroups: Cgroups | None, cgroup_why: str, python: str
+) -> tuple[bool, str]:
     root = os.geteuid() == 0
     if name == "disk":
         if not root:
@@ -78,7 +152,7 @@ def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[boo
     if name == "uid":
         if not root:
             return False, "needs root"
-        blocked = unreadable_by_others(interpreter_paths())
+        blocked = interpreter_blocked(python)
         if blocked:
             return False, blocked
         return True, "a sandbox uid/gid per activation"
@@ -95,24 +169,33 @@ def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[boo
     return False, cgroup_why
 
 
-def resolve(cfg: Config, state_dir: Path) -> tuple[dict[str, Layer], Cgroups | None]:
+def resolve(cfg: Config, state_dir: Path, python: str) -> tuple[dict[str, Layer], Cgroups | None]:
     """Decide each layer: enabled when available and not off; IsolationError when a required
-    layer is missing."""
+    layer is missing, or when tenant code would run as root: a root supervisor whose `uid` layer
+    is not off but unavailable (its interpreter `python` unreadable by sandbox uids) fails
+    closed, whatever the mode."""
     cgroups, why = (None, "turned off")
     if cfg.isolation.cgroup != "off":
         cgroups, why = Cgroups.detect(state_dir)
     layers: dict[str, Layer] = {}
-    missing = []
+    missing: list[str] = []
     for name in LAYERS:
         mode = getattr(cfg.isolation, name)
-        available, detail = _available(name, cgroups, why)
+        available, detail = _available(name, cgroups, why, python)
         if mode == "required" and not available:
-            missing.append(f"{name} ({detail})")
+            missing.append(name)
         layers[name] = Layer(name, available, available and mode != "off", detail)
-    if missing:
+    as_root = os.geteuid() == 0 and cfg.isolation.uid != "off" and not layers["uid"].available
+    if missing or as_root:
         if cgroups is not None:
             cgroups.close()  # do not leave this run's cgroup directories behind
-        raise IsolationError("required isolation unavailable: " + ", ".join(missing))
+        if as_root:
+            raise IsolationError(not_root_fix(python, layers["uid"].detail), ["uid"])
+        raise IsolationError(
+            "required isolation unavailable: "
+            + ", ".join(f"{n} ({layers[n].detail})" for n in missing),
+            missing,
+        )
     if not layers["cgroup"].enabled:
         cgroups = None
     return layers, cgroups

@@ -17,6 +17,7 @@ from supervisor import logs, retention
 from supervisor.activation import Activation
 from supervisor.config import Config, ConfigError, Paths, load, needs_restart, with_dirs
 from supervisor.config import diff as config_diff
+from supervisor.isolation import tenant_interpreter_errors
 from supervisor.remote_api import RemoteApi, server_keypair
 from supervisor.sdnotify import Notifier
 from supervisor.stats import WINDOW_S, Stats
@@ -154,6 +155,8 @@ class Operations:
                     "(start with --config FILE)"
                 )
             new = with_dirs(load(self.config_path), *self.dirs)
+            if errors := tenant_interpreter_errors(new):
+                raise ConfigError(f"{self.config_path}: " + "; ".join(errors))
             changes = config_diff(self.cfg, new)
             if fixed := needs_restart(changes):
                 raise ConfigError(
