@@ -12,7 +12,7 @@ import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import PROTOCOL_VERSION
+from protocol.limits import MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
 from protocol.messages import (
     Ack,
     Activate,
@@ -30,7 +30,14 @@ from protocol.messages import (
 )
 from supervisor import engine, launcher, outcome
 from supervisor import journal as j
-from supervisor.activation import CONNECTED, IN_STEP, LAUNCHED, SETTLED, Activation
+from supervisor.activation import (
+    CONNECTED,
+    IN_STEP,
+    LAUNCHED,
+    SETTLED,
+    Activation,
+    DeployRequest,
+)
 from supervisor.output import OutputCapture
 from supervisor.remote_api import RemoteApi
 
@@ -41,6 +48,39 @@ _CRASH_TYPES = {
     outcome.CPU_LIMIT: "CpuLimitExceeded",
     outcome.WALL_TIMEOUT: "StepTimeout",
 }
+
+
+def deployed_workflows(d: DeployRequest, reported: list[str]) -> list[str]:
+    """The workflows an inspection reported, checked against the code it inspected: tenant code
+    ran in that sandbox and may have said anything. Each name must be a valid workflow name
+    written in the deployed bytes (a source file names it in `@workflow("...")`; a pickle holds
+    its name as UTF-8), and a pickle deploys exactly one. A byte search, not a parse: this
+    runs in the supervisor's loop, shared by every tenant."""
+    names = sorted(set(reported))
+    if not names or len(names) > MAX_WORKFLOWS:
+        raise ProtocolError(
+            ErrorCode.DEPLOY_FAILED,
+            f"{d.filename}: its inspection reported {len(names)} workflows "
+            f"(a file defines from 1 to {MAX_WORKFLOWS})",
+        )
+    if d.kind == "pickle" and len(names) != 1:
+        raise ProtocolError(
+            ErrorCode.DEPLOY_FAILED,
+            f"{d.filename}: a pickled deploy is one workflow; its inspection reported {names}",
+        )
+    for name in names:
+        if not WORKFLOW_NAME_RE.match(name):
+            raise ProtocolError(
+                ErrorCode.DEPLOY_FAILED,
+                f"{d.filename}: workflow name {name!r} has a comma or a control character",
+            )
+        if name.encode() not in d.code:
+            raise ProtocolError(
+                ErrorCode.DEPLOY_FAILED,
+                f"{d.filename}: its inspection reported workflow {name!r}, which the deployed "
+                "code does not name (write workflow names as literals)",
+            )
+    return names
 
 
 class ActivationMessages:
@@ -146,6 +186,8 @@ class ActivationMessages:
                     act, f"step at seq {msg.seq}, expected {act.expected_seq}", mono
                 )
                 return
+            if self._diverged(act, msg, now, mono):
+                return
             engine.step_started(self.conn, tenant, instance, msg, now)
             act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
             act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
@@ -177,6 +219,8 @@ class ActivationMessages:
                 self._protocol_error(
                     act, f"command at seq {msg.seq}, expected {act.expected_seq}", mono
                 )
+                return
+            if self._diverged(act, msg, now, mono):
                 return
             act.seq, act.step = msg.seq, msg.name
             if isinstance(msg, SleepCmd):
@@ -212,6 +256,23 @@ class ActivationMessages:
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
+
+    def _diverged(
+        self, act: Activation, msg: StepStarted | SleepCmd | WaitEventCmd, now: float, mono: float
+    ) -> bool:
+        """True (and the instance failed) when a command at a journaled seq is not the command
+        the journal holds there. The runtime checks this too, but it runs beside tenant code
+        that can speak on its socket: the supervisor decides from its own journal."""
+        assert act.instance is not None
+        why = engine.divergence(self.conn, act.tenant, act.instance, msg)
+        if why is None:
+            return False
+        launcher.kill_group(act.pid)
+        act.seq, act.step = msg.seq, msg.name
+        err = ErrorInfo(type="NondeterminismError", code=ErrorCode.NONDETERMINISM, message=why)
+        engine.fail(self.conn, act.tenant, act.instance, err, now)
+        self._settle(act, outcome.PROTOCOL_ERROR, why[:500], mono, committed=True)
+        return True
 
     @staticmethod
     def _result_outcome(msg: StepResult) -> str:
@@ -260,24 +321,29 @@ class ActivationMessages:
         d = act.deploy
         assert d is not None
         if isinstance(msg, Inspected) and act.state == CONNECTED:
+            try:
+                workflows = deployed_workflows(d, msg.workflows)
+            except ProtocolError as exc:
+                self._reply(d.identity, d.rid, error=exc)
+                launcher.kill_group(act.pid)
+                self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
+                return
             j.ensure_tenant(self.conn, act.tenant, now)
-            j.put_code(
-                self.conn, act.tenant, d.version, d.kind, d.filename, d.code, msg.workflows, now
-            )
-            for name in msg.workflows:
+            j.put_code(self.conn, act.tenant, d.version, d.kind, d.filename, d.code, workflows, now)
+            for name in workflows:
                 j.set_deployment(self.conn, act.tenant, name, d.version, now)
             if act.tenant not in self.tenants:
                 self.tenants.append(act.tenant)
             self._reply(
                 d.identity,
                 d.rid,
-                {"tenant": act.tenant, "version": d.version, "workflows": msg.workflows},
+                {"tenant": act.tenant, "version": d.version, "workflows": workflows},
             )
             self.log.info(
                 "code.deployed",
                 tenant=act.tenant,
                 version=d.version,
-                workflows=msg.workflows,
+                workflows=workflows,
                 filename=d.filename,
             )
             self._settle(act, outcome.OK, "", mono, committed=True)

@@ -222,9 +222,7 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         )
     tcp = cfg.server.tcp_endpoint
     if tcp and not re.match(r"^tcp://[^:/]+:(\d+|\*)\Z", tcp):
-        raise ConfigError(
-            f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}"
-        )
+        raise ConfigError(f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}")
     resolve_paths(cfg)
     return cfg
 

@@ -11,6 +11,7 @@ import json
 import sqlite3
 from typing import Any
 
+from protocol.limits import MAX_TIMEOUT_S
 from protocol.messages import (
     Activate,
     ErrorInfo,
@@ -32,12 +33,15 @@ def iso(ts: float | None) -> str | None:
 
 
 def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
-    """Delay before the retry that follows failed attempt number `attempt` (1-based)."""
+    """Delay before the retry that follows failed attempt number `attempt` (1-based), at most
+    MAX_TIMEOUT_S: a backoff grows without bound, a wake time must stay a printable date."""
     if backoff == "constant":
-        return delay_s
-    if backoff == "linear":
-        return delay_s * attempt
-    return delay_s * float(2 ** min(attempt - 1, 40))
+        delay = delay_s
+    elif backoff == "linear":
+        delay = delay_s * attempt
+    else:
+        delay = delay_s * float(2 ** min(attempt - 1, 40))
+    return min(delay, MAX_TIMEOUT_S)
 
 
 def release(
@@ -136,6 +140,33 @@ def build_activate(
         now=now,
         max_timeout_s=limits.timeout_s,
     )
+
+
+def divergence(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    msg: StepStarted | SleepCmd | WaitEventCmd,
+) -> str | None:
+    """Why a command at an already journaled seq is not the one journaled there, or None."""
+    entry = j.get_entry(conn, tenant, instance, msg.seq)
+    if entry is None:
+        return None
+    kind = "step" if isinstance(msg, StepStarted) else "wait_event"
+    if isinstance(msg, SleepCmd):
+        kind = "sleep"
+    if entry["kind"] != kind or entry["name"] != msg.name:
+        return (
+            f"the workflow asked for {kind} {msg.name!r} at seq {msg.seq}, but the journal "
+            f"holds {entry['kind']} {entry['name']!r}: the workflow's code outside steps is "
+            "not deterministic"
+        )
+    if isinstance(msg, WaitEventCmd) and entry["event_type"] != msg.type:
+        return (
+            f"the workflow waits for event type {msg.type!r} at seq {msg.seq}, but the journal "
+            f"holds a wait for {entry['event_type']!r}"
+        )
+    return None
 
 
 def step_started(

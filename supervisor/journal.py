@@ -649,6 +649,7 @@ def instance_activations(conn: sqlite3.Connection, tenant: str, instance: str) -
 
 # ---------------------------------------------------------------- usage and counts
 
+
 def add_usage(
     conn: sqlite3.Connection,
     tenant: str,
