@@ -92,17 +92,18 @@ def dump_json(value: object, *, what: str = "value") -> bytes:
     return data
 
 
-def check_json_size(data: bytes, *, what: str) -> None:
-    if len(data) > MAX_PAYLOAD_BYTES:
+def check_json_size(data: bytes, *, what: str, limit: int = MAX_PAYLOAD_BYTES) -> None:
+    if len(data) > limit:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
-            f"{what} is {len(data)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES}",
+            f"{what} is {len(data)} bytes encoded; the limit is {limit}",
         )
 
 
-def load_json(data: bytes, *, what: str = "value") -> Any:
-    """Validate and decode JSON user data received from a peer."""
-    check_json_size(data, what=what)
+def load_json(data: bytes, *, what: str = "value", limit: int = MAX_PAYLOAD_BYTES) -> Any:
+    """Validate and decode JSON user data received from a peer. `limit`: MAX_RESULT_BYTES for
+    a journaled result, which may wrap a payload of the full size (see limits)."""
+    check_json_size(data, what=what, limit=limit)
     try:
         return _json_decoder.decode(data)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:

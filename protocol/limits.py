@@ -8,6 +8,11 @@ PROTOCOL_VERSION = 1
 
 MIB = 1024 * 1024
 MAX_PAYLOAD_BYTES = 1 * MIB  # instance params, step result, event payload, workflow output (JSON)
+# A received event is journaled wrapped as {"type", "timestamp", "payload"}: the payload limit
+# applies to what the user sent, and the journaled result may be larger by the wrapper (a type
+# of MAX_NAME_CHARS characters, each escaped to at most 6 bytes, and a timestamp).
+EVENT_WRAPPER_BYTES = 4096
+MAX_RESULT_BYTES = MAX_PAYLOAD_BYTES + EVENT_WRAPPER_BYTES  # one journaled step or wait result
 MAX_CODE_BYTES = 8 * MIB  # one deployed source file or pickled function
 MAX_CLIENT_FRAME_BYTES = 16 * MIB  # one client request (a batch create may carry many params)
 MAX_SANDBOX_FRAME_BYTES = 2 * MIB  # one message from an activation

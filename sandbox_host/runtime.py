@@ -20,7 +20,13 @@ import msgspec
 
 from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_EPOCH_S, MAX_NAME_CHARS, MAX_TIMEOUT_S, MAX_WORKFLOWS
+from protocol.limits import (
+    MAX_EPOCH_S,
+    MAX_NAME_CHARS,
+    MAX_RESULT_BYTES,
+    MAX_TIMEOUT_S,
+    MAX_WORKFLOWS,
+)
 from protocol.messages import (
     Activate,
     CompleteCmd,
@@ -306,7 +312,10 @@ class Step:
             raise TypeError("type must be a non-empty string of at most 256 characters")
         entry = self._rt.claim("wait_event", name)
         if entry is not None and entry.status == "ok":
-            result: dict[str, Any] = load_json(entry.result or b"null")
+            # The event as journaled: the user's payload (up to the payload limit) wrapped.
+            result: dict[str, Any] = load_json(
+                entry.result or b"null", what="the event", limit=MAX_RESULT_BYTES
+            )
             return result
         if entry is not None and entry.status == "timeout":
             raise WaitTimeout(name, type)

@@ -174,6 +174,12 @@ def format_history(h: dict[str, Any]) -> str:
             f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
             f"{e['attempts']:>3}  {detail[:70]}"
         )
+        for f in e.get("failed_attempts") or []:  # kept when a later attempt succeeded
+            err = f["error"] or {}
+            lines.append(
+                f"  {'':>3}  {'':<10} {'':<22} {'attempt':<9} {f['attempt']:>3}  "
+                f"{err.get('type')}: {str(err.get('message'))[:60]}"
+            )
     if inst["status"] == "complete":
         lines.append(f"  output: {json.dumps(inst['output'])[:200]}")
     if inst["error"]:
@@ -243,7 +249,7 @@ def _keys(args: argparse.Namespace, c: Any) -> int:
     if key["endpoint"] is None:
         print(
             "note: the supervisor has no [server] tcp_endpoint yet; the key works once it has "
-            "(add \"endpoint\": \"tcp://HOST:PORT\" to the file, or pass one to Client)",
+            '(add "endpoint": "tcp://HOST:PORT" to the file, or pass one to Client)',
             file=sys.stderr,
         )
     return 0

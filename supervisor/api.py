@@ -17,7 +17,7 @@ import zmq
 
 from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_BATCH_ITEMS
+from protocol.limits import MAX_BATCH_ITEMS, MAX_RESULT_BYTES
 from protocol.messages import (
     TERMINAL_STATUSES,
     USAGE_FIELDS,
@@ -94,6 +94,11 @@ def _error_view(text: str | None) -> dict[str, Any] | None:
     return {"type": err.type, "message": err.message, "traceback": err.traceback, "code": err.code}
 
 
+def _result(data: bytes) -> Any:
+    # A wait's result wraps an event payload of up to the payload limit: allow the wrapper.
+    return load_json(data, what="journaled result", limit=MAX_RESULT_BYTES)
+
+
 def _tenant(host: Host, tenant: str) -> None:
     if not j.tenant_exists(host.conn, tenant):
         raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} has deployed no code")
@@ -136,29 +141,21 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
     return DEFERRED
 
 
-def _create_one(
-    host: Host,
-    tenant: str,
-    workflow: str,
-    version: str,
-    instance: str | None,
-    params: bytes,
-    now: float,
-) -> tuple[sqlite3.Row, bool]:
-    params = _params(params, "params")
-    instance = instance or secrets.token_hex(8)
-    if j.insert_instance(host.conn, tenant, instance, workflow, version, params, now):
-        row = j.get_instance(host.conn, tenant, instance)
-        assert row is not None
-        return row, True
+def _existing(
+    host: Host, tenant: str, workflow: str, instance: str, params: bytes
+) -> sqlite3.Row | None:
+    """The instance a create names, when it exists with the same workflow and params (a retry
+    after a lost reply: the answer is the instance, whatever the cap); ALREADY_EXISTS when it
+    exists with others; None when the id is new."""
     row = j.get_instance(host.conn, tenant, instance)
-    assert row is not None
+    if row is None:
+        return None
     if row["workflow"] != workflow or bytes(row["params"]) != params:
         raise ProtocolError(
             ErrorCode.ALREADY_EXISTS,
             f"instance {instance!r} exists with another workflow or params",
         )
-    return row, False  # same id, same request: idempotent
+    return row
 
 
 def _deployed(host: Host, tenant: str, workflow: str) -> str:
@@ -179,10 +176,25 @@ def _room(host: Host, tenant: str, adding: int) -> None:
         )
 
 
+def _create_one(
+    host: Host, tenant: str, workflow: str, version: str, instance: str, params: bytes, now: float
+) -> tuple[sqlite3.Row, bool]:
+    row = _existing(host, tenant, workflow, instance, params)
+    if row is not None:
+        return row, False  # same id, same request: idempotent
+    j.insert_instance(host.conn, tenant, instance, workflow, version, params, now)
+    row = j.get_instance(host.conn, tenant, instance)
+    assert row is not None
+    return row, True
+
+
 def create(host: Host, req: Create, identity: bytes, now: float) -> object:
     version = _deployed(host, req.tenant, req.workflow)
-    _room(host, req.tenant, 1)
-    row, created = _create_one(host, req.tenant, req.workflow, version, req.id, req.params, now)
+    params = _params(req.params, "params")
+    instance = req.id or secrets.token_hex(8)
+    if j.get_instance(host.conn, req.tenant, instance) is None:
+        _room(host, req.tenant, 1)  # a retried create of an existing instance needs no room
+    row, created = _create_one(host, req.tenant, req.workflow, version, instance, params, now)
     return dict(status_view(row), created=created)
 
 
@@ -190,12 +202,13 @@ def create_batch(host: Host, req: CreateBatch, identity: bytes, now: float) -> o
     if len(req.items) > MAX_BATCH_ITEMS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_BATCH_ITEMS} items per batch")
     version = _deployed(host, req.tenant, req.workflow)
-    _room(host, req.tenant, len(req.items))
+    # Only new distinct ids need room: a retried batch, or an id twice in one, adds nothing.
+    new = {i.id for i in req.items if j.get_instance(host.conn, req.tenant, i.id) is None}
+    _room(host, req.tenant, len(new))
     out = []
     for item in req.items:
-        row, created = _create_one(
-            host, req.tenant, req.workflow, version, item.id, item.params, now
-        )
+        params = _params(item.params, "params")
+        row, created = _create_one(host, req.tenant, req.workflow, version, item.id, params, now)
         out.append({"id": row["id"], "created": created, "status": row["status"]})
     return out
 
@@ -211,6 +224,15 @@ def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object
 
 def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
+    failed: dict[int, list[dict[str, Any]]] = {}
+    for a in j.attempt_errors(host.conn, req.tenant, req.id):
+        failed.setdefault(a["seq"], []).append(
+            {
+                "attempt": a["attempt"],
+                "error": _error_view(a["error"]),
+                "failed_at": engine.iso(a["failed_at"]),
+            }
+        )
     entries = [
         {
             "seq": r["seq"],
@@ -218,13 +240,14 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
             "name": r["name"],
             "status": r["status"],
             "attempts": r["attempts"],
-            "result": None if r["result"] is None else load_json(r["result"]),
+            "result": None if r["result"] is None else _result(r["result"]),
             "error": _error_view(r["error"]),
             "event_type": r["event_type"],
             "until": engine.iso(r["until"]),
             "started_at": engine.iso(r["started_at"]),
             "finished_at": engine.iso(r["finished_at"]),
             "duration_ms": r["duration_ms"],
+            "failed_attempts": failed.get(r["seq"], []),  # the newest 20, oldest first
         }
         for r in j.journal_rows(host.conn, req.tenant, req.id)
     ]

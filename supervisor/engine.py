@@ -237,6 +237,7 @@ def step_failed(
         release(conn, tenant, instance, now, status="running", wake_at=now)
         return "error"
     attempt = int(row["attempts"])
+    j.add_attempt_error(conn, tenant, instance, seq, attempt, err, now)
     if retryable and attempt <= int(row["retry_limit"] or 0):
         wake = now + retry_delay_s(float(row["retry_delay_s"] or 0), row["backoff"], attempt)
         j.upsert_entry(
