@@ -12,7 +12,12 @@ from typing import Any
 import msgspec
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_CLIENT_FRAME_BYTES, MAX_PAYLOAD_BYTES, MAX_SANDBOX_FRAME_BYTES
+from protocol.limits import (
+    MAX_CLIENT_FRAME_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_REPLY_BYTES,
+    MAX_SANDBOX_FRAME_BYTES,
+)
 from protocol.messages import FromActivation, Reply, Request, ToActivation
 
 _encoder = msgspec.msgpack.Encoder()
@@ -65,7 +70,7 @@ def request_id(frame: bytes) -> int:
 
 
 def decode_reply(frame: bytes) -> Reply:
-    result: Reply = _decode(_reply_decoder, frame, MAX_CLIENT_FRAME_BYTES * 4)
+    result: Reply = _decode(_reply_decoder, frame, MAX_REPLY_BYTES)
     return result
 
 

@@ -15,6 +15,7 @@ EVENT_WRAPPER_BYTES = 4096
 MAX_RESULT_BYTES = MAX_PAYLOAD_BYTES + EVENT_WRAPPER_BYTES  # one journaled step or wait result
 MAX_CODE_BYTES = 8 * MIB  # one deployed source file or pickled function
 MAX_CLIENT_FRAME_BYTES = 16 * MIB  # one client request (a batch create may carry many params)
+MAX_REPLY_BYTES = 4 * MAX_CLIENT_FRAME_BYTES  # one reply a client decodes
 MAX_SANDBOX_FRAME_BYTES = 2 * MIB  # one message from an activation
 MAX_NAME_CHARS = 256  # step names, workflow names, event types
 MAX_ERROR_CHARS = 64 * 1024  # error message + traceback kept per failure

@@ -12,7 +12,7 @@ import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
+from protocol.limits import MAX_REPLY_BYTES, MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
 from protocol.messages import (
     Ack,
     Activate,
@@ -113,8 +113,19 @@ class ActivationMessages:
             )
         )
         reply = Reply(rid=rid, ok=error is None, result=result, error=info)
+        frame = encode(reply)
+        if len(frame) > MAX_REPLY_BYTES:  # the client could not decode it: say so instead
+            why = f"the reply is {len(frame)} bytes; a client reads at most {MAX_REPLY_BYTES}"
+            self.log.warning("api.reply_too_large", bytes=len(frame))
+            frame = encode(
+                Reply(
+                    rid=rid,
+                    ok=False,
+                    error=ErrorInfo(type="TOO_LARGE", code="TOO_LARGE", message=why),
+                )
+            )
         sock = self.remote.sock if peer[:1] == b"R" and self.remote is not None else self.client
-        self.outbox.append((sock, [peer[1:], encode(reply)]))
+        self.outbox.append((sock, [peer[1:], frame]))
         self.durable_outbox = True
 
     def _drain_sandbox(self, now: float, mono: float) -> None:

@@ -17,7 +17,7 @@ import zmq
 
 from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_BATCH_ITEMS, MAX_RESULT_BYTES
+from protocol.limits import MAX_BATCH_ITEMS, MAX_REPLY_BYTES, MAX_RESULT_BYTES
 from protocol.messages import (
     TERMINAL_STATUSES,
     USAGE_FIELDS,
@@ -45,6 +45,8 @@ from supervisor.activation import DeployRequest
 from supervisor.config import Config
 
 DEFERRED = object()
+# Results and errors one history reply carries, well inside what a client decodes.
+HISTORY_BUDGET_BYTES = MAX_REPLY_BYTES // 2
 
 
 class Host(Protocol):
@@ -224,8 +226,17 @@ def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object
 
 def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
+    # Every result and error was accepted at its own limit, but thousands of them need not fit
+    # one reply: past HISTORY_BUDGET_BYTES, results and kept attempt errors are left out, and
+    # said to be (the instance's own status, output and error are always there).
+    budget = HISTORY_BUDGET_BYTES
     failed: dict[int, list[dict[str, Any]]] = {}
+    omitted: dict[int, int] = {}
     for a in j.attempt_errors(host.conn, req.tenant, req.id):
+        budget -= len(a["error"])
+        if budget < 0:
+            omitted[a["seq"]] = omitted.get(a["seq"], 0) + 1
+            continue
         failed.setdefault(a["seq"], []).append(
             {
                 "attempt": a["attempt"],
@@ -233,14 +244,15 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
                 "failed_at": engine.iso(a["failed_at"]),
             }
         )
-    entries = [
-        {
+    entries = []
+    for r in j.journal_rows(host.conn, req.tenant, req.id):
+        entry = {
             "seq": r["seq"],
             "kind": r["kind"],
             "name": r["name"],
             "status": r["status"],
             "attempts": r["attempts"],
-            "result": None if r["result"] is None else _result(r["result"]),
+            "result": None,
             "error": _error_view(r["error"]),
             "event_type": r["event_type"],
             "until": engine.iso(r["until"]),
@@ -249,8 +261,15 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
             "duration_ms": r["duration_ms"],
             "failed_attempts": failed.get(r["seq"], []),  # the newest 20, oldest first
         }
-        for r in j.journal_rows(host.conn, req.tenant, req.id)
-    ]
+        if r["result"] is not None:
+            budget -= len(r["result"])
+            if budget >= 0:
+                entry["result"] = _result(r["result"])
+            else:
+                entry["result_omitted_bytes"] = len(r["result"])
+        if r["seq"] in omitted:
+            entry["failed_attempts_omitted"] = omitted[r["seq"]]
+        entries.append(entry)
     activations = [
         {
             "id": a["id"],

@@ -27,9 +27,14 @@ PENDING_STEP = frozenset({"retry", "running"})
 
 
 def iso(ts: float | None) -> str | None:
+    """An epoch time as ISO 8601; None when there is none, or it is no date (a journal written
+    before numbers from activations were bounded may hold one): status must always answer."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
