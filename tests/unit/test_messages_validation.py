@@ -109,9 +109,29 @@ def test_reported_workflows_named_in_the_code_are_deployed_once_each() -> None:
 
 
 @pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        (b"@workflow('single')\n", "single"),
+        (b'@stepvisor.workflow( name = "kw" )\n', "kw"),
+        ('@workflow("caf\u00e9 \u2713")\n'.encode(), "caf\u00e9 \u2713"),
+        (b"@workflow(\n    'wrapped'\n)\n", "wrapped"),
+    ],
+)
+def test_workflow_names_written_as_literals_are_found(code: bytes, name: str) -> None:
+    assert deployed_workflows(deploy(code), [name]) == [name]
+
+
+def test_a_pickle_deploys_the_one_name_it_holds() -> None:
+    assert deployed_workflows(deploy(b"\x80\x05\x8c\x05alpha", "pickle"), ["alpha"]) == ["alpha"]
+
+
+@pytest.mark.parametrize(
     ("code", "kind", "reported", "why"),
     [
         (SOURCE, "source", ["ghost"], "does not name"),
+        (SOURCE + b"# ghost\n", "source", ["ghost"], "does not name"),  # not in workflow(...)
+        (b"NAME = 'ghost'\n@workflow(NAME)\n", "source", ["ghost"], "as a literal"),
+        (b"\x80\x05\x8c\x05alpha", "pickle", ["ghost"], "does not name"),
         (SOURCE + b"# a,b\n", "source", ["a,b"], "comma"),
         (SOURCE + b"# a\x1bb\n", "source", ["a\x1bb"], "control character"),
         (SOURCE, "source", [], "0 workflows"),
