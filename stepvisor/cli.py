@@ -170,6 +170,8 @@ def format_history(h: dict[str, Any]) -> str:
         )
         if e["kind"] == "sleep":
             detail = f"until {e['until']}"
+        if "result_omitted_bytes" in e:  # past what one reply carries
+            detail = f"(a result of {e['result_omitted_bytes']} bytes, left out)"
         lines.append(
             f"  {e['seq']:>3}  {e['kind']:<10} {e['name'][:22]:<22} {e['status']:<9} "
             f"{e['attempts']:>3}  {detail[:70]}"

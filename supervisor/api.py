@@ -45,7 +45,8 @@ from supervisor.activation import DeployRequest
 from supervisor.config import Config
 
 DEFERRED = object()
-# Results and errors one history reply carries, well inside what a client decodes.
+# Results, outputs and errors one history or list reply carries, well inside what a client
+# decodes.
 HISTORY_BUDGET_BYTES = MAX_REPLY_BYTES // 2
 
 
@@ -72,15 +73,19 @@ class Host(Protocol):
     def server_key(self) -> str: ...
 
 
-def status_view(row: sqlite3.Row) -> dict[str, Any]:
+def status_view(row: sqlite3.Row, *, full: bool = True) -> dict[str, Any]:
+    """An instance as users see it; not `full`: without its output and error traceback."""
+    error = _error_view(row["error"])
+    if error is not None and not full:
+        error["traceback"] = ""
     return {
         "tenant": row["tenant"],
         "id": row["id"],
         "workflow": row["workflow"],
         "version": row["version"],
         "status": row["status"],
-        "output": None if row["output"] is None else load_json(row["output"]),
-        "error": _error_view(row["error"]),
+        "output": None if row["output"] is None or not full else load_json(row["output"]),
+        "error": error,
         "created_at": engine.iso(row["created_at"]),
         "updated_at": engine.iso(row["updated_at"]),
         "wake_at": engine.iso(row["wake_at"]),
@@ -221,7 +226,17 @@ def status(host: Host, req: GetStatus, identity: bytes, now: float) -> object:
 
 def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object:
     _tenant(host, req.tenant)
-    return [status_view(r) for r in j.list_instances(host.conn, req.tenant, req.status, req.limit)]
+    # Each output was accepted at the payload limit; a thousand need not fit one reply. Past the
+    # budget outputs and tracebacks are left out, and said to be (`status` shows them).
+    budget = HISTORY_BUDGET_BYTES
+    rows = []
+    for r in j.list_instances(host.conn, req.tenant, req.status, req.limit):
+        budget -= len(r["output"] or b"") + len(r["error"] or "")
+        row = status_view(r, full=budget >= 0)
+        if budget < 0 and r["output"] is not None:
+            row["output_omitted_bytes"] = len(r["output"])
+        rows.append(row)
+    return rows
 
 
 def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
