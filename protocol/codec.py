@@ -12,7 +12,12 @@ from typing import Any
 import msgspec
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_CLIENT_FRAME_BYTES, MAX_PAYLOAD_BYTES, MAX_SANDBOX_FRAME_BYTES
+from protocol.limits import (
+    MAX_CLIENT_FRAME_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_REPLY_BYTES,
+    MAX_SANDBOX_FRAME_BYTES,
+)
 from protocol.messages import FromActivation, Reply, Request, ToActivation
 
 _encoder = msgspec.msgpack.Encoder()
@@ -65,7 +70,7 @@ def request_id(frame: bytes) -> int:
 
 
 def decode_reply(frame: bytes) -> Reply:
-    result: Reply = _decode(_reply_decoder, frame, MAX_CLIENT_FRAME_BYTES * 4)
+    result: Reply = _decode(_reply_decoder, frame, MAX_REPLY_BYTES)
     return result
 
 
@@ -92,17 +97,18 @@ def dump_json(value: object, *, what: str = "value") -> bytes:
     return data
 
 
-def check_json_size(data: bytes, *, what: str) -> None:
-    if len(data) > MAX_PAYLOAD_BYTES:
+def check_json_size(data: bytes, *, what: str, limit: int = MAX_PAYLOAD_BYTES) -> None:
+    if len(data) > limit:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
-            f"{what} is {len(data)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES}",
+            f"{what} is {len(data)} bytes encoded; the limit is {limit}",
         )
 
 
-def load_json(data: bytes, *, what: str = "value") -> Any:
-    """Validate and decode JSON user data received from a peer."""
-    check_json_size(data, what=what)
+def load_json(data: bytes, *, what: str = "value", limit: int = MAX_PAYLOAD_BYTES) -> Any:
+    """Validate and decode JSON user data received from a peer. `limit`: MAX_RESULT_BYTES for
+    a journaled result, which may wrap a payload of the full size (see limits)."""
+    check_json_size(data, what=what, limit=limit)
     try:
         return _json_decoder.decode(data)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:

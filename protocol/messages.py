@@ -10,16 +10,35 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from protocol.limits import MAX_CODE_BYTES, MAX_ERROR_CHARS, MAX_NAME_CHARS
+from protocol.limits import (
+    MAX_ATTEMPTS,
+    MAX_CODE_BYTES,
+    MAX_EPOCH_S,
+    MAX_ERROR_CHARS,
+    MAX_MONOTONIC_S,
+    MAX_NAME_CHARS,
+    MAX_PAYLOAD_BYTES,
+    MAX_TIMEOUT_S,
+    MAX_WORKFLOWS,
+)
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 # \Z, not $: `$` also matches before a trailing newline.
 Tenant = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}\Z")]
 InstanceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")]
-Json = bytes  # UTF-8 JSON text; validated by the receiver
+Json = bytes  # UTF-8 JSON text; validated by the receiver (a client hears TOO_LARGE from it)
+# JSON from an activation: its runtime never sends more, so more is a protocol error.
+Payload = Annotated[bytes, msgspec.Meta(max_length=MAX_PAYLOAD_BYTES)]
 Code = Annotated[bytes, msgspec.Meta(max_length=MAX_CODE_BYTES)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+# Numbers from a peer are finite and bounded (NaN fails any bound, infinity the upper one), so
+# what they become (deadlines, wake times, history) can always be stored, compared and printed.
+EpochS = Annotated[float, msgspec.Meta(ge=0, le=MAX_EPOCH_S)]
+TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)]
+DelayS = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S)]
+DurationMs = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S * 1000 * 2)]
+MonotonicS = Annotated[float, msgspec.Meta(ge=0, le=MAX_MONOTONIC_S)]
 
 Status = Literal["queued", "running", "paused", "waiting", "errored", "terminated", "complete"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"errored", "terminated", "complete"})
@@ -37,7 +56,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     type: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
     message: Text
     traceback: Text = ""
-    code: str | None = None
+    code: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] | None = None
 
 
 # ---------------------------------------------------------------- client → supervisor
@@ -135,7 +154,7 @@ class GetUsage(Base, frozen=True, tag="usage"):
 
     rid: int
     tenant: Tenant | None = None
-    since: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    since: EpochS | None = None
     hourly: bool = False  # one row per tenant and hour instead of one per tenant
 
 
@@ -224,9 +243,9 @@ class JournalEntry(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Hello(Base, frozen=True, tag="hello"):
-    token: str
-    pid: int
-    protocol_version: int
+    token: Annotated[str, msgspec.Meta(max_length=128)]
+    pid: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)]  # the kernel's largest pid_max
+    protocol_version: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
 
 
 class Activate(Base, frozen=True, tag="activate"):
@@ -249,11 +268,11 @@ class Marks(msgspec.Struct, frozen=True, array_like=True):
     activation's life. Sent with its final message; the supervisor turns them into the phase
     timings of the activation's record."""
 
-    started: float  # its own code began: just after the fork, or at interpreter start (spawn)
-    hello: float  # every isolation layer applied and connected: Hello sent
-    activated: float  # Activate received
-    replayed: float  # the code is loaded and the journal replayed: the new command is known
-    done: float  # the final message is about to be sent
+    started: MonotonicS  # its own code began: just after the fork, or at interpreter start
+    hello: MonotonicS  # every isolation layer applied and connected: Hello sent
+    activated: MonotonicS  # Activate received
+    replayed: MonotonicS  # the code is loaded and the journal replayed: the new command is known
+    done: MonotonicS  # the final message is about to be sent
 
 
 class Final(Base, frozen=True, kw_only=True):
@@ -267,37 +286,37 @@ class StepStarted(Base, frozen=True, tag="step_started"):
 
     seq: Seq
     name: Name
-    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
     retry_limit: Annotated[int, msgspec.Meta(ge=0, le=10_000)]
-    retry_delay_s: Annotated[float, msgspec.Meta(ge=0)]
+    retry_delay_s: DelayS
     backoff: Backoff
-    timeout_s: Annotated[float, msgspec.Meta(gt=0)]
+    timeout_s: TimeoutS
 
 
 class StepResult(Final, frozen=True, tag="step_result"):
     seq: Seq
     ok: bool
-    value: Json | None = None
+    value: Payload | None = None
     error: ErrorInfo | None = None
     retryable: bool = True
-    duration_ms: float = 0.0
+    duration_ms: DurationMs = 0.0
 
 
 class SleepCmd(Final, frozen=True, tag="sleep"):
     seq: Seq
     name: Name
-    until: float
+    until: EpochS
 
 
 class WaitEventCmd(Final, frozen=True, tag="wait_event"):
     seq: Seq
     name: Name
     type: Name
-    timeout_s: Annotated[float, msgspec.Meta(gt=0)]
+    timeout_s: TimeoutS
 
 
 class CompleteCmd(Final, frozen=True, tag="complete"):
-    output: Json
+    output: Payload
 
 
 class FailCmd(Final, frozen=True, tag="fail"):
@@ -305,7 +324,7 @@ class FailCmd(Final, frozen=True, tag="fail"):
 
 
 class Inspected(Final, frozen=True, tag="inspected"):
-    workflows: list[Name]
+    workflows: Annotated[list[Name], msgspec.Meta(max_length=MAX_WORKFLOWS)]
 
 
 class Ack(Base, frozen=True, tag="ack"):

@@ -20,7 +20,13 @@ import msgspec
 
 from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_NAME_CHARS
+from protocol.limits import (
+    MAX_EPOCH_S,
+    MAX_NAME_CHARS,
+    MAX_RESULT_BYTES,
+    MAX_TIMEOUT_S,
+    MAX_WORKFLOWS,
+)
 from protocol.messages import (
     Activate,
     CompleteCmd,
@@ -77,12 +83,27 @@ def duration_s(value: object, what: str) -> float:
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a number of seconds or a string like '5 minutes'")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{what} must be a finite number of seconds")
+        if value < 0:
             raise ValueError(f"{what} must not be negative")
         return float(value)
     if isinstance(value, str) and (m := _DURATION_RE.match(value)):
         return float(m.group(1)) * _UNITS[m.group(2)]
     raise TypeError(f"{what} must be a number of seconds or a string like '5 minutes'")
+
+
+def _at_most_a_year(seconds: float, what: str) -> float:
+    if seconds > MAX_TIMEOUT_S:
+        raise ValueError(f"{what} must be at most {MAX_TIMEOUT_S:.0f} seconds (a year)")
+    return seconds
+
+
+def _sleep_end(until: float) -> float:
+    """A sleep's end as the protocol carries it: finite, from the epoch to MAX_EPOCH_S."""
+    if until != until or until > MAX_EPOCH_S:
+        raise ValueError(f"a sleep must end by epoch second {MAX_EPOCH_S:.0f}")
+    return max(until, 0.0)  # an end before 1970 is in the past: no sleep at all
 
 
 def _retry_policy(retries: object) -> tuple[int, float, str]:
@@ -96,7 +117,8 @@ def _retry_policy(retries: object) -> tuple[int, float, str]:
         raise ValueError("retries['limit'] must be an integer from 0 to 10000")
     if backoff not in ("constant", "linear", "exponential"):
         raise ValueError("retries['backoff'] must be 'constant', 'linear' or 'exponential'")
-    return limit, duration_s(policy["delay"], "retries['delay']"), str(backoff)
+    delay_s = _at_most_a_year(duration_s(policy["delay"], "retries['delay']"), "retries['delay']")
+    return limit, delay_s, str(backoff)
 
 
 _SOURCES: dict[str, str] = {}  # virtual filename → tenant source, for tracebacks
@@ -109,20 +131,63 @@ def tenant_traceback(exc: BaseException) -> str:
 
     for filename, source in _SOURCES.items():
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    te = traceback.TracebackException.from_exception(exc)
-    te.stack = traceback.StackSummary.from_list(
-        [f for f in te.stack if not f.filename.startswith(_HERE)]
-    )
-    return "".join(te.format())
+    try:
+        te = traceback.TracebackException.from_exception(exc)
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if not f.filename.startswith(_HERE)]
+        )
+        return "".join(te.format())
+    except _Stop:
+        raise
+    except BaseException:  # tenant code in a chained exception's __str__ or __notes__ raised
+        frames = traceback.extract_tb(exc.__traceback__)
+        kept = [f for f in frames if not f.filename.startswith(_HERE)]
+        head = "Traceback (most recent call last):\n"
+        return head + "".join(traceback.format_list(kept)) + exception_type(exc) + "\n"
+
+
+# Modules whose exception types users know by their bare name.
+_BARE_MODULES = frozenset({"builtins", "tenant_workflows", "stepvisor.sdk", "__main__"})
+
+
+def exception_type(exc: BaseException) -> str:
+    """The exception's class as users name it: bare for builtins, the tenant's own module and
+    the SDK; qualified by its module otherwise (two libraries may both have an `Error`)."""
+    cls = type(exc)
+    name = cls.__qualname__ if isinstance(cls.__qualname__, str) else cls.__name__
+    module = getattr(cls, "__module__", None)
+    if isinstance(module, str) and module not in _BARE_MODULES:
+        name = f"{module}.{name}"
+    return name[:MAX_NAME_CHARS]
+
+
+def exception_message(exc: BaseException) -> str:
+    """str(exc), never raising: a tenant's `__str__` may raise or return anything."""
+    for render in (str, repr):
+        try:
+            text = render(exc)
+        except _Stop:
+            raise
+        except BaseException:
+            continue
+        if isinstance(text, str):
+            return text[:16_000]
+    return f"<{exception_type(exc)} object: str() and repr() raised>"
 
 
 def error_info(exc: BaseException, code: str | None = None) -> ErrorInfo:
+    """What users see of a failure. Never raises: recording an error must not become another."""
     tb = tenant_traceback(exc)
-    if isinstance(exc, StepFailed) and exc.step_traceback:
-        tb += f"\nThe step {exc.step!r} failed with:\n{exc.step_traceback}"
+    if isinstance(exc, StepFailed):
+        try:  # a tenant subclass may make these properties that raise
+            step, step_tb = exc.step, exc.step_traceback
+        except Exception:
+            step, step_tb = "", ""
+        if isinstance(step, str) and isinstance(step_tb, str) and step_tb:
+            tb += f"\nThe step {step!r} failed with:\n{step_tb}"
     return ErrorInfo(
-        type=type(exc).__name__[:MAX_NAME_CHARS],
-        message=str(exc)[:16_000],
+        type=exception_type(exc),
+        message=exception_message(exc),
         traceback=tb[-48_000:],
         code=code,
     )
@@ -205,7 +270,7 @@ class Step:
             raise StepFailed(name, err.type, err.message, err.traceback)
         limit, delay_s, backoff = _retry_policy(retries)
         timeout_s = DEFAULT_STEP_TIMEOUT_S if timeout is None else duration_s(timeout, "timeout")
-        timeout_s = max(0.001, min(timeout_s, self._rt.act.max_timeout_s))
+        timeout_s = max(0.001, min(timeout_s, self._rt.act.max_timeout_s, MAX_TIMEOUT_S))
         self._rt.run_step(
             name, fn, (entry.attempts if entry else 0) + 1, limit, delay_s, backoff, timeout_s
         )
@@ -214,7 +279,7 @@ class Step:
         """Sleep durably; no process exists while the instance sleeps."""
         entry = self._rt.claim("sleep", name)
         if entry is None:
-            until = self._rt.act.now + duration_s(seconds, "seconds")
+            until = _sleep_end(self._rt.act.now + duration_s(seconds, "seconds"))
         else:
             until = entry.until or 0.0
         if until <= self._rt.act.now and entry is not None:
@@ -232,6 +297,7 @@ class Step:
                 until = float(when)
             else:
                 raise TypeError("sleep_until needs a datetime or epoch seconds")
+            until = _sleep_end(until)
         else:
             until = entry.until or 0.0
             if until <= self._rt.act.now:
@@ -246,11 +312,14 @@ class Step:
             raise TypeError("type must be a non-empty string of at most 256 characters")
         entry = self._rt.claim("wait_event", name)
         if entry is not None and entry.status == "ok":
-            result: dict[str, Any] = load_json(entry.result or b"null")
+            # The event as journaled: the user's payload (up to the payload limit) wrapped.
+            result: dict[str, Any] = load_json(
+                entry.result or b"null", what="the event", limit=MAX_RESULT_BYTES
+            )
             return result
         if entry is not None and entry.status == "timeout":
             raise WaitTimeout(name, type)
-        timeout_s = max(0.001, duration_s(timeout, "timeout"))
+        timeout_s = max(0.001, _at_most_a_year(duration_s(timeout, "timeout"), "timeout"))
         self._rt.finish(
             WaitEventCmd(seq=self._rt.cursor - 1, name=name, type=type, timeout_s=timeout_s)
         )
@@ -386,6 +455,17 @@ class Runtime:
         except BaseException as exc:
             self.finish(FailCmd(error=error_info(exc, ErrorCode.DEPLOY_FAILED)))
         self.replayed = time.monotonic()
+        if len(names) > MAX_WORKFLOWS:
+            self.finish(
+                FailCmd(
+                    error=ErrorInfo(
+                        type="TooManyWorkflows",
+                        code=ErrorCode.DEPLOY_FAILED,
+                        message=f"{self.act.filename} defines {len(names)} workflows; "
+                        f"the limit is {MAX_WORKFLOWS}",
+                    )
+                )
+            )
         if not names:
             self.finish(
                 FailCmd(

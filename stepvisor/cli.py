@@ -175,10 +175,18 @@ def format_history(h: dict[str, Any]) -> str:
         )
         if e["kind"] == "sleep":
             detail = f"until {e['until']}"
+        if "result_omitted_bytes" in e:  # past what one reply carries
+            detail = f"(a result of {e['result_omitted_bytes']} bytes, left out)"
         lines.append(
             f"  {e['seq']:>3}  {e['kind']:<10} {v(e['name'])[:22]:<22} {e['status']:<9} "
             f"{e['attempts']:>3}  {detail[:70]}"
         )
+        for f in e.get("failed_attempts") or []:  # kept when a later attempt succeeded
+            err = f["error"] or {}
+            lines.append(
+                f"  {'':>3}  {'':<10} {'':<22} {'attempt':<9} {f['attempt']:>3}  "
+                f"{err.get('type')}: {str(err.get('message'))[:60]}"
+            )
     if inst["status"] == "complete":
         lines.append(f"  output: {json.dumps(inst['output'])[:200]}")
     if inst["error"]:

@@ -315,9 +315,7 @@ class Client:
         holding `since` (epoch seconds) on: activations, steps, failures, CPU and wall ms,
         peak and summed peak memory (KiB), memory x time (KiB s), and the most scratch disk one
         activation held at its exit (KiB)."""
-        return self.call(
-            lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly)
-        )
+        return self.call(lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly))
 
     def info(self) -> dict[str, Any]:
         """The supervisor's pid, config file, state dir, log file or journal unit."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from protocol.limits import WORKFLOW_NAME_RE
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 WORKFLOW_ATTR = "__stepvisor_workflow__"
@@ -16,8 +18,11 @@ WORKFLOW_ATTR = "__stepvisor_workflow__"
 
 def workflow(name: str) -> Callable[[F], F]:
     """Mark `fn(event, step)` as the workflow called `name` when its file is deployed."""
-    if not isinstance(name, str) or not name or len(name) > 256:
-        raise ValueError("workflow name must be a non-empty string of at most 256 characters")
+    if not isinstance(name, str) or not WORKFLOW_NAME_RE.match(name):
+        raise ValueError(
+            "workflow name must be a string of 1 to 256 characters, without commas or "
+            "control characters"
+        )
 
     def mark(fn: F) -> F:
         setattr(fn, WORKFLOW_ATTR, name)

@@ -4,6 +4,7 @@ connection and the running activations; split out so the loop (daemon.py) reads 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import PROTOCOL_VERSION
+from protocol.limits import MAX_REPLY_BYTES, MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
 from protocol.messages import (
     Ack,
     Activate,
@@ -31,7 +32,14 @@ from protocol.messages import (
 )
 from supervisor import engine, launcher, outcome
 from supervisor import journal as j
-from supervisor.activation import CONNECTED, IN_STEP, LAUNCHED, SETTLED, Activation
+from supervisor.activation import (
+    CONNECTED,
+    IN_STEP,
+    LAUNCHED,
+    SETTLED,
+    Activation,
+    DeployRequest,
+)
 from supervisor.output import OutputCapture
 from supervisor.remote_api import RemoteApi
 
@@ -42,6 +50,51 @@ _CRASH_TYPES = {
     outcome.CPU_LIMIT: "CpuLimitExceeded",
     outcome.WALL_TIMEOUT: "StepTimeout",
 }
+
+
+# `workflow("name")` or `workflow(name='name')` with a plain literal: what a source file that
+# defines workflow `name` contains. A regex with a literal prefix: one fast pass over the file.
+_WORKFLOW_LITERAL = re.compile(
+    rb"""workflow\(\s*(?:name\s*=\s*)?(?:"([^"\\\n]{1,1024})"|'([^'\\\n]{1,1024})')"""
+)
+
+
+def deployed_workflows(d: DeployRequest, reported: list[str]) -> list[str]:
+    """The workflows an inspection reported, checked against the code it inspected: tenant code
+    ran in that sandbox and may have said anything. Each name must be a valid workflow name
+    written in the deployed bytes: a source file names it in `@workflow("...")`, a pickle (one
+    workflow) holds it as UTF-8. A byte search, not a parse: this runs in the supervisor's loop,
+    shared by every tenant, so it reads the code once (at most ~0.1 s for 8 MiB)."""
+    names = sorted(set(reported))
+    if not names or len(names) > MAX_WORKFLOWS:
+        raise ProtocolError(
+            ErrorCode.DEPLOY_FAILED,
+            f"{d.filename}: its inspection reported {len(names)} workflows "
+            f"(a file defines from 1 to {MAX_WORKFLOWS})",
+        )
+    if d.kind == "pickle" and len(names) != 1:
+        raise ProtocolError(
+            ErrorCode.DEPLOY_FAILED,
+            f"{d.filename}: a pickled deploy is one workflow; its inspection reported {names}",
+        )
+    for name in names:
+        if not WORKFLOW_NAME_RE.match(name):
+            raise ProtocolError(
+                ErrorCode.DEPLOY_FAILED,
+                f"{d.filename}: workflow name {name!r} has a comma or a control character",
+            )
+    if d.kind == "pickle":
+        written = {names[0].encode()} if names[0].encode() in d.code else set()
+    else:
+        written = {a or b for a, b in _WORKFLOW_LITERAL.findall(d.code)}
+    for name in names:
+        if name.encode() not in written:
+            raise ProtocolError(
+                ErrorCode.DEPLOY_FAILED,
+                f"{d.filename}: its inspection reported workflow {name!r}, which the deployed "
+                f"code does not name (write it as a literal: @workflow({name!r}))",
+            )
+    return names
 
 
 class ActivationMessages:
@@ -75,8 +128,19 @@ class ActivationMessages:
             )
         )
         reply = Reply(rid=rid, ok=error is None, result=result, error=info)
+        frame = encode(reply)
+        if len(frame) > MAX_REPLY_BYTES:  # the client could not decode it: say so instead
+            why = f"the reply is {len(frame)} bytes; a client reads at most {MAX_REPLY_BYTES}"
+            self.log.warning("api.reply_too_large", bytes=len(frame))
+            frame = encode(
+                Reply(
+                    rid=rid,
+                    ok=False,
+                    error=ErrorInfo(type="TOO_LARGE", code="TOO_LARGE", message=why),
+                )
+            )
         sock = self.remote.sock if peer[:1] == b"R" and self.remote is not None else self.client
-        self.outbox.append((sock, [peer[1:], encode(reply)]))
+        self.outbox.append((sock, [peer[1:], frame]))
         self.durable_outbox = True
 
     def _drain_sandbox(self, now: float, mono: float) -> None:
@@ -155,6 +219,8 @@ class ActivationMessages:
                     act, f"step at seq {msg.seq}, expected {act.expected_seq}", mono
                 )
                 return
+            if self._diverged(act, msg, now, mono):
+                return
             engine.step_started(self.conn, tenant, instance, msg, now)
             act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
             act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
@@ -192,6 +258,8 @@ class ActivationMessages:
                 self._protocol_error(
                     act, f"command at seq {msg.seq}, expected {act.expected_seq}", mono
                 )
+                return
+            if self._diverged(act, msg, now, mono):
                 return
             act.seq, act.step = msg.seq, msg.name
             if isinstance(msg, SleepCmd):
@@ -235,6 +303,23 @@ class ActivationMessages:
         engine.fail(self.conn, act.tenant, act.instance, err, now)
         launcher.kill_group(act.pid)
         self._settle(act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True)
+
+    def _diverged(
+        self, act: Activation, msg: StepStarted | SleepCmd | WaitEventCmd, now: float, mono: float
+    ) -> bool:
+        """True (and the instance failed) when a command at a journaled seq is not the command
+        the journal holds there. The runtime checks this too, but it runs beside tenant code
+        that can speak on its socket: the supervisor decides from its own journal."""
+        assert act.instance is not None
+        why = engine.divergence(self.conn, act.tenant, act.instance, msg)
+        if why is None:
+            return False
+        launcher.kill_group(act.pid)
+        act.seq, act.step = msg.seq, msg.name
+        err = ErrorInfo(type="NondeterminismError", code=ErrorCode.NONDETERMINISM, message=why)
+        engine.fail(self.conn, act.tenant, act.instance, err, now)
+        self._settle(act, outcome.PROTOCOL_ERROR, why[:500], mono, committed=True)
+        return True
 
     @staticmethod
     def _result_outcome(msg: StepResult) -> str:
@@ -283,24 +368,29 @@ class ActivationMessages:
         d = act.deploy
         assert d is not None
         if isinstance(msg, Inspected) and act.state == CONNECTED:
+            try:
+                workflows = deployed_workflows(d, msg.workflows)
+            except ProtocolError as exc:
+                self._reply(d.identity, d.rid, error=exc)
+                launcher.kill_group(act.pid)
+                self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
+                return
             j.ensure_tenant(self.conn, act.tenant, now)
-            j.put_code(
-                self.conn, act.tenant, d.version, d.kind, d.filename, d.code, msg.workflows, now
-            )
-            for name in msg.workflows:
+            j.put_code(self.conn, act.tenant, d.version, d.kind, d.filename, d.code, workflows, now)
+            for name in workflows:
                 j.set_deployment(self.conn, act.tenant, name, d.version, now)
             if act.tenant not in self.tenants:
                 self.tenants.append(act.tenant)
             self._reply(
                 d.identity,
                 d.rid,
-                {"tenant": act.tenant, "version": d.version, "workflows": msg.workflows},
+                {"tenant": act.tenant, "version": d.version, "workflows": workflows},
             )
             self.log.info(
                 "code.deployed",
                 tenant=act.tenant,
                 version=d.version,
-                workflows=msg.workflows,
+                workflows=workflows,
                 filename=d.filename,
             )
             self._settle(act, outcome.OK, "", mono, committed=True)

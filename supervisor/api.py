@@ -17,7 +17,7 @@ import zmq
 
 from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_BATCH_ITEMS
+from protocol.limits import MAX_BATCH_ITEMS, MAX_REPLY_BYTES, MAX_RESULT_BYTES
 from protocol.messages import (
     TERMINAL_STATUSES,
     USAGE_FIELDS,
@@ -45,6 +45,9 @@ from supervisor.activation import DeployRequest
 from supervisor.config import Config
 
 DEFERRED = object()
+# Results, outputs and errors one history or list reply carries, well inside what a client
+# decodes.
+HISTORY_BUDGET_BYTES = MAX_REPLY_BYTES // 2
 
 
 class Host(Protocol):
@@ -70,16 +73,19 @@ class Host(Protocol):
     def server_key(self) -> str: ...
 
 
-def status_view(row: sqlite3.Row, details: bool = True) -> dict[str, Any]:
-    """An instance as clients see it; without `details`, no output and no error."""
+def status_view(row: sqlite3.Row, *, full: bool = True) -> dict[str, Any]:
+    """An instance as users see it; not `full`: without its output and error traceback."""
+    error = _error_view(row["error"])
+    if error is not None and not full:
+        error["traceback"] = ""
     return {
         "tenant": row["tenant"],
         "id": row["id"],
         "workflow": row["workflow"],
         "version": row["version"],
         "status": row["status"],
-        "output": None if row["output"] is None or not details else load_json(row["output"]),
-        "error": _error_view(row["error"]) if details else None,
+        "output": None if row["output"] is None or not full else load_json(row["output"]),
+        "error": error,
         "created_at": engine.iso(row["created_at"]),
         "updated_at": engine.iso(row["updated_at"]),
         "wake_at": engine.iso(row["wake_at"]),
@@ -93,6 +99,11 @@ def _error_view(text: str | None) -> dict[str, Any] | None:
     if err is None:
         return None
     return {"type": err.type, "message": err.message, "traceback": err.traceback, "code": err.code}
+
+
+def _result(data: bytes) -> Any:
+    # A wait's result wraps an event payload of up to the payload limit: allow the wrapper.
+    return load_json(data, what="journaled result", limit=MAX_RESULT_BYTES)
 
 
 def _tenant(host: Host, tenant: str) -> None:
@@ -137,29 +148,21 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
     return DEFERRED
 
 
-def _create_one(
-    host: Host,
-    tenant: str,
-    workflow: str,
-    version: str,
-    instance: str | None,
-    params: bytes,
-    now: float,
-) -> tuple[sqlite3.Row, bool]:
-    params = _params(params, "params")
-    instance = instance or secrets.token_hex(8)
-    if j.insert_instance(host.conn, tenant, instance, workflow, version, params, now):
-        row = j.get_instance(host.conn, tenant, instance)
-        assert row is not None
-        return row, True
+def _existing(
+    host: Host, tenant: str, workflow: str, instance: str, params: bytes
+) -> sqlite3.Row | None:
+    """The instance a create names, when it exists with the same workflow and params (a retry
+    after a lost reply: the answer is the instance, whatever the cap); ALREADY_EXISTS when it
+    exists with others; None when the id is new."""
     row = j.get_instance(host.conn, tenant, instance)
-    assert row is not None
+    if row is None:
+        return None
     if row["workflow"] != workflow or bytes(row["params"]) != params:
         raise ProtocolError(
             ErrorCode.ALREADY_EXISTS,
             f"instance {instance!r} exists with another workflow or params",
         )
-    return row, False  # same id, same request: idempotent
+    return row
 
 
 def _deployed(host: Host, tenant: str, workflow: str) -> str:
@@ -180,10 +183,25 @@ def _room(host: Host, tenant: str, adding: int) -> None:
         )
 
 
+def _create_one(
+    host: Host, tenant: str, workflow: str, version: str, instance: str, params: bytes, now: float
+) -> tuple[sqlite3.Row, bool]:
+    row = _existing(host, tenant, workflow, instance, params)
+    if row is not None:
+        return row, False  # same id, same request: idempotent
+    j.insert_instance(host.conn, tenant, instance, workflow, version, params, now)
+    row = j.get_instance(host.conn, tenant, instance)
+    assert row is not None
+    return row, True
+
+
 def create(host: Host, req: Create, identity: bytes, now: float) -> object:
     version = _deployed(host, req.tenant, req.workflow)
-    _room(host, req.tenant, 1)
-    row, created = _create_one(host, req.tenant, req.workflow, version, req.id, req.params, now)
+    params = _params(req.params, "params")
+    instance = req.id or secrets.token_hex(8)
+    if j.get_instance(host.conn, req.tenant, instance) is None:
+        _room(host, req.tenant, 1)  # a retried create of an existing instance needs no room
+    row, created = _create_one(host, req.tenant, req.workflow, version, instance, params, now)
     return dict(status_view(row), created=created)
 
 
@@ -191,12 +209,13 @@ def create_batch(host: Host, req: CreateBatch, identity: bytes, now: float) -> o
     if len(req.items) > MAX_BATCH_ITEMS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_BATCH_ITEMS} items per batch")
     version = _deployed(host, req.tenant, req.workflow)
-    _room(host, req.tenant, len(req.items))
+    # Only new distinct ids need room: a retried batch, or an id twice in one, adds nothing.
+    new = {i.id for i in req.items if j.get_instance(host.conn, req.tenant, i.id) is None}
+    _room(host, req.tenant, len(new))
     out = []
     for item in req.items:
-        row, created = _create_one(
-            host, req.tenant, req.workflow, version, item.id, item.params, now
-        )
+        params = _params(item.params, "params")
+        row, created = _create_one(host, req.tenant, req.workflow, version, item.id, params, now)
         out.append({"id": row["id"], "created": created, "status": row["status"]})
     return out
 
@@ -205,47 +224,75 @@ def status(host: Host, req: GetStatus, identity: bytes, now: float) -> object:
     return status_view(_instance(host, req.tenant, req.id))
 
 
-LIST_INLINE_BYTES = 64 * 1024  # an output or error up to this size is shown in a listing
+LIST_INLINE_BYTES = 64 * 1024  # an output up to this size is shown in a listing
 LIST_REPLY_BYTES = 4 * 1024 * 1024  # of outputs and errors in one listing; `status` has the rest
 
 
 def list_(host: Host, req: ListInstances, identity: bytes, now: float) -> object:
     """The tenant's instances. Outputs and errors are shown while they are small and the reply
-    stays under LIST_REPLY_BYTES; the rest say `omitted` (`status` shows them whole), so one
-    listing cannot make the supervisor read and send gigabytes."""
+    stays under LIST_REPLY_BYTES; past that, errors lose their tracebacks and outputs are left
+    out with `output_omitted_bytes` (`status` shows them whole), so one listing cannot make the
+    supervisor read and send gigabytes."""
     _tenant(host, req.tenant)
     budget = LIST_REPLY_BYTES
     views = []
     for row in j.list_instances(host.conn, req.tenant, req.status, req.limit, LIST_INLINE_BYTES):
         size = len(row["output"] or b"") + len(row["error"] or "")
-        show = size <= budget
-        budget -= size if show else 0
-        view = status_view(row, details=show)
-        large = max(row["output_bytes"] or 0, row["error_bytes"] or 0) > LIST_INLINE_BYTES
-        view["omitted"] = not show or large
+        full = size <= budget
+        budget -= size if full else 0
+        view = status_view(row, full=full)
+        if row["output_bytes"] and (not full or row["output"] is None):
+            view["output_omitted_bytes"] = row["output_bytes"]
         views.append(view)
     return views
 
 
 def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
-    entries = [
-        {
+    # Every result and error was accepted at its own limit, but thousands of them need not fit
+    # one reply: past HISTORY_BUDGET_BYTES, results and kept attempt errors are left out, and
+    # said to be (the instance's own status, output and error are always there).
+    budget = HISTORY_BUDGET_BYTES
+    failed: dict[int, list[dict[str, Any]]] = {}
+    omitted: dict[int, int] = {}
+    for a in j.attempt_errors(host.conn, req.tenant, req.id):
+        budget -= len(a["error"])
+        if budget < 0:
+            omitted[a["seq"]] = omitted.get(a["seq"], 0) + 1
+            continue
+        failed.setdefault(a["seq"], []).append(
+            {
+                "attempt": a["attempt"],
+                "error": _error_view(a["error"]),
+                "failed_at": engine.iso(a["failed_at"]),
+            }
+        )
+    entries = []
+    for r in j.journal_rows(host.conn, req.tenant, req.id):
+        entry = {
             "seq": r["seq"],
             "kind": r["kind"],
             "name": r["name"],
             "status": r["status"],
             "attempts": r["attempts"],
-            "result": None if r["result"] is None else load_json(r["result"]),
+            "result": None,
             "error": _error_view(r["error"]),
             "event_type": r["event_type"],
             "until": engine.iso(r["until"]),
             "started_at": engine.iso(r["started_at"]),
             "finished_at": engine.iso(r["finished_at"]),
             "duration_ms": r["duration_ms"],
+            "failed_attempts": failed.get(r["seq"], []),  # the newest 20, oldest first
         }
-        for r in j.journal_rows(host.conn, req.tenant, req.id)
-    ]
+        if r["result"] is not None:
+            budget -= len(r["result"])
+            if budget >= 0:
+                entry["result"] = _result(r["result"])
+            else:
+                entry["result_omitted_bytes"] = len(r["result"])
+        if r["seq"] in omitted:
+            entry["failed_attempts_omitted"] = omitted[r["seq"]]
+        entries.append(entry)
     activations = [
         {
             "id": a["id"],

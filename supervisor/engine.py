@@ -11,6 +11,7 @@ import json
 import sqlite3
 from typing import Any
 
+from protocol.limits import MAX_TIMEOUT_S
 from protocol.messages import (
     Activate,
     ErrorInfo,
@@ -26,18 +27,26 @@ PENDING_STEP = frozenset({"retry", "running"})
 
 
 def iso(ts: float | None) -> str | None:
+    """An epoch time as ISO 8601; None when there is none, or it is no date (a journal written
+    before numbers from activations were bounded may hold one): status must always answer."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
-    """Delay before the retry that follows failed attempt number `attempt` (1-based)."""
+    """Delay before the retry that follows failed attempt number `attempt` (1-based), at most
+    MAX_TIMEOUT_S: a backoff grows without bound, a wake time must stay a printable date."""
     if backoff == "constant":
-        return delay_s
-    if backoff == "linear":
-        return delay_s * attempt
-    return delay_s * float(2 ** min(attempt - 1, 40))
+        delay = delay_s
+    elif backoff == "linear":
+        delay = delay_s * attempt
+    else:
+        delay = delay_s * float(2 ** min(attempt - 1, 40))
+    return min(delay, MAX_TIMEOUT_S)
 
 
 def release(
@@ -167,6 +176,33 @@ def over_state_limit(
     )
 
 
+def divergence(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    msg: StepStarted | SleepCmd | WaitEventCmd,
+) -> str | None:
+    """Why a command at an already journaled seq is not the one journaled there, or None."""
+    entry = j.get_entry(conn, tenant, instance, msg.seq)
+    if entry is None:
+        return None
+    kind = "step" if isinstance(msg, StepStarted) else "wait_event"
+    if isinstance(msg, SleepCmd):
+        kind = "sleep"
+    if entry["kind"] != kind or entry["name"] != msg.name:
+        return (
+            f"the workflow asked for {kind} {msg.name!r} at seq {msg.seq}, but the journal "
+            f"holds {entry['kind']} {entry['name']!r}: the workflow's code outside steps is "
+            "not deterministic"
+        )
+    if isinstance(msg, WaitEventCmd) and entry["event_type"] != msg.type:
+        return (
+            f"the workflow waits for event type {msg.type!r} at seq {msg.seq}, but the journal "
+            f"holds a wait for {entry['event_type']!r}"
+        )
+    return None
+
+
 def step_started(
     conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted, now: float
 ) -> None:
@@ -235,6 +271,7 @@ def step_failed(
         release(conn, tenant, instance, now, status="running", wake_at=now)
         return "error"
     attempt = int(row["attempts"])
+    j.add_attempt_error(conn, tenant, instance, seq, attempt, err, now)
     if retryable and attempt <= int(row["retry_limit"] or 0):
         wake = now + retry_delay_s(float(row["retry_delay_s"] or 0), row["backoff"], attempt)
         j.upsert_entry(

@@ -207,14 +207,26 @@ MIGRATIONS: list[str] = [
         WHERE instance IS NULL;
     CREATE INDEX events_instance ON events (tenant, instance)
     """,
-    # 7: reserved for a migration that lands from another branch; this placeholder is replaced
-    # by it when they are merged (a database migrated past it here is a development one).
-    "",
+    # 7: the error of every failed attempt of a step (the last KEPT_ATTEMPT_ERRORS of each), so
+    # a retry that succeeds does not erase why the attempts before it failed
+    """
+    CREATE TABLE attempt_errors (
+        tenant TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        PRIMARY KEY (tenant, instance, seq, attempt)
+    )
+    """,
     # 8: usage: the most scratch disk one activation of the hour held at its exit
     """
     ALTER TABLE usage ADD COLUMN scratch_max_kib INTEGER NOT NULL DEFAULT 0
     """,
 ]
+
+KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
 
 
 CONVERT_AT_START_MAX_BYTES = 1 << 30  # larger databases are not rebuilt at start (see connect)
@@ -410,15 +422,18 @@ def insert_instance(
 
 
 def list_instances(
-    conn: sqlite3.Connection, tenant: str, status: str | None, limit: int, inline_bytes: int
+    conn: sqlite3.Connection,
+    tenant: str,
+    status: str | None,
+    limit: int,
+    inline_bytes: int = 1 << 62,
 ) -> list[sqlite3.Row]:
-    """A tenant's instances, oldest first. An output or error longer than `inline_bytes` is left
-    out (NULL), so a listing never reads every instance's megabyte; `*_bytes` say their sizes."""
+    """A tenant's instances, oldest first. An output longer than `inline_bytes` is left out
+    (NULL; `output_bytes` says its size), so a listing never reads every instance's megabyte."""
     cols = (
-        "tenant, id, workflow, version, status, created_at, updated_at, wake_at, steps, "
-        "activations, LENGTH(output) AS output_bytes, LENGTH(error) AS error_bytes, "
-        "CASE WHEN LENGTH(output) <= :inline THEN output END AS output, "
-        "CASE WHEN LENGTH(error) <= :inline THEN error END AS error"
+        "tenant, id, workflow, version, status, error, created_at, updated_at, wake_at, steps, "
+        "activations, LENGTH(output) AS output_bytes, "
+        "CASE WHEN LENGTH(output) <= :inline THEN output END AS output"
     )
     where = "tenant = :tenant" + ("" if status is None else " AND status = :status")
     sql = f"SELECT {cols} FROM instances WHERE {where} ORDER BY created_at, id LIMIT :limit"
@@ -438,6 +453,7 @@ def delete_instance(conn: sqlite3.Connection, tenant: str, instance: str) -> Non
     """The instance with its journal, events and activation records (usage stays)."""
     args = (tenant, instance)
     conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ?", args)
     conn.execute("DELETE FROM events WHERE tenant = ? AND instance = ?", args)
     conn.execute("DELETE FROM activations WHERE tenant = ? AND instance = ?", args)
     conn.execute("DELETE FROM instances WHERE tenant = ? AND id = ?", args)
@@ -483,6 +499,7 @@ def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: fl
     """Restart from scratch: drop the journal and consumed events, keep params and pinned code."""
     args = (tenant, instance)
     conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ?", args)
     conn.execute(
         "DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq IS NOT NULL", args
     )
@@ -608,6 +625,37 @@ def upsert_entry(
             f"INSERT INTO journal ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
             (tenant, instance, seq, *fields.values()),
         )
+
+
+def add_attempt_error(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    seq: int,
+    attempt: int,
+    err: ErrorInfo,
+    now: float,
+) -> None:
+    """Remember why attempt `attempt` of the step at `seq` failed; forget the oldest beyond
+    KEPT_ATTEMPT_ERRORS."""
+    conn.execute(
+        "INSERT OR REPLACE INTO attempt_errors (tenant, instance, seq, attempt, error, failed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (tenant, instance, seq, attempt, encode_error(err), now),
+    )
+    conn.execute(
+        "DELETE FROM attempt_errors WHERE tenant = ? AND instance = ? AND seq = ? AND attempt <= ?",
+        (tenant, instance, seq, attempt - KEPT_ATTEMPT_ERRORS),
+    )
+
+
+def attempt_errors(conn: sqlite3.Connection, tenant: str, instance: str) -> list[sqlite3.Row]:
+    """Every remembered failed attempt of the instance's steps, by seq and attempt."""
+    return conn.execute(
+        "SELECT seq, attempt, error, failed_at FROM attempt_errors"
+        " WHERE tenant = ? AND instance = ? ORDER BY seq, attempt",
+        (tenant, instance),
+    ).fetchall()
 
 
 # ---------------------------------------------------------------- events

@@ -13,8 +13,12 @@ def create_account(email: str) -> dict:
 @workflow("onboard")
 def onboard(event, step):
     email = event.payload["email"]
-    account = step.do("create account", lambda: create_account(email),
-                      retries={"limit": 3, "delay": 1, "backoff": "exponential"}, timeout=30)
+    account = step.do(
+        "create account",
+        lambda: create_account(email),
+        retries={"limit": 3, "delay": 1, "backoff": "exponential"},
+        timeout=30,
+    )
     step.do("send welcome mail", lambda: print(f"mail to {email}: welcome!") or "sent")
     step.sleep("grace period", 1)
     answer = step.wait_for_event("confirm", type="email-confirmed", timeout="1 hour")

@@ -11,10 +11,12 @@ def fetch_rows(ctx):
 
 @workflow("nightly-report")
 def nightly_report(event, step):
-    rows = step.do("fetch rows", fetch_rows,
-                   retries={"limit": 4, "delay": 0.2, "backoff": "linear"})
+    rows = step.do(
+        "fetch rows", fetch_rows, retries={"limit": 4, "delay": 0.2, "backoff": "linear"}
+    )
     totals = {}
     for row in rows:
-        totals[row["region"]] = step.do(f"score {row['region']}",
-                                        lambda row=row: row["sales"] * event.payload["factor"])
+        totals[row["region"]] = step.do(
+            f"score {row['region']}", lambda row=row: row["sales"] * event.payload["factor"]
+        )
     return {"total": sum(totals.values()), "by_region": totals}

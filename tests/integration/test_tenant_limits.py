@@ -76,7 +76,8 @@ def test_a_listing_leaves_out_large_outputs(make_daemon: Callable[..., Daemon]) 
         c.create("acme", "sized", size, id=iid)
         c.wait("acme", iid, timeout_s=60)
     listed = {r["id"]: r for r in c.list("acme")}
-    assert listed["small"]["output"] == "x" * 10 and not listed["small"]["omitted"]
-    assert listed["large"]["output"] is None and listed["large"]["omitted"]
+    assert listed["small"]["output"] == "x" * 10 and "output_omitted_bytes" not in listed["small"]
+    assert listed["large"]["output"] is None
+    assert listed["large"]["output_omitted_bytes"] == 200_002  # the JSON string's quotes too
     assert listed["large"]["status"] == "complete"
     assert c.status("acme", "large")["output"] == "x" * 200_000

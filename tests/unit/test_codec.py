@@ -22,7 +22,13 @@ from protocol.codec import (
     load_json,
 )
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_CLIENT_FRAME_BYTES, MAX_PAYLOAD_BYTES, MAX_SANDBOX_FRAME_BYTES
+from protocol.limits import (
+    MAX_CLIENT_FRAME_BYTES,
+    MAX_EPOCH_S,
+    MAX_PAYLOAD_BYTES,
+    MAX_SANDBOX_FRAME_BYTES,
+    MAX_TIMEOUT_S,
+)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,6 +44,10 @@ json_bytes = st.binary(max_size=200)  # the codec carries JSON as opaque bytes
 finite = st.floats(allow_nan=False)
 positive = st.floats(min_value=0, exclude_min=True, allow_nan=False)
 non_negative = st.floats(min_value=0, allow_nan=False)
+# What an activation may send: finite and bounded (see protocol.messages).
+timeouts = st.floats(min_value=0, max_value=MAX_TIMEOUT_S, exclude_min=True)
+delays = st.floats(min_value=0, max_value=MAX_TIMEOUT_S)
+epochs = st.floats(min_value=0, max_value=MAX_EPOCH_S)
 statuses = st.sampled_from(
     ["queued", "running", "paused", "waiting", "errored", "terminated", "complete"]
 )
@@ -99,7 +109,10 @@ requests = st.one_of(
 
 from_activation = st.one_of(
     st.builds(
-        m.Hello, token=short_text, pid=st.integers(0, 2**31), protocol_version=st.integers(0, 99)
+        m.Hello,
+        token=st.text(max_size=128),
+        pid=st.integers(1, 2**22),
+        protocol_version=st.integers(0, 99),
     ),
     st.builds(
         m.StepStarted,
@@ -107,9 +120,9 @@ from_activation = st.one_of(
         name=names,
         attempt=st.integers(1, 10**6),
         retry_limit=st.integers(0, 10_000),
-        retry_delay_s=non_negative,
+        retry_delay_s=delays,
         backoff=backoffs,
-        timeout_s=positive,
+        timeout_s=timeouts,
     ),
     st.builds(
         m.StepResult,
@@ -118,10 +131,10 @@ from_activation = st.one_of(
         value=st.none() | json_bytes,
         error=st.none() | error_infos,
         retryable=st.booleans(),
-        duration_ms=finite,
+        duration_ms=delays,
     ),
-    st.builds(m.SleepCmd, seq=seqs, name=names, until=finite),
-    st.builds(m.WaitEventCmd, seq=seqs, name=names, type=names, timeout_s=positive),
+    st.builds(m.SleepCmd, seq=seqs, name=names, until=epochs),
+    st.builds(m.WaitEventCmd, seq=seqs, name=names, type=names, timeout_s=timeouts),
     st.builds(m.CompleteCmd, output=json_bytes),
     st.builds(m.FailCmd, error=error_infos),
     st.builds(m.Inspected, workflows=st.lists(names, max_size=5)),
@@ -338,8 +351,13 @@ def test_oversize_activation_frame_is_too_large_even_if_valid() -> None:
     with pytest.raises(ProtocolError) as exc:
         decode_from_activation(frame)
     assert exc.value.code is ErrorCode.TOO_LARGE
-    # the same message just under the limit decodes
-    small = m.StepResult(seq=0, ok=True, value=b'"' + b"x" * (MAX_SANDBOX_FRAME_BYTES - 100) + b'"')
+    # under the frame limit, a value over the payload limit is refused too: the runtime never
+    # sends one; a value at the payload limit decodes
+    big = m.StepResult(seq=0, ok=True, value=b'"' + b"x" * MAX_PAYLOAD_BYTES + b'"')
+    with pytest.raises(ProtocolError) as exc:
+        decode_from_activation(encode(big))
+    assert exc.value.code is ErrorCode.BAD_REQUEST
+    small = m.StepResult(seq=0, ok=True, value=b'"' + b"x" * (MAX_PAYLOAD_BYTES - 2) + b'"')
     assert decode_from_activation(encode(small)) == small
 
 
