@@ -20,6 +20,7 @@ class Sandbox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     uid: int | None = None  # drop to this uid (root only)
     gid: int | None = None  # and this group, shared by the tenant's activations
     network_namespace: bool = False  # enter the tenant's private network namespace (root only)
+    ipc_namespace: bool = False  # a private IPC namespace of its own (root only)
     landlock: bool = False
     read_only: tuple[str, ...] = ()  # on top of the interpreter's own paths
     read_write: tuple[str, ...] = ()  # on top of the scratch dir

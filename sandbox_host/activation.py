@@ -48,6 +48,10 @@ def run(
             isolation.leave_network()
         else:
             isolation.enter_network(netns_fd)
+    if box.ipc_namespace:
+        # Its own, not the tenant's: no one else's SysV objects or POSIX queues are visible,
+        # and what it leaves behind the kernel destroys when its last process exits.
+        isolation.leave_ipc()
     if netns_fd is not None:
         os.close(netns_fd)
     if box.landlock:

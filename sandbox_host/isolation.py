@@ -19,6 +19,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 
 # --------------------------------------------------------------------------- network namespace
 
@@ -35,6 +36,14 @@ def enter_network(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+def leave_ipc() -> None:
+    """A private IPC namespace: no SysV object or POSIX message queue of anyone else is visible,
+    and the kernel destroys what is left in it when its last process exits."""
+    if _libc.unshare(CLONE_NEWIPC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWIPC): {os.strerror(err)}")
 
 
 # --------------------------------------------------------------------------- Landlock

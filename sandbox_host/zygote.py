@@ -29,7 +29,8 @@ A request's `netns` names the tenant whose private network namespace the activat
 zygote makes one per tenant and keeps it while the tenant is active (NETNS_IDLE_S): creating a
 namespace for every activation and tearing it down again cost more than a millisecond of CPU each.
 Activations of one tenant then share a namespace that has only a loopback interface, which is
-down and which they, without privileges, cannot bring up; other tenants never see it.
+down and which they, without privileges, cannot bring up; other tenants never see it. IPC
+namespaces are cheap, so each activation makes its own (`activation.run`).
 """
 
 from __future__ import annotations

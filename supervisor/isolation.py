@@ -77,7 +77,9 @@ def _available(name: str, cgroups: Cgroups | None, cgroup_why: str) -> tuple[boo
             return False, blocked
         return True, "a sandbox uid/gid per activation"
     if name == "network":
-        return (root, "private network namespace") if root else (False, "needs root")
+        # Its IPC namespace (SysV objects, POSIX message queues) rides on the same layer.
+        detail = "private network and IPC namespaces"
+        return (True, detail) if root else (False, "needs root (so do IPC namespaces)")
     if name == "landlock":
         abi = landlock_abi()
         return (abi > 0, f"Landlock ABI {abi}") if abi else (False, "kernel has no Landlock")

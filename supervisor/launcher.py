@@ -38,6 +38,7 @@ def sandbox_for(
         uid=uid,
         gid=gid,
         network_namespace=on["network"] and not limits.network,
+        ipc_namespace=on["network"],  # the namespace layer: every activation, network or not
         landlock=on["landlock"],
         read_only=limits.readable_paths,
         read_write=limits.writable_paths,

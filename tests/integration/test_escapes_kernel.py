@@ -3,7 +3,15 @@ request left in a forked spare's memory, SysV and POSIX IPC objects outliving an
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import deploy_source
 from tests.integration.arena import ATTACKER, Arena
@@ -76,3 +84,96 @@ def test_a_spare_holds_nothing_of_the_previous_request(arena: Arena) -> None:
         assert st["status"] == "complete", st
         assert st["output"]["scanned"] > 1 << 20  # it really read its memory
         assert st["output"]["found"] == [], f"{iid} found another tenant's request in memory"
+
+
+# --------------------------------------------------------------------------- SysV / POSIX IPC
+
+MQ_NAME = "/stepvisor-escape-test"
+
+PLANT = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+IPC_CREAT = 0o1000
+key = params["key"]
+out = {}
+shm = libc.shmget(key, 4096, IPC_CREAT | 0o666)
+out["shm"] = shm >= 0 or os.strerror(ctypes.get_errno())
+if shm >= 0:
+    addr = libc.shmat(shm, None, 0)
+    ctypes.memmove(addr, b"planted by evil", 15)
+    libc.shmdt(ctypes.c_void_p(addr))
+msq = libc.msgget(key, IPC_CREAT | 0o666)
+out["msg"] = msq >= 0 or os.strerror(ctypes.get_errno())
+if msq >= 0:
+    buf = ctypes.create_string_buffer(8 + 15)
+    ctypes.memmove(ctypes.addressof(buf), (1).to_bytes(8, "little") + b"planted by evil", 23)
+    libc.msgsnd(msq, buf, 15, 0)
+libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+mq = libc.mq_open(params["mq"].encode(), os.O_CREAT | os.O_RDWR, 0o666, None)
+out["mq"] = mq >= 0 or os.strerror(ctypes.get_errno())
+result = out
+"""
+
+FIND = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+key = params["key"]
+def errno_of(rc):
+    return "found" if rc >= 0 else os.strerror(ctypes.get_errno())
+libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+result = {
+    "shm": errno_of(libc.shmget(key, 0, 0)),
+    "msg": errno_of(libc.msgget(key, 0)),
+    "mq": errno_of(libc.mq_open(params["mq"].encode(), os.O_RDONLY)),
+}
+"""
+
+
+def _host_keys(kind: str) -> set[int]:
+    """The keys of the host namespace's SysV objects (this test runs in it)."""
+    lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+    return {int(line.split()[0]) for line in lines if line.strip()}
+
+
+@contextlib.contextmanager
+def _removed_from_host(key: int) -> Iterator[None]:
+    """Whatever happens, no object under `key` stays on the host (the old code left them)."""
+    try:
+        yield
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ipc_rmid = 0
+        if (shm := libc.shmget(key, 0, 0)) >= 0:
+            libc.shmctl(shm, ipc_rmid, None)
+        if (msq := libc.msgget(key, 0)) >= 0:
+            libc.msgctl(msq, ipc_rmid, None)
+
+
+def test_sysv_and_posix_ipc_objects_stay_in_their_activation(arena: Arena) -> None:
+    """No IPC namespace: a SysV segment or queue planted by one tenant was found by key by the
+    next, and stayed charged on the host after the activation ended."""
+    if os.geteuid() != 0:
+        pytest.skip("IPC namespaces need root (CAP_SYS_ADMIN)")
+    arena.need("network")  # the IPC namespace rides on the namespace layer
+    key = 0x5EC00000 + secrets.randbelow(1 << 16)  # IPC key evil plants its objects under
+    with _removed_from_host(key):
+        _plant_and_search(arena, key)
+
+
+def _plant_and_search(arena: Arena, key: int) -> None:
+    st = arena.attack(PLANT, iid="plant", key=key, mq=MQ_NAME)
+    # POSIX queues: Landlock may refuse one already (the mqueue mount is outside its paths)
+    assert st["output"]["shm"] is True and st["output"]["msg"] is True
+    # Planted and left behind: nothing of it outlives the activation on the host.
+    assert key not in _host_keys("shm")
+    assert key not in _host_keys("msg")
+    assert not Path("/dev/mqueue" + MQ_NAME).exists()
+    # Neither another tenant nor a later activation of the same tenant finds it.
+    deploy_source(arena.client, LEAKER, ATTACKER)
+    arena.client.create(LEAKER, "attack", {"code": FIND, "key": key, "mq": MQ_NAME}, id="f")
+    other = arena.client.wait(LEAKER, "f", timeout_s=120)
+    again = arena.attack(FIND, iid="again", key=key, mq=MQ_NAME)
+    for found in (other["output"], again["output"]):
+        assert found["shm"] == found["msg"] == "No such file or directory"
+        assert found["mq"] != "found"
