@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import secrets
 import signal
 import sys
 import time
@@ -115,11 +116,22 @@ def resolve(cfg: Config, state_dir: Path) -> tuple[dict[str, Layer], Cgroups | N
 
 
 class UidPool:
-    """Hands out a uid no running activation holds, cycling so a uid is reused as late as can be."""
+    """Hands out a uid no running activation holds, cycling so a uid is reused as late as can be,
+    from a random start per supervisor run so a restart does not hand them out again in the same
+    order.
+
+    What outlives an activation under its uid, and why the uid's next holder finds nothing in it:
+    its processes are killed with its cgroup and process group before the uid is released; its
+    scratch dir is removed; its SysV IPC objects and POSIX message queues are in its own IPC
+    namespace, destroyed with it; the kernel's per-uid user keyring cannot be written (seccomp
+    denies add_key, keyctl and request_key). What remains are files it wrote under the tenant's
+    `writable_paths`: owned by the uid, group the tenant's, mode 0660 at most unless the tenant
+    chmods them. Another tenant given the same uid later would open them as their owner if its
+    own Landlock rules reach that path: keep tenants' `writable_paths` apart (and Landlock on)."""
 
     def __init__(self, low: int, high: int) -> None:
         self.low, self.high = low, high
-        self.next = low
+        self.next = low + secrets.randbelow(high - low + 1)
         self.used: set[int] = set()
 
     def acquire(self) -> int | None:

@@ -1,4 +1,4 @@
-"""The launch messages (sandbox, fork request and reply) and the reserved exit codes."""
+"""The launch messages (sandbox, fork request and reply), the reserved exit codes, sandbox uids."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from protocol.launch import ExitCode, ForkReply, ForkRequest, Sandbox
+from supervisor.isolation import UidPool
 from supervisor.outcome import CRASHED, classify_exit
 
 
@@ -61,3 +62,18 @@ def test_a_launch_message_with_an_unknown_or_mistyped_field_is_refused() -> None
             b'{"memory_mib": 1, "cpu_seconds": 1, "max_pids": 1, "scratch": "/s", "uid": "0"}',
             type=Sandbox,
         )
+
+
+def test_sandbox_uids_start_at_a_random_place_each_run_and_cover_the_range() -> None:
+    firsts = set()
+    for _ in range(8):
+        pool = UidPool(900_000, 999_999)
+        first = pool.acquire()
+        assert first is not None and 900_000 <= first <= 999_999
+        firsts.add(first)
+    assert len(firsts) > 1  # eight runs from the same start: 1 chance in 10**35 by luck
+    small = UidPool(10, 14)
+    got = {small.acquire() for _ in range(5)}
+    assert got == {10, 11, 12, 13, 14} and small.acquire() is None
+    small.release(12)
+    assert small.acquire() == 12
