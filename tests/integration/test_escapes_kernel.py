@@ -8,12 +8,14 @@ import ctypes
 import hashlib
 import os
 import secrets
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import deploy_source
+from tests.conftest import deploy_source, wait_for
 from tests.integration.arena import ATTACKER, Arena
 
 # A tenant name that occurs nowhere else, so finding it in memory can only mean a leak.
@@ -177,3 +179,22 @@ def _plant_and_search(arena: Arena, key: int) -> None:
     for found in (other["output"], again["output"]):
         assert found["shm"] == found["msg"] == "No such file or directory"
         assert found["mq"] != "found"
+
+
+def test_a_dead_nursery_takes_the_fork_server_down_and_it_is_replaced(arena: Arena) -> None:
+    """The nursery forks every spare; without it the fork server exits rather than fork spares
+    itself from a process that has seen requests."""
+    (started,) = arena.daemon.events("zygote.started")
+    zygote = psutil.Process(started["pid"])
+
+    def the_nursery() -> list[psutil.Process]:
+        # Its only child once no spare is being forked (a fork's middle process is another).
+        children = zygote.children()
+        return children if len(children) == 1 else []
+
+    (nursery,) = wait_for(the_nursery, 10, "the fork server's one child, the nursery")
+    nursery.send_signal(signal.SIGKILL)
+    wait_for(lambda: arena.daemon.events("zygote.failed"), 10, "the fork server's exit")
+    st = arena.attack("result = 7", iid="after")
+    assert st["output"] == 7
+    assert len(arena.daemon.events("zygote.started")) == 2
