@@ -1,7 +1,8 @@
 """OS isolation an activation applies to itself before it loads any tenant byte.
 
-Order matters and is fixed by `__main__`: (as root) leave the network namespace → Landlock →
-drop uid/gid → parent-death signal → rlimits → connect → seccomp (synchronised to every thread).
+Order matters and is fixed by `activation.run`: (as root) a private network namespace, then a
+private IPC namespace → Landlock → drop uid/gid → parent-death signal → rlimits → connect →
+seccomp (synchronised to every thread).
 Each function raises OSError when the kernel refuses; the supervisor decided beforehand which
 layers this host supports, so a failure here is a real error and the activation exits.
 """
