@@ -198,3 +198,21 @@ def test_a_dead_nursery_takes_the_fork_server_down_and_it_is_replaced(arena: Are
     st = arena.attack("result = 7", iid="after")
     assert st["output"] == 7
     assert len(arena.daemon.events("zygote.started")) == 2
+
+
+@pytest.mark.parametrize("mode", ["fork", "spawn"])
+def test_each_activation_has_an_ipc_namespace_of_its_own(make_daemon, mode: str) -> None:
+    """Spawned or forked, with the network or without: never the host's. (Whether two are the
+    same cannot be told from here: a freed namespace's inode number is handed out again.)"""
+    if os.geteuid() != 0:
+        pytest.skip("IPC namespaces need root (CAP_SYS_ADMIN)")
+    daemon = make_daemon("[tenants.online]\nnetwork = true\n", server=f'launch_mode = "{mode}"\n')
+    c = daemon.client()
+    code = 'import os\nresult = os.readlink("/proc/self/ns/ipc")'
+    seen = []
+    for tenant in ("online", "offline"):
+        deploy_source(c, tenant, ATTACKER)
+        for iid in ("one", "two"):
+            c.create(tenant, "attack", {"code": code}, id=iid)
+            seen.append(c.wait(tenant, iid, timeout_s=120)["output"])
+    assert os.readlink("/proc/self/ns/ipc") not in seen, seen
