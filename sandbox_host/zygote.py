@@ -58,6 +58,10 @@ from stepvisor import sdk as _sdk  # noqa: F401
 MAX_REQUEST_BYTES = 1 << 20
 NETNS_IDLE_S = 60.0  # a tenant's network namespace is dropped after this long without a request
 _NETNS_FD = 3  # where a spare puts the namespace it was given, for `activation.run`
+# Made here, at import: msgspec builds a struct type's decoding tables on first use, which each
+# spare would otherwise do again (and pay for in page faults).
+_REQUESTS = msgspec.json.Decoder(ForkRequest)
+_REPLIES = msgspec.json.Encoder()
 
 
 class Spare(NamedTuple):
@@ -100,7 +104,7 @@ def _spare(sock: socket.socket) -> None:
         os._exit(0)  # the zygote is gone (or confused): never used
     started = time.monotonic()
     sock.close()
-    request = msgspec.json.decode(data, type=ForkRequest)
+    request = _REQUESTS.decode(data)
     for target, src in zip((0, 1, 2, _NETNS_FD), fds, strict=False):  # netns: optional
         os.dup2(src, target)
     os.closerange(len(fds), 1 << 16)
@@ -262,7 +266,7 @@ def serve(control: socket.socket, nursery: Nursery, keep: int) -> None:
             return
         if not data:
             return  # the supervisor closed its end
-        request = msgspec.json.decode(data, type=ForkRequest)
+        request = _REQUESTS.decode(data)
         ns = netns.fd(request.netns) if request.netns is not None else None
         given = fds if ns is None else [*fds, ns]
         while True:
@@ -275,7 +279,7 @@ def serve(control: socket.socket, nursery: Nursery, keep: int) -> None:
                 break
         for fd in fds:
             os.close(fd)
-        control.send(msgspec.json.encode(ForkReply(id=request.id, pid=spare.pid)))
+        control.send(_REPLIES.encode(ForkReply(id=request.id, pid=spare.pid)))
 
 
 def main() -> None:
