@@ -120,14 +120,16 @@ class UidPool:
     from a random start per supervisor run so a restart does not hand them out again in the same
     order.
 
-    What outlives an activation under its uid, and why the uid's next holder finds nothing in it:
+    What outlives an activation under its uid, and what of it the uid's next holder could reach:
     its processes are killed with its cgroup and process group before the uid is released; its
     scratch dir is removed; its SysV IPC objects and POSIX message queues are in its own IPC
     namespace, destroyed with it; the kernel's per-uid user keyring cannot be written (seccomp
     denies add_key, keyctl and request_key). What remains are files it wrote under the tenant's
-    `writable_paths`: owned by the uid, group the tenant's, mode 0660 at most unless the tenant
-    chmods them. Another tenant given the same uid later would open them as their owner if its
-    own Landlock rules reach that path: keep tenants' `writable_paths` apart (and Landlock on)."""
+    `writable_paths` (or, without Landlock, in world-writable dirs such as /tmp): owned by the
+    uid, group the tenant's, mode 0660 at most unless the tenant chmods them. Another tenant
+    given the same uid later opens them as their owner if its own Landlock rules reach that path
+    (a `writable_paths` entry in [defaults] is every tenant's): keep tenants' `writable_paths`
+    apart, and Landlock on."""
 
     def __init__(self, low: int, high: int) -> None:
         self.low, self.high = low, high
