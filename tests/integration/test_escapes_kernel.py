@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import deploy_source, wait_for
+from tests.conftest import deploy_source, wait_for, writable
 from tests.integration.arena import ATTACKER, Arena
 
 # A tenant name that occurs nowhere else, so finding it in memory can only mean a leak.
@@ -216,3 +216,50 @@ def test_each_activation_has_an_ipc_namespace_of_its_own(make_daemon, mode: str)
             c.create(tenant, "attack", {"code": code}, id=iid)
             seen.append(c.wait(tenant, iid, timeout_s=120)["output"])
     assert os.readlink("/proc/self/ns/ipc") not in seen, seen
+
+
+# --------------------------------------------------------------------------- sandbox uid reuse
+
+WRITE_SECRET = """
+import os
+with open(params["path"], "w") as f:
+    f.write("alice's secret")
+result = os.getuid()
+"""
+
+READ_SECRET = """
+import os
+try:
+    found = open(params["path"]).read()
+except OSError as exc:
+    found = exc.strerror
+result = {"uid": os.getuid(), "found": found}
+"""
+
+
+def test_a_reused_sandbox_uid_carries_no_file_to_another_tenant(make_daemon, shared) -> None:
+    """Files an activation writes are owned by its uid; given to another tenant later, that uid
+    opened them as their owner. A uid now serves one tenant for good, across restarts too."""
+    daemon = make_daemon(
+        writable(shared) + "[isolation]\nsandbox_uid_range = [900000, 900003]\n",
+        server="max_activations = 1\n",
+    )
+    if "uid" not in {e["layer"] for e in daemon.events("isolation.layer")}:
+        pytest.skip("isolation layer uid is not available on this host")
+    secret = str(shared / "alice.txt")
+    c = daemon.client()
+    for tenant in ("alice", "bob"):
+        deploy_source(c, tenant, ATTACKER)
+    c.create("alice", "attack", {"code": WRITE_SECRET, "path": secret}, id="w")
+    alice_uid = c.wait("alice", "w", timeout_s=60)["output"]
+    seen = []
+    for run in range(2):  # and again after a restart, from another random start
+        if run:
+            daemon.stop()
+            daemon.start()
+            c = daemon.client()
+        for n in range(3):
+            c.create("bob", "attack", {"code": READ_SECRET, "path": secret}, id=f"r{run}{n}")
+            seen.append(c.wait("bob", f"r{run}{n}", timeout_s=60)["output"])
+    assert all(s["found"] == "Permission denied" for s in seen), seen
+    assert alice_uid not in {s["uid"] for s in seen}

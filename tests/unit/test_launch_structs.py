@@ -64,16 +64,37 @@ def test_a_launch_message_with_an_unknown_or_mistyped_field_is_refused() -> None
         )
 
 
-def test_sandbox_uids_start_at_a_random_place_each_run_and_cover_the_range() -> None:
+def test_sandbox_uids_start_at_a_random_place_each_run() -> None:
     firsts = set()
     for _ in range(8):
-        pool = UidPool(900_000, 999_999)
-        first = pool.acquire()
-        assert first is not None and 900_000 <= first <= 999_999
-        firsts.add(first)
+        got = UidPool(900_000, 999_999).acquire("t")
+        assert got is not None and 900_000 <= got[0] <= 999_999 and got[1]
+        firsts.add(got[0])
     assert len(firsts) > 1  # eight runs from the same start: 1 chance in 10**35 by luck
-    small = UidPool(10, 14)
-    got = {small.acquire() for _ in range(5)}
-    assert got == {10, 11, 12, 13, 14} and small.acquire() is None
-    small.release(12)
-    assert small.acquire() == 12
+
+
+def test_a_sandbox_uid_never_serves_two_tenants() -> None:
+    pool = UidPool(10, 13)
+    a1, a2 = pool.acquire("a"), pool.acquire("a")
+    assert a1 is not None and a2 is not None and a1[1] and a2[1]
+    pool.release(a1[0])
+    assert pool.acquire("a") == (a1[0], False)  # its own free uid before a new one
+    b1, b2 = pool.acquire("b"), pool.acquire("b")
+    assert b1 is not None and b2 is not None
+    assert {b1[0], b2[0]} == {10, 11, 12, 13} - {a1[0], a2[0]}
+    pool.release(a2[0])
+    assert not pool.has_free("b") and pool.acquire("b") is None  # a's free uid is still a's
+    assert pool.has_free("a") and pool.has_free()
+    assert pool.acquire("c") is None and not pool.has_free("c")
+
+
+def test_uid_owners_outlive_the_run() -> None:
+    first = UidPool(10, 11)
+    got = first.acquire("a")
+    assert got is not None
+    again = UidPool(10, 11)
+    again.load({got[0]: "a", 99: "b"})  # 99: outside today's range, ignored
+    b = again.acquire("b")
+    assert b is not None and b[0] != got[0] and b[1]
+    assert again.acquire("b") is None  # the other uid is still a's
+    assert again.acquire("a") == (got[0], False)
