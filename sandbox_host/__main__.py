@@ -14,14 +14,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="sandbox_host")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--ppid", type=int, required=True)
-    parser.add_argument("--sandbox", required=True, help="JSON of supervisor.launcher.Sandbox")
+    parser.add_argument("--sandbox", required=True, help="JSON of protocol.launch.Sandbox")
     args = parser.parse_args()
 
     import msgspec
 
+    from protocol.launch import Sandbox
     from sandbox_host import activation
 
-    activation.run(args.endpoint, args.ppid, msgspec.json.decode(args.sandbox), STARTED)
+    box = msgspec.json.decode(args.sandbox, type=Sandbox)
+    activation.run(args.endpoint, args.ppid, box, STARTED)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,20 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
+from protocol.launch import ExitCode, Sandbox
 from protocol.limits import PROTOCOL_VERSION
 from protocol.messages import Activate, Hello
 from sandbox_host import isolation, limits
-from sandbox_host.channel import EXIT_NO_ACTIVATE, Channel
+from sandbox_host.channel import Channel
 from sandbox_host.runtime import Runtime, _Stop
 
 
 def run(
     endpoint: str,
     ppid: int,
-    box: dict[str, Any],
+    box: Sandbox,
     started: float,
     token: str | None = None,
     before_parent_check: Callable[[], None] | None = None,
@@ -31,34 +32,37 @@ def run(
     `before_parent_check`: the fork server's wait until we are the supervisor's child.
     `netns_fd`: the tenant's private network namespace, from the fork server; without it a
     private namespace is made here."""
-    if box.get("cgroup_procs"):
-        # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
-        for procs in box["cgroup_procs"]:
-            with open(procs, "w") as f:
-                f.write("0")
+    # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
+    for procs in box.cgroup_procs:
+        with open(procs, "w") as f:
+            f.write("0")
     if token is None:
         # Spawned: the supervisor writes the token once this process sits in its cgroups.
         token = sys.stdin.readline().strip()
     if not token:
-        os._exit(64)
+        os._exit(ExitCode.NO_TOKEN)
     os.umask(0o007)  # private to the tenant's group: its other activations may use its files
     limits.no_new_privs()
-    if box.get("network_namespace"):
+    if box.network_namespace:
         if netns_fd is None:
             isolation.leave_network()
         else:
             isolation.enter_network(netns_fd)
+    if box.ipc_namespace:
+        # Its own, not the tenant's: no one else's SysV objects or POSIX queues are visible,
+        # and what it leaves behind the kernel destroys when its last process exits.
+        isolation.leave_ipc()
     if netns_fd is not None:
         os.close(netns_fd)
-    if box.get("landlock"):
+    if box.landlock:
         # Before any thread exists: Landlock binds this thread and what it creates later.
         isolation.restrict_filesystem(
-            isolation.default_read_only() + list(box["read_only"]),
-            [box["scratch"], "/dev/null", *box["read_write"]],
+            isolation.default_read_only() + list(box.read_only),
+            [box.scratch, "/dev/null", *box.read_write],
         )
-    if box.get("uid") is not None:
-        isolation.drop_privileges(box["uid"], box["gid"])
-    if box.get("uid") is None and os.geteuid() == 0:
+    if box.uid is not None:
+        isolation.drop_privileges(box.uid, box.gid if box.gid is not None else box.uid)
+    elif os.geteuid() == 0:
         # Root without a sandbox uid: keep uid 0, but no capability (not even after an exec).
         isolation.drop_capabilities()
     if before_parent_check is not None:
@@ -67,20 +71,20 @@ def run(
     channel = Channel(endpoint, token)  # a fresh zmq Context: nothing of a parent's is reused
     # Imports are done and the socket's I/O thread exists; now cap what tenant code may use.
     limits.apply_rlimits(
-        memory_mib=box["memory_mib"],
-        cpu_seconds=box["cpu_seconds"],
-        max_processes=box["max_pids"] if box.get("uid") is not None else None,
+        memory_mib=box.memory_mib,
+        cpu_seconds=box.cpu_seconds,
+        max_processes=box.max_pids if box.uid is not None else None,
     )
     hello = time.monotonic()
     channel.send(Hello(token=token, pid=os.getpid(), protocol_version=PROTOCOL_VERSION))
-    act = channel.recv(EXIT_NO_ACTIVATE)
+    act = channel.recv(ExitCode.NO_ACTIVATE)
     if not isinstance(act, Activate):
-        os._exit(EXIT_NO_ACTIVATE)
+        os._exit(ExitCode.NO_ACTIVATE)
     activated = time.monotonic()
-    if box.get("seccomp"):
+    if box.seccomp:
         # Connected: from here on no new socket (the supervisor's API included) and no call
         # a step has no use for; see isolation.py.
-        isolation.restrict_syscalls(allow_inet=box.get("allow_inet", False))
+        isolation.restrict_syscalls(allow_inet=box.allow_inet)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     runtime = Runtime(act, channel, marks=(started, hello, activated))
     with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit

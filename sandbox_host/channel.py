@@ -7,11 +7,8 @@ import os
 import zmq
 
 from protocol.codec import decode_to_activation, encode
+from protocol.launch import ExitCode
 from protocol.messages import Ack
-
-EXIT_NO_ACTIVATE = 71  # connected but the supervisor never sent Activate
-EXIT_NO_ACK = 72  # the result was sent but never acknowledged
-EXIT_REFUSED = 73  # the supervisor refused the result
 
 
 class Channel:
@@ -33,6 +30,6 @@ class Channel:
         return decode_to_activation(self.sock.recv())
 
     def wait_ack(self) -> None:
-        reply = self.recv(EXIT_NO_ACK)
+        reply = self.recv(ExitCode.NO_ACK)
         if not isinstance(reply, Ack) or not reply.ok:
-            os._exit(EXIT_REFUSED)
+            os._exit(ExitCode.REFUSED)

@@ -1,8 +1,8 @@
 """OS isolation an activation applies to itself before it loads any tenant byte.
 
-Order matters and is fixed by `activation.run`: (as root) leave the network namespace → Landlock →
-drop uid/gid (or, root without a sandbox uid, every capability) → parent-death signal → connect →
-rlimits → seccomp (synchronised to every thread).
+Order matters and is fixed by `activation.run`: (as root) a private network namespace, then a
+private IPC namespace → Landlock → drop uid/gid (or, root without a sandbox uid, every
+capability) → parent-death signal → rlimits → connect → seccomp (synchronised to every thread).
 Each function raises OSError when the kernel refuses; the supervisor decided beforehand which
 layers this host supports, so a failure here is a real error and the activation exits.
 """
@@ -21,6 +21,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 
 # --------------------------------------------------------------------------- network namespace
 
@@ -37,6 +38,14 @@ def enter_network(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+def leave_ipc() -> None:
+    """A private IPC namespace: no SysV object or POSIX message queue of anyone else is visible,
+    and the kernel destroys what is left in it when its last process exits."""
+    if _libc.unshare(CLONE_NEWIPC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWIPC): {os.strerror(err)}")
 
 
 # --------------------------------------------------------------------------- Landlock

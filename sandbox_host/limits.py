@@ -7,6 +7,8 @@ import os
 import resource
 import signal
 
+from protocol.launch import ExitCode
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -56,4 +58,4 @@ def die_with_parent(expected_parent: int) -> None:
     """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_parent:
-        os._exit(75)
+        os._exit(ExitCode.ORPHANED)

@@ -2,47 +2,55 @@
 per request, forked before the request arrives.
 
 `python -I -m sandbox_host.zygote --ppid P --control-fd N [--spares K]` with a SOCK_SEQPACKET
-socket. Each request is JSON {id, endpoint, ppid, token, scratch, env, sandbox, netns} with three
-fds attached (the activation's stdin, stdout, stderr).
+socket. Each request is a `protocol.launch.ForkRequest` (JSON) with three fds attached (the
+activation's stdin, stdout, stderr); the answer is a `ForkReply` with the activation's pid.
 
 Forking is the slow part of a launch (page tables of a pre-imported interpreter, twice), so the
 zygote keeps K *spares*: processes forked ahead of time that wait, blank, for a request. A request
-goes to a spare over its own socket, the reply {id, pid} goes back at once, and the zygote then
-forks a replacement while no request waits. Each spare is forked twice: the middle process exits
-at once, so the spare is re-parented to the supervisor (a child subreaper), which waits for it like
-a spawned activation; the zygote keeps a spare only once its middle process is reaped. A spare
-holds nothing of the zygote's but its own socket, has no tenant and no token until it is given a
-request, and exits when its socket closes (the zygote is gone).
+goes to a spare over its own socket and the reply goes back at once.
+
+The zygote never forks a spare itself: it has read requests (tokens, uids, cgroup paths, tenant
+names), and a process forked from it would carry them into another tenant's activation. Before
+it reads its first request it forks the *nursery*, which only ever forks spares: it is asked for
+one with a byte and answers with the spare's pid and socket, so a spare's memory is the nursery's,
+which has never seen a request. The nursery also forks while the zygote forwards requests.
+
+Each spare is forked twice: the middle process exits at once, so the spare is re-parented to the
+supervisor (a child subreaper), which waits for it like a spawned activation; the nursery hands a
+spare over only once its middle process is reaped. A spare holds nothing but its own socket, has
+no tenant and no token until it is given a request, and exits when its socket closes (the zygote
+is gone).
 
 Given a request, the activation does not wait for the supervisor: it joins its cgroups itself,
-applies its isolation and connects with the token it was given. The zygote never creates a zmq
-Context or a thread: each activation makes its own.
+applies its isolation and connects with the token it was given. Neither the zygote nor the
+nursery creates a zmq Context or a thread: each activation makes its own.
 
 A request's `netns` names the tenant whose private network namespace the activation enters. The
 zygote makes one per tenant and keeps it while the tenant is active (NETNS_IDLE_S): creating a
 namespace for every activation and tearing it down again cost more than a millisecond of CPU each.
 Activations of one tenant then share a namespace that has only a loopback interface, which is
-down and which they, without privileges, cannot bring up; other tenants never see it.
+down and which they, without privileges, cannot bring up; other tenants never see it. IPC
+namespaces are cheap, so each activation makes its own (`activation.run`).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import select
 import socket
 import sys
 import time
 from collections import deque
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 # Everything an activation imports, loaded once here instead of once per activation.
 import cloudpickle  # noqa: F401
-import msgspec  # noqa: F401
+import msgspec
 import zmq  # noqa: F401
 
+from protocol.launch import ExitCode, ForkReply, ForkRequest
 from sandbox_host import activation, isolation, limits
 from sandbox_host import runtime as _runtime  # noqa: F401
 from stepvisor import sdk as _sdk  # noqa: F401
@@ -50,6 +58,10 @@ from stepvisor import sdk as _sdk  # noqa: F401
 MAX_REQUEST_BYTES = 1 << 20
 NETNS_IDLE_S = 60.0  # a tenant's network namespace is dropped after this long without a request
 _NETNS_FD = 3  # where a spare puts the namespace it was given, for `activation.run`
+# Made here, at import: msgspec builds a struct type's decoding tables on first use, which each
+# spare would otherwise do again (and pay for in page faults).
+_REQUESTS = msgspec.json.Decoder(ForkRequest)
+_REPLIES = msgspec.json.Encoder()
 
 
 class Spare(NamedTuple):
@@ -58,6 +70,7 @@ class Spare(NamedTuple):
 
 
 def _fork_spare() -> Spare:
+    """In the nursery: fork one spare, re-parented to the supervisor before this returns."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     r, w = os.pipe()
     middle = os.fork()
@@ -69,7 +82,7 @@ def _fork_spare() -> Spare:
             try:
                 _spare(theirs)
             finally:
-                os._exit(70)
+                os._exit(ExitCode.SPARE_FAILED)
         os.write(w, str(pid).encode())
         os._exit(0)
     os.close(w)
@@ -83,7 +96,7 @@ def _fork_spare() -> Spare:
 def _spare(sock: socket.socket) -> None:
     """A forked process waiting for its request; then one activation's life."""
     fd = sock.fileno()
-    os.closerange(3, fd)  # the zygote's control socket and other spares' sockets: not ours
+    os.closerange(3, fd)  # the nursery's socket and other spares' sockets: not ours
     os.closerange(fd + 1, 1 << 16)
     os.setsid()  # its own session and process group, as a spawned activation has
     data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 4)
@@ -91,20 +104,20 @@ def _spare(sock: socket.socket) -> None:
         os._exit(0)  # the zygote is gone (or confused): never used
     started = time.monotonic()
     sock.close()
-    request: dict[str, Any] = json.loads(data)
+    request = _REQUESTS.decode(data)
     for target, src in zip((0, 1, 2, _NETNS_FD), fds, strict=False):  # netns: optional
         os.dup2(src, target)
     os.closerange(len(fds), 1 << 16)
-    os.chdir(request["scratch"])
+    os.chdir(request.sandbox.scratch)
     os.environ.clear()
-    os.environ.update(request["env"])
-    ppid = request["ppid"]
+    os.environ.update(request.env)
+    ppid = request.ppid
     activation.run(
-        request["endpoint"],
+        request.endpoint,
         ppid,
-        request["sandbox"],
+        request.sandbox,
         started,
-        request["token"],
+        request.token,
         before_parent_check=lambda: _check_parent(ppid),
         netns_fd=_NETNS_FD if len(fds) == 4 else None,
     )
@@ -114,7 +127,7 @@ def _check_parent(ppid: int) -> None:
     """PDEATHSIG must name the supervisor: a spare is its child once its middle process is
     reaped, which happens before any request reaches it; anything else means it is gone."""
     if os.getppid() != ppid:
-        os._exit(75)
+        os._exit(ExitCode.ORPHANED)
 
 
 def _assign(spare: Spare, data: bytes, fds: list[int]) -> bool:
@@ -125,6 +138,71 @@ def _assign(spare: Spare, data: bytes, fds: list[int]) -> bool:
         return False
     finally:
         spare.sock.close()
+
+
+class NurseryGone(Exception):
+    """The nursery exited or answered nonsense: the zygote exits and the supervisor restarts it."""
+
+
+class Nursery:
+    """The zygote's handle on the process that forks its spares."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.asked = 0  # spares asked for and not yet received
+
+    @classmethod
+    def start(cls, close: list[socket.socket]) -> Nursery:
+        """Fork the nursery; `close`: sockets of the zygote's it must not keep."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                for sock in close:
+                    sock.close()
+                limits.die_with_parent(zygote)
+                _nurse(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        return cls(ours, pid)
+
+    def ask(self) -> None:
+        self.sock.send(b"+")
+        self.asked += 1
+
+    def receive(self) -> Spare:
+        """The next spare; blocks until the nursery has forked it."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 32, 1)
+        except OSError as exc:
+            raise NurseryGone(f"nursery connection failed: {exc}") from None
+        if not data or len(fds) != 1:
+            raise NurseryGone(f"nursery answered {data!r} with {len(fds)} fds")
+        self.asked -= 1
+        return Spare(int(data), socket.socket(fileno=fds[0]))
+
+
+def _nurse(sock: socket.socket) -> None:
+    """The nursery's loop: one spare per byte received; ends when the zygote is gone."""
+    while True:
+        try:
+            asked = sock.recv(64)
+        except OSError:
+            return
+        if not asked:
+            return
+        for _ in asked:
+            spare = _fork_spare()
+            try:
+                socket.send_fds(sock, [str(spare.pid).encode()], [spare.sock.fileno()])
+            except OSError:
+                return  # the zygote is gone; the spare sees its socket close and exits
+            finally:
+                spare.sock.close()
 
 
 class NetNamespaces:
@@ -169,18 +247,18 @@ class NetNamespaces:
                 del self.held[tenant]
 
 
-def serve(control: socket.socket, keep: int) -> None:
+def serve(control: socket.socket, nursery: Nursery, keep: int) -> None:
     spares: deque[Spare] = deque()
     netns = NetNamespaces()
     while True:
-        # Fork replacements only while no request waits: a request never waits for a spare
-        # that is not its own.
-        if len(spares) < keep and not select.select([control], [], [], 0)[0]:
-            spares.append(_fork_spare())
-            continue
-        idle_in = netns.wait_s()
-        if idle_in is not None and not select.select([control], [], [], idle_in)[0]:
+        while len(spares) + nursery.asked < keep:
+            nursery.ask()
+        ready = select.select([control, nursery.sock], [], [], netns.wait_s())[0]
+        if not ready:
             netns.drop_idle()
+            continue
+        if control not in ready:
+            spares.append(nursery.receive())
             continue
         try:
             data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
@@ -188,17 +266,20 @@ def serve(control: socket.socket, keep: int) -> None:
             return
         if not data:
             return  # the supervisor closed its end
-        request = json.loads(data)
-        tenant = request.get("netns")
-        ns = netns.fd(tenant) if isinstance(tenant, str) else None
+        request = _REQUESTS.decode(data)
+        ns = netns.fd(request.netns) if request.netns is not None else None
         given = fds if ns is None else [*fds, ns]
         while True:
-            spare = spares.popleft() if spares else _fork_spare()
+            if not spares:
+                if not nursery.asked:
+                    nursery.ask()
+                spares.append(nursery.receive())
+            spare = spares.popleft()
             if _assign(spare, data, given):
                 break
         for fd in fds:
             os.close(fd)
-        control.send(json.dumps({"id": request["id"], "pid": spare.pid}).encode())
+        control.send(_REPLIES.encode(ForkReply(id=request.id, pid=spare.pid)))
 
 
 def main() -> None:
@@ -214,7 +295,12 @@ def main() -> None:
     # collector from walking (and so writing to) those pages in each child.
     gc.collect()
     gc.freeze()
-    serve(control, max(0, args.spares))
+    nursery = Nursery.start(close=[control])  # before any request: spares never see one
+    try:
+        serve(control, nursery, max(0, args.spares))
+    except NurseryGone as exc:
+        print(f"sandbox_host.zygote: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ class Isolation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     uid: Mode = "auto"  # a sandbox uid/gid per running activation (needs root)
     cgroup: Mode = "auto"  # per-tenant cgroups for memory, CPU quota and pids (needs root)
-    network: Mode = "auto"  # private network namespace for tenants without `network` (root)
+    # private network namespace for tenants without `network`, and a private IPC namespace for
+    # every activation (root)
+    network: Mode = "auto"
     landlock: Mode = "auto"  # filesystem: read-only interpreter, read-write scratch only
     seccomp: Mode = "auto"  # no new sockets (only IPv4/IPv6 for tenants with `network`)
     disk: Mode = "auto"  # a tmpfs of disk_mib per tenant for its scratch dirs (needs root)

@@ -172,6 +172,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 " stop the service and run: sqlite3 stepvisor.db "
                 "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'",
             )
+        if self.uids is not None:
+            self.uids.load(j.uid_owners(self.conn))
         self._recover()
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client = self._bind(
@@ -462,10 +464,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None:
         if why := self._interpreter_refusal(self.cfg.limits_for(tenant)):
             raise ProtocolError(ErrorCode.DEPLOY_FAILED, why)
-        if self.uids is not None and not self.uids.has_free():
+        if self.uids is not None and not self.uids.has_free(tenant):
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE,
-                "every sandbox uid is in use (isolation.sandbox_uid_range): retry the deploy",
+                "every sandbox uid is in use or another tenant's (isolation.sandbox_uid_range):"
+                " retry the deploy",
             )
         j.ensure_tenant(self.conn, tenant, time.time())  # numbered now: its sandbox group
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
@@ -501,6 +504,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 most = self.cfg.limits_for(tenant).max_concurrent
                 if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] >= most:
                     continue
+                if self.uids is not None and not self.uids.has_free(tenant):
+                    continue  # its uids are all busy and every other uid is another tenant's
                 due = j.due_instances(self.conn, tenant, now, 1)
                 if due:
                     self._launch(tenant, due[0], "run", now, mono)
@@ -543,9 +548,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 updated_at=now,
             )
         token = secrets.token_hex(16)
-        uid = self.uids.acquire() if self.uids is not None else None
-        gid = None
-        if uid is not None:
+        acquired = self.uids.acquire(tenant) if self.uids is not None else None
+        uid = gid = None
+        if acquired is not None:
+            uid, claimed = acquired
+            if claimed:  # committed with this tick, like the activation's own row
+                j.claim_uid(self.conn, uid, tenant)
             gid = self.cfg.isolation.sandbox_gid_base + j.tenant_number(self.conn, tenant)
         act = Activation(
             aid=aid,

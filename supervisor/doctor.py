@@ -46,6 +46,7 @@ def probe(event, step):
             "seccomp": status.get("Seccomp", "").strip(),
             "cgroup": open("/proc/self/cgroup").read(),
             "interfaces": [l.split(":")[0].strip() for l in open("/proc/self/net/dev")][2:],
+            "ipc_namespace": os.readlink("/proc/self/ns/ipc"),
             "read_canary": _try(lambda: open(p["canary"]).read()),
             "read_private": _try(lambda: open(p["private"]).read()),
             "unix_socket": _try(lambda: socket.socket(socket.AF_UNIX).close()),
@@ -72,7 +73,9 @@ def _effective(name: str, facts: dict[str, Any], on: bool) -> tuple[bool, str]:
         return inside, "in its tenant cgroup" if inside else "not in a stepvisor cgroup"
     if name == "network":
         ifaces = facts["interfaces"]
-        return ifaces == ["lo"], f"interfaces {ifaces}"
+        private_ipc = facts["ipc_namespace"] != os.readlink("/proc/self/ns/ipc")
+        ipc = "a private IPC namespace" if private_ipc else "the host's IPC namespace"
+        return ifaces == ["lo"] and private_ipc, f"interfaces {ifaces}; {ipc}"
     if name == "landlock":
         blocked = facts["read_canary"] != "allowed"
         return blocked, f"a world-readable file outside its paths: {facts['read_canary']}"

@@ -9,10 +9,12 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -157,7 +159,9 @@ def _available(
             return False, blocked
         return True, "a sandbox uid/gid per activation"
     if name == "network":
-        return (root, "private network namespace") if root else (False, "needs root")
+        # Its IPC namespace (SysV objects, POSIX message queues) rides on the same layer.
+        detail = "private network and IPC namespaces"
+        return (True, detail) if root else (False, "needs root (so do IPC namespaces)")
     if name == "landlock":
         abi = landlock_abi()
         return (abi > 0, f"Landlock ABI {abi}") if abi else (False, "kernel has no Landlock")
@@ -202,28 +206,65 @@ def resolve(cfg: Config, state_dir: Path, python: str) -> tuple[dict[str, Layer]
 
 
 class UidPool:
-    """Hands out a uid no running activation holds, cycling so a uid is reused as late as can be."""
+    """Hands out sandbox uids so that no two running activations share one and no uid ever
+    serves two tenants: a uid, once given to a tenant, is owned by it for good (the journal keeps
+    the owners across restarts, `sandbox_uids`), and a tenant takes one of its own free uids,
+    oldest first, before it claims a new one. New uids are claimed cycling from a random start
+    per supervisor run.
+
+    What outlives an activation under its uid: files it wrote under the tenant's
+    `writable_paths` (or, without Landlock, in world-writable dirs such as /tmp), owned by the uid,
+    which its owner reads whatever their mode. Since the uid never serves another tenant, those
+    files reach only that tenant's later activations, which share its group anyway. Nothing else
+    stays: its processes are killed with its cgroup and process group before the uid is freed;
+    its scratch dir is removed; its SysV IPC objects and POSIX message queues are in its own IPC
+    namespace, destroyed with it; the kernel's per-uid user keyring cannot be written (seccomp
+    denies add_key, keyctl and request_key)."""
 
     def __init__(self, low: int, high: int) -> None:
         self.low, self.high = low, high
-        self.next = low
+        self.next = low + secrets.randbelow(high - low + 1)
         self.used: set[int] = set()
+        self.owner: dict[int, str] = {}
+        self.free: dict[str, deque[int]] = {}  # tenant → its own uids no activation holds
 
-    def acquire(self) -> int | None:
-        size = self.high - self.low + 1
-        for _ in range(min(size, len(self.used) + 1)):
-            uid = self.next
-            self.next = self.low if uid >= self.high else uid + 1
-            if uid not in self.used:
-                self.used.add(uid)
-                return uid
-        return None
+    def load(self, owners: dict[int, str]) -> None:
+        """The owners recorded by earlier runs (uids outside today's range do not matter)."""
+        for uid, tenant in sorted(owners.items()):
+            if self.low <= uid <= self.high and uid not in self.owner:
+                self.owner[uid] = tenant
+                self.free.setdefault(tenant, deque()).append(uid)
+
+    def acquire(self, tenant: str) -> tuple[int, bool] | None:
+        """(uid, newly claimed: the caller records the owner before using it), or None when the
+        tenant has no free uid and none is left unowned."""
+        own = self.free.get(tenant)
+        if own:
+            uid = own.popleft()
+            self.used.add(uid)
+            return uid, False
+        if len(self.owner) > self.high - self.low:
+            return None
+        while self.next in self.owner:  # ends: an unowned uid exists
+            self.next = self.low if self.next >= self.high else self.next + 1
+        uid = self.next
+        self.next = self.low if uid >= self.high else uid + 1
+        self.owner[uid] = tenant
+        self.used.add(uid)
+        return uid, True
 
     def release(self, uid: int) -> None:
-        self.used.discard(uid)
+        if uid in self.used:
+            self.used.discard(uid)
+            self.free.setdefault(self.owner[uid], deque()).append(uid)
 
-    def has_free(self) -> bool:
-        return len(self.used) <= self.high - self.low
+    def has_free(self, tenant: str | None = None) -> bool:
+        """Whether `tenant` (None: some tenant) could acquire a uid now."""
+        if len(self.owner) <= self.high - self.low:
+            return True
+        if tenant is None:
+            return len(self.used) < len(self.owner)
+        return bool(self.free.get(tenant))
 
 
 def _write(path: Path, value: str) -> None:

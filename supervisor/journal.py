@@ -224,6 +224,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE usage ADD COLUMN scratch_max_kib INTEGER NOT NULL DEFAULT 0
     """,
+    # 9: the tenant each sandbox uid was first given to; no other tenant ever gets it, so files
+    # one tenant's activations left owned by the uid never reach another tenant
+    """
+    CREATE TABLE sandbox_uids (
+        uid INTEGER PRIMARY KEY,
+        tenant TEXT NOT NULL
+    )
+    """,
 ]
 
 KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
@@ -334,6 +342,14 @@ def tenant_number(conn: sqlite3.Connection, tenant: str) -> int:
     """A small, stable number per tenant (its rowid): the basis of its sandbox group id."""
     row = conn.execute("SELECT rowid FROM tenants WHERE name = ?", (tenant,)).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def uid_owners(conn: sqlite3.Connection) -> dict[int, str]:
+    return {int(r[0]): str(r[1]) for r in conn.execute("SELECT uid, tenant FROM sandbox_uids")}
+
+
+def claim_uid(conn: sqlite3.Connection, uid: int, tenant: str) -> None:
+    conn.execute("INSERT INTO sandbox_uids (uid, tenant) VALUES (?, ?)", (uid, tenant))
 
 
 def tenant_names(conn: sqlite3.Connection) -> list[str]:

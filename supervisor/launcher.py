@@ -10,7 +10,10 @@ from pathlib import Path
 
 import msgspec
 
+from protocol.launch import Sandbox
 from supervisor.config import Limits, Paths
+
+__all__ = ["BASE_ENV", "Sandbox", "sandbox_for", "spawn"]  # Sandbox: defined in protocol.launch
 
 # Everything an activation sees of the environment; nothing of the supervisor's leaks in.
 BASE_ENV = {
@@ -20,26 +23,6 @@ BASE_ENV = {
     # glibc reserves 64 MiB of address space per arena per thread; under RLIMIT_AS that is waste.
     "MALLOC_ARENA_MAX": "2",
 }
-
-
-class Sandbox(msgspec.Struct, frozen=True):
-    """The isolation an activation applies to itself (`sandbox_host.__main__` reads it)."""
-
-    memory_mib: int
-    cpu_seconds: int
-    max_pids: int
-    scratch: str
-    uid: int | None = None  # drop to this uid (root only)
-    gid: int | None = None  # and this group, shared by the tenant's activations
-    network_namespace: bool = False  # unshare a private network namespace (root only)
-    landlock: bool = False
-    read_only: tuple[str, ...] = ()  # on top of the interpreter's own paths
-    read_write: tuple[str, ...] = ()  # on top of the scratch dir
-    seccomp: bool = False
-    allow_inet: bool = False
-    # fork mode: the cgroup.procs files it writes itself into first thing (spawn mode: the
-    # supervisor moves it, between start and token)
-    cgroup_procs: tuple[str, ...] = ()
 
 
 def sandbox_for(
@@ -54,6 +37,7 @@ def sandbox_for(
         uid=uid,
         gid=gid,
         network_namespace=on["network"] and not limits.network,
+        ipc_namespace=on["network"],  # the namespace layer: every activation, network or not
         landlock=on["landlock"],
         read_only=limits.readable_paths,
         read_write=limits.writable_paths,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from protocol.launch import ExitCode
+
 OK = "ok"
 ERROR = "error"  # the activation reported a failed step or a failed workflow
 OOM = "oom"
@@ -31,7 +33,17 @@ def classify_exit(
     code = status >> 8
     if code == 0:
         return PROTOCOL_ERROR, "exited without reporting a result"
-    return CRASHED, f"exited with code {code}"
+    return CRASHED, f"exited with code {code}{_reserved(code)}"
+
+
+def _reserved(code: int) -> str:
+    """What a reserved exit code says, e.g. ' (NO_ACK: the result was sent but never
+    acknowledged)'; nothing for other codes."""
+    try:
+        reserved = ExitCode(code)
+    except ValueError:
+        return ""
+    return f" ({reserved.name}: {reserved.meaning})"
 
 
 def _signame(signum: int) -> str:

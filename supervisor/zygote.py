@@ -18,8 +18,9 @@ from typing import IO
 
 import msgspec
 
+from protocol.launch import ForkReply, ForkRequest, Sandbox
 from supervisor.config import Paths
-from supervisor.launcher import BASE_ENV, Sandbox
+from supervisor.launcher import BASE_ENV
 
 REPLY_TIMEOUT_S = 5.0  # a request unanswered this long means the fork server is stuck
 
@@ -91,16 +92,15 @@ class Zygote:
         Without network it enters `tenant`'s network namespace, which the fork server keeps."""
         (stdin_r, stdin_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
         self.next_id += 1
-        request = {
-            "id": self.next_id,
-            "endpoint": paths.sandbox_endpoint,
-            "ppid": os.getpid(),
-            "token": token,
-            "scratch": sandbox.scratch,
-            "env": dict(BASE_ENV, HOME=sandbox.scratch, TMPDIR=sandbox.scratch),
-            "sandbox": msgspec.to_builtins(sandbox),
-            "netns": tenant if sandbox.network_namespace else None,
-        }
+        request = ForkRequest(
+            id=self.next_id,
+            endpoint=paths.sandbox_endpoint,
+            ppid=os.getpid(),
+            token=token,
+            env=dict(BASE_ENV, HOME=sandbox.scratch, TMPDIR=sandbox.scratch),
+            sandbox=sandbox,
+            netns=tenant if sandbox.network_namespace else None,
+        )
         os.close(stdin_w)  # its stdin reads as empty
         try:
             self._send(msgspec.json.encode(request), [stdin_r, out_w, err_w])
@@ -142,10 +142,10 @@ class Zygote:
             if not data:
                 raise ZygoteError(f"fork server exited (status {self.proc.poll()})")
             try:
-                reply = msgspec.json.decode(data)
-                rid, pid = int(reply["id"]), int(reply["pid"])
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+                reply = msgspec.json.decode(data, type=ForkReply)
+            except msgspec.DecodeError:
                 raise ZygoteError(f"fork server answered {data[:200]!r}") from None
+            rid, pid = reply.id, reply.pid
             entry = self.pending.pop(rid, None)
             if entry is None or pid <= 0:
                 raise ZygoteError(f"fork server answered {reply!r} to no open request")
