@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 
 from stepvisor import Client
@@ -35,6 +36,18 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 30.0, what: str = "cond
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.02)
+
+
+def wait_gone(pid: int, timeout_s: float, what: str) -> None:
+    """Wait until process `pid` has exited (gone, or a zombie nobody reaped yet)."""
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, timeout_s, what)
 
 
 def reaped_activations(client: Any, tenant: str, instance: str) -> list[dict[str, Any]]:

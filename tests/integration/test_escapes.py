@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from stepvisor.client import StepVisorError
-from tests.conftest import deploy_source, wait_for
+from tests.conftest import deploy_source, wait_for, wait_gone
 from tests.integration.arena import ATTACKER, VICTIM, Arena
 
 
@@ -272,14 +272,7 @@ def test_a_daemonised_grandchild_dies_with_its_activation(arena: Arena, shared: 
     )
     assert st["status"] == "complete"
     escapee = int(pidfile.read_text())
-    wait_for(
-        lambda: (
-            not psutil.pid_exists(escapee)
-            or psutil.Process(escapee).status() == psutil.STATUS_ZOMBIE
-        ),
-        10,
-        "the daemonised grandchild to be killed with its activation's cgroup",
-    )
+    wait_gone(escapee, 10, "the daemonised grandchild to be killed with its activation's cgroup")
 
 
 def test_garbage_on_its_own_channel_is_a_protocol_error(arena: Arena) -> None:

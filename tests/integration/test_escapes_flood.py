@@ -8,12 +8,11 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from stepvisor import Client
 from supervisor.output import MAX_OUTPUT_LINES
-from tests.conftest import Daemon, deploy_source, wait_for
+from tests.conftest import Daemon, deploy_source, wait_for, wait_gone
 from tests.integration.arena import ATTACKER, VICTIM, Arena
 
 # A step that leaves a daemonised process behind (setsid, double fork) running `{body}`, and
@@ -50,14 +49,7 @@ def test_an_output_flood_stalls_nobody_and_is_cut(arena: Arena) -> None:
         prober.close()
     assert st["status"] == "complete", st
     flooder = st["output"]
-    wait_for(
-        lambda: (
-            not psutil.pid_exists(flooder)
-            or psutil.Process(flooder).status() == psutil.STATUS_ZOMBIE
-        ),
-        15,
-        "the left-behind flooder to be killed",
-    )
+    wait_gone(flooder, 15, "the left-behind flooder to be killed")
     dropped = arena.daemon.events("tenant.output_dropped", tenant="evil")
     assert len(dropped) == 1, dropped  # said once, not once per line
     lines = arena.daemon.events("tenant.output", tenant="evil", instance="flood")
@@ -156,14 +148,7 @@ def test_without_cgroups_a_daemonised_grandchild_dies_by_its_uid(
     st = c.wait("evil", "d", timeout_s=60)
     assert st["status"] == "complete", st
     escapee = st["output"]
-    wait_for(
-        lambda: (
-            not psutil.pid_exists(escapee)
-            or psutil.Process(escapee).status() == psutil.STATUS_ZOMBIE
-        ),
-        15,
-        "the daemonised grandchild to be killed by its sandbox uid",
-    )
+    wait_gone(escapee, 15, "the daemonised grandchild to be killed by its sandbox uid")
 
 
 def test_a_scratch_full_of_files_is_deleted_off_the_loop(arena: Arena) -> None:

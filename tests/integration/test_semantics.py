@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Daemon, deploy_source, wait_for, writable
+from tests.conftest import Daemon, deploy_source, wait_for, wait_gone, writable
 
 
 def run(
@@ -339,14 +339,7 @@ def test_step_timeout_kills_the_whole_process_group(make_daemon, shared: Path) -
     outcomes = [a["outcome"] for a in history(daemon)["activations"]]
     assert outcomes[0] == "wall_timeout"
     grandchild = int(pidfile.read_text())
-    wait_for(
-        lambda: (
-            not psutil.pid_exists(grandchild)
-            or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
-        ),
-        10,
-        "the step's grandchild to be killed",
-    )
+    wait_gone(grandchild, 10, "the step's grandchild to be killed")
 
 
 @pytest.mark.parametrize(

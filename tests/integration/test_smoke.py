@@ -1,4 +1,4 @@
-from tests.conftest import Daemon, deploy_source
+from tests.conftest import Daemon, deploy_source, wait_for
 
 SRC = """
 from stepvisor import workflow
@@ -23,5 +23,10 @@ def test_plain_workflow_runs_one_process_per_step(daemon: Daemon) -> None:
     assert st["activations"] == 4  # N steps + 1 to return
     pids = {a["pid"] for a in c.history("acme", "i1")["activations"]}
     assert len(pids) == 4  # a fresh process each time
-    logged = {e["pid"] for e in daemon.events("activation.finished", instance="i1")}
-    assert logged == pids
+    # The last activation's line is logged when it is reaped, a moment after the result.
+    logged = wait_for(
+        lambda: {e["pid"] for e in daemon.events("activation.finished", instance="i1")} == pids,
+        10,
+        "every activation to be reaped and logged",
+    )
+    assert logged
