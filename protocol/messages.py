@@ -6,6 +6,7 @@ drifts between peers; the supervisor validates it and stores it as-is.
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Literal
 
 import msgspec
@@ -40,8 +41,20 @@ DelayS = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S)]
 DurationMs = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S * 1000 * 2)]
 MonotonicS = Annotated[float, msgspec.Meta(ge=0, le=MAX_MONOTONIC_S)]
 
-Status = Literal["queued", "running", "paused", "waiting", "errored", "terminated", "complete"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"errored", "terminated", "complete"})
+
+class Status(enum.StrEnum):
+    """An instance's status. `supervisor.engine` is the only writer of it."""
+
+    QUEUED = "queued"  # created (or restarted), never activated
+    RUNNING = "running"  # an activation holds it, or it is due for its next one
+    PAUSED = "paused"
+    WAITING = "waiting"  # sleeping, or waiting for an event
+    ERRORED = "errored"
+    TERMINATED = "terminated"
+    COMPLETE = "complete"
+
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({Status.ERRORED, Status.TERMINATED, Status.COMPLETE})
 ControlOp = Literal["pause", "resume", "terminate", "restart", "delete"]
 Backoff = Literal["constant", "linear", "exponential"]
 

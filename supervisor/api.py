@@ -189,7 +189,7 @@ def _create_one(
     row = _existing(host, tenant, workflow, instance, params)
     if row is not None:
         return row, False  # same id, same request: idempotent
-    j.insert_instance(host.conn, tenant, instance, workflow, version, params, now)
+    engine.create(host.conn, tenant, instance, workflow, version, params, now)
     row = j.get_instance(host.conn, tenant, instance)
     assert row is not None
     return row, True
@@ -328,45 +328,22 @@ def send_event(host: Host, req: SendEvent, identity: bytes, now: float) -> objec
 
 def control(host: Host, req: Control, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
-    state, leased = inst["status"], inst["lease"] is not None
     tenant, iid = req.tenant, req.id
+
+    def stop() -> None:
+        host.kill_instance_activation(tenant, iid, "killed_by_operator")
+
     if req.op == "pause":
-        if state in TERMINAL_STATUSES:
-            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot pause a {state} instance")
-        if leased:
-            j.update_instance(host.conn, tenant, iid, pause_requested=1, updated_at=now)
-        elif state != "paused":
-            j.update_instance(host.conn, tenant, iid, status="paused", wake_at=None, updated_at=now)
+        engine.pause(host.conn, inst, now)
     elif req.op == "resume":
-        if leased and inst["pause_requested"]:
-            j.update_instance(host.conn, tenant, iid, pause_requested=0, updated_at=now)
-        elif state != "paused":
-            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot resume a {state} instance")
-        else:
-            resumed = "running" if inst["steps"] or inst["activations"] else "queued"
-            j.update_instance(host.conn, tenant, iid, status=resumed, wake_at=now, updated_at=now)
+        engine.resume(host.conn, inst, now)
     elif req.op == "terminate":
-        if state in TERMINAL_STATUSES:
-            raise ProtocolError(ErrorCode.INVALID_STATE, f"cannot terminate a {state} instance")
-        if leased:
-            host.kill_instance_activation(tenant, iid, "killed_by_operator")
-        j.update_instance(
-            host.conn,
-            tenant,
-            iid,
-            status="terminated",
-            wake_at=None,
-            lease=None,
-            pause_requested=0,
-            updated_at=now,
-        )
+        engine.terminate(host.conn, inst, now, stop)
     elif req.op == "restart":
-        if leased:
-            host.kill_instance_activation(tenant, iid, "killed_by_operator")
-        j.reset_instance(host.conn, tenant, iid, now)
+        engine.restart(host.conn, inst, now, stop)
     elif req.op == "delete":
-        if leased:
-            host.kill_instance_activation(tenant, iid, "killed_by_operator")
+        if inst["lease"] is not None:
+            stop()
         j.delete_instance(host.conn, tenant, iid)
         return {"tenant": tenant, "id": iid, "deleted": True}
     row = j.get_instance(host.conn, tenant, iid)

@@ -536,17 +536,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         launched_at, launched_mono = time.time(), time.monotonic()
         aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at)
         if instance is not None:
-            row = j.get_instance(self.conn, tenant, instance)
-            assert row is not None
-            j.update_instance(
-                self.conn,
-                tenant,
-                instance,
-                lease=aid,
-                status="running",
-                activations=row["activations"] + 1,
-                updated_at=now,
-            )
+            engine.launched(self.conn, tenant, instance, aid, now)
         token = secrets.token_hex(16)
         acquired = self.uids.acquire(tenant) if self.uids is not None else None
         uid = gid = None

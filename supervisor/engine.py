@@ -1,6 +1,9 @@
-"""The durable state machine: how each activation message, crash or timeout changes the journal.
+"""The durable state machine: how each activation message, crash, timeout or operator request
+changes the journal and the instance.
 
-Every function runs inside the loop's open transaction and is idempotent where a replayed activation
+This module is the only writer of an instance's status (`protocol.messages.Status`): the API, the
+loop and the journal's SQL ask it for a transition and never set a status themselves. Every
+function runs inside the loop's open transaction and is idempotent where a replayed activation
 may repeat a command (a re-sent sleep or wait keeps its original deadline).
 """
 
@@ -9,13 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_TIMEOUT_S
 from protocol.messages import (
+    TERMINAL_STATUSES,
     Activate,
     ErrorInfo,
     SleepCmd,
+    Status,
     StepResult,
     StepStarted,
     WaitEventCmd,
@@ -55,7 +62,7 @@ def release(
     instance: str,
     now: float,
     *,
-    status: str,
+    status: Status,
     wake_at: float | None,
     **fields: Any,
 ) -> None:
@@ -63,8 +70,8 @@ def release(
     row = j.get_instance(conn, tenant, instance)
     if row is None:
         return
-    if row["pause_requested"] and status not in ("complete", "errored", "terminated"):
-        status, wake_at = "paused", None
+    if row["pause_requested"] and status not in TERMINAL_STATUSES:
+        status, wake_at = Status.PAUSED, None
     if wake_at is not None and wake_at <= now:
         # Due now: sort it by its creation time, so within a tenant the oldest instance goes
         # first and started workflows finish before new ones start (depth first, not lockstep).
@@ -221,7 +228,7 @@ def step_started(
         timeout_s=msg.timeout_s,
         started_at=now,
     )
-    j.update_instance(conn, tenant, instance, status="running", updated_at=now)
+    j.update_instance(conn, tenant, instance, status=Status.RUNNING, updated_at=now)
 
 
 def step_result(
@@ -239,7 +246,7 @@ def step_result(
             finished_at=now,
             duration_ms=msg.duration_ms,
         )
-        release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+        release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=now, failures=0)
         return
     err = msg.error or ErrorInfo(type="Error", message="step failed")
     step_failed(
@@ -268,7 +275,7 @@ def step_failed(
     """A failed attempt: schedule the retry its policy allows, or journal the final error."""
     row = j.get_entry(conn, tenant, instance, seq)
     if row is None:  # cannot happen after StepStarted; be safe rather than crash the loop
-        release(conn, tenant, instance, now, status="running", wake_at=now)
+        release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=now)
         return "error"
     attempt = int(row["attempts"])
     j.add_attempt_error(conn, tenant, instance, seq, attempt, err, now)
@@ -283,7 +290,7 @@ def step_failed(
             error=j.encode_error(err),
             duration_ms=duration_ms,
         )
-        release(conn, tenant, instance, now, status="running", wake_at=wake, failures=0)
+        release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=wake, failures=0)
         return "retry"
     j.upsert_entry(
         conn,
@@ -295,7 +302,7 @@ def step_failed(
         finished_at=now,
         duration_ms=duration_ms,
     )
-    release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+    release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=now, failures=0)
     return "error"
 
 
@@ -313,7 +320,7 @@ def sleep(conn: sqlite3.Connection, tenant: str, instance: str, msg: SleepCmd, n
         until=until,
         started_at=now if existing is None else existing["started_at"],
     )
-    release(conn, tenant, instance, now, status="waiting", wake_at=max(until, now), failures=0)
+    release(conn, tenant, instance, now, status=Status.WAITING, wake_at=max(until, now), failures=0)
 
 
 def event_result(row: sqlite3.Row) -> bytes:
@@ -346,15 +353,15 @@ def wait_event(
             result=event_result(event),
             **entry,
         )
-        release(conn, tenant, instance, now, status="running", wake_at=now, failures=0)
+        release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=now, failures=0)
         return
     j.upsert_entry(conn, tenant, instance, msg.seq, status="waiting", **entry)
-    release(conn, tenant, instance, now, status="waiting", wake_at=deadline, failures=0)
+    release(conn, tenant, instance, now, status=Status.WAITING, wake_at=deadline, failures=0)
 
 
 def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: float) -> bool:
     """After storing an event: if the instance is parked waiting for this type, wake it now."""
-    if inst["status"] != "waiting" or inst["lease"] is not None:
+    if inst["status"] != Status.WAITING or inst["lease"] is not None:
         return False
     last = j.last_entry(conn, inst["tenant"], inst["id"])
     if last is None:
@@ -374,7 +381,7 @@ def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: 
         result=event_result(event),
     )
     j.update_instance(
-        conn, inst["tenant"], inst["id"], status="running", wake_at=now, updated_at=now
+        conn, inst["tenant"], inst["id"], status=Status.RUNNING, wake_at=now, updated_at=now
     )
     return True
 
@@ -387,7 +394,7 @@ def complete(
         tenant,
         instance,
         now,
-        status="complete",
+        status=Status.COMPLETE,
         wake_at=None,
         output=output,
         error=None,
@@ -396,7 +403,8 @@ def complete(
 
 
 def fail(conn: sqlite3.Connection, tenant: str, instance: str, err: ErrorInfo, now: float) -> None:
-    release(conn, tenant, instance, now, status="errored", wake_at=None, error=j.encode_error(err))
+    error = j.encode_error(err)
+    release(conn, tenant, instance, now, status=Status.ERRORED, wake_at=None, error=error)
 
 
 def activation_failed(
@@ -419,13 +427,13 @@ def activation_failed(
             tenant,
             instance,
             now,
-            status="errored",
+            status=Status.ERRORED,
             wake_at=None,
             failures=failures,
             error=j.encode_error(final),
         )
         return "errored"
-    status = "running" if row["status"] not in ("queued",) else "queued"
+    status = Status.QUEUED if row["status"] == Status.QUEUED else Status.RUNNING
     release(
         conn,
         tenant,
@@ -451,7 +459,95 @@ def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float
             attempts=max(0, int(last["attempts"]) - 1),
         )
     row = j.get_instance(conn, tenant, instance)
-    if row is not None and row["status"] not in ("complete", "errored", "terminated", "paused"):
+    if row is not None and row["status"] not in TERMINAL_STATUSES | {Status.PAUSED}:
         j.update_instance(conn, tenant, instance, lease=None, wake_at=now, updated_at=now)
     elif row is not None:
         j.update_instance(conn, tenant, instance, lease=None, updated_at=now)
+
+
+# ------------------------------------------------------------------ lifecycle: create, launch,
+# operator requests
+
+
+def create(
+    conn: sqlite3.Connection,
+    tenant: str,
+    instance: str,
+    workflow: str,
+    version: str,
+    params: bytes,
+    now: float,
+) -> bool:
+    """A new instance, queued and due now; False when the id is taken (nothing changes)."""
+    return j.insert_instance(conn, tenant, instance, workflow, version, params, now, Status.QUEUED)
+
+
+def launched(conn: sqlite3.Connection, tenant: str, instance: str, aid: int, now: float) -> None:
+    """Activation `aid` holds the instance now (its lease) and drives it."""
+    row = j.get_instance(conn, tenant, instance)
+    assert row is not None
+    j.update_instance(
+        conn,
+        tenant,
+        instance,
+        lease=aid,
+        status=Status.RUNNING,
+        activations=row["activations"] + 1,
+        updated_at=now,
+    )
+
+
+def _refuse(inst: sqlite3.Row, op: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_STATE, f"cannot {op} a {inst['status']} instance")
+
+
+def pause(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
+    """Pause now, or, while an activation holds it, once that activation is done (`release`)."""
+    if inst["status"] in TERMINAL_STATUSES:
+        raise _refuse(inst, "pause")
+    tenant, iid = inst["tenant"], inst["id"]
+    if inst["lease"] is not None:
+        j.update_instance(conn, tenant, iid, pause_requested=1, updated_at=now)
+    elif inst["status"] != Status.PAUSED:
+        j.update_instance(conn, tenant, iid, status=Status.PAUSED, wake_at=None, updated_at=now)
+
+
+def resume(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
+    """Take back a pending pause, or make a paused instance due again."""
+    tenant, iid = inst["tenant"], inst["id"]
+    if inst["lease"] is not None and inst["pause_requested"]:
+        j.update_instance(conn, tenant, iid, pause_requested=0, updated_at=now)
+    elif inst["status"] != Status.PAUSED:
+        raise _refuse(inst, "resume")
+    else:
+        resumed = Status.RUNNING if inst["steps"] or inst["activations"] else Status.QUEUED
+        j.update_instance(conn, tenant, iid, status=resumed, wake_at=now, updated_at=now)
+
+
+def terminate(
+    conn: sqlite3.Connection, inst: sqlite3.Row, now: float, stop: Callable[[], None]
+) -> None:
+    """End it for good; `stop` kills the activation that holds it, if one does."""
+    if inst["status"] in TERMINAL_STATUSES:
+        raise _refuse(inst, "terminate")
+    if inst["lease"] is not None:
+        stop()
+    j.update_instance(
+        conn,
+        inst["tenant"],
+        inst["id"],
+        status=Status.TERMINATED,
+        wake_at=None,
+        lease=None,
+        pause_requested=0,
+        updated_at=now,
+    )
+
+
+def restart(
+    conn: sqlite3.Connection, inst: sqlite3.Row, now: float, stop: Callable[[], None]
+) -> None:
+    """From the start: journal and consumed events dropped, params and pinned code kept."""
+    if inst["lease"] is not None:
+        stop()
+    j.reset_instance(conn, inst["tenant"], inst["id"], now, Status.QUEUED)

@@ -426,13 +426,15 @@ def insert_instance(
     version: str,
     params: bytes,
     now: float,
+    status: str,
 ) -> bool:
-    """Create a queued instance. False when the id is already taken (the row is left untouched)."""
+    """Create an instance, due now. False when the id is already taken (the row is left
+    untouched)."""
     cur = conn.execute(
         "INSERT INTO instances (tenant, id, workflow, version, status, params, wake_at,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT DO NOTHING",
-        (tenant, instance, workflow, version, params, now, now, now),
+        (tenant, instance, workflow, version, status, params, now, now, now),
     )
     return cur.rowcount == 1
 
@@ -511,7 +513,9 @@ def incremental_vacuum(conn: sqlite3.Connection, pages: int) -> None:
     conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
 
 
-def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:
+def reset_instance(
+    conn: sqlite3.Connection, tenant: str, instance: str, now: float, status: str
+) -> None:
     """Restart from scratch: drop the journal and consumed events, keep params and pinned code."""
     args = (tenant, instance)
     conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
@@ -523,7 +527,7 @@ def reset_instance(conn: sqlite3.Connection, tenant: str, instance: str, now: fl
         conn,
         tenant,
         instance,
-        status="queued",
+        status=status,
         output=None,
         error=None,
         wake_at=now,

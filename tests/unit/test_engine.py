@@ -25,7 +25,7 @@ ERR = ErrorInfo(type="ValueError", message="nope", traceback="Traceback ...")
 def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     c = j.connect(tmp_path / "stepvisor.db")
     with j.transaction(c):
-        assert j.insert_instance(c, TENANT, IID, "wf", "v1", b"null", T0)
+        assert engine.create(c, TENANT, IID, "wf", "v1", b"null", T0)
         j.update_instance(c, TENANT, IID, lease=1)  # an activation is running for it
     yield c
     c.close()

@@ -35,7 +35,7 @@ def add(
     now: float = T0,
     params: bytes = b"null",
 ) -> bool:
-    return j.insert_instance(conn, tenant, iid, "wf", "v1", params, now)
+    return j.insert_instance(conn, tenant, iid, "wf", "v1", params, now, "queued")
 
 
 # ---------------------------------------------------------------- schema
@@ -192,7 +192,7 @@ def test_insert_instance_creates_a_queued_due_instance(conn: sqlite3.Connection)
 def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: sqlite3.Connection) -> None:
     assert add(conn, "i1", params=b"1")
     j.update_instance(conn, "acme", "i1", status="running", lease=7)
-    assert j.insert_instance(conn, "acme", "i1", "other", "v9", b"2", T0 + 50) is False
+    assert j.insert_instance(conn, "acme", "i1", "other", "v9", b"2", T0 + 50, "queued") is False
     row = j.get_instance(conn, "acme", "i1")
     assert row is not None
     assert (
@@ -388,7 +388,7 @@ def test_delete_instance_removes_journal_and_events(conn: sqlite3.Connection) ->
 
 def test_reset_instance_clears_the_journal_and_requeues(conn: sqlite3.Connection) -> None:
     _instance_with_history(conn, "i1")
-    j.reset_instance(conn, "acme", "i1", T0 + 500)
+    j.reset_instance(conn, "acme", "i1", T0 + 500, "queued")
     row = j.get_instance(conn, "acme", "i1")
     assert row is not None
     assert j.journal_rows(conn, "acme", "i1") == []

@@ -153,7 +153,7 @@ def test_an_inspection_that_does_not_match_the_code_fails_the_deploy(
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     c = j.connect(tmp_path / "stepvisor.db")
-    j.insert_instance(c, "acme", "i", "wf", "v1", b"null", T0)
+    j.insert_instance(c, "acme", "i", "wf", "v1", b"null", T0, "queued")
     j.upsert_entry(c, "acme", "i", 0, kind="step", name="a", status="retry", started_at=T0)
     j.upsert_entry(
         c, "acme", "i", 1, kind="wait_event", name="w", event_type="go", status="waiting",
