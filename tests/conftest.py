@@ -22,6 +22,7 @@ import pytest
 
 from stepvisor import Client
 from stepvisor.client import StepVisorError
+from supervisor import disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,6 +202,15 @@ def make_daemon(tmp_short: Path) -> Iterator[Callable[..., Daemon]]:
         if d.proc is not None:
             os.system(f"pkill -KILL -f 'sandbox_host --endpoint ipc://{d.run_dir}' 2>/dev/null")
             remove_cgroups(d.state)
+            unmount_scratch(d.run_dir)
+
+
+def unmount_scratch(run_dir: Path) -> None:
+    """The tenants' scratch tmpfs mounts a SIGKILLed supervisor left (its next start would
+    sweep them; a test's supervisor has no next start)."""
+    for point in disk.mounts_under(run_dir):
+        with contextlib.suppress(disk.DiskError):
+            disk.unmount(point)
 
 
 def remove_cgroups(state_dir: Path) -> None:
