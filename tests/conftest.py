@@ -23,6 +23,9 @@ import pytest
 from stepvisor import Client
 from stepvisor.client import StepVisorError
 
+# PostgreSQL fixtures, imported here so that every test can ask for them.
+from tests.pg import pg_cluster, pg_db, pg_url  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
