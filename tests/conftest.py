@@ -24,6 +24,9 @@ from stepvisor import Client
 from stepvisor.client import StepVisorError
 from supervisor import disk
 
+# PostgreSQL fixtures, imported here so that every test can ask for them.
+from tests.pg import pg_cluster, pg_db, pg_url  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
