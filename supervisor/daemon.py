@@ -22,13 +22,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
 import zmq
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
 from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
-from supervisor import dirs, disk, engine, isolation, launcher, logs, outcome, retention, sdnotify
+from supervisor import (
+    dirs,
+    disk,
+    engine,
+    isolation,
+    launcher,
+    logs,
+    outcome,
+    recovery,
+    retention,
+    sdnotify,
+)
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
@@ -174,7 +184,14 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             )
         if self.uids is not None:
             self.uids.load(j.uid_owners(self.conn))
-        self._recover()
+        recovery.recover(
+            self.conn,
+            self.cfg,
+            self.cgroups,
+            self.scratch,
+            with_uids=self.uids is not None,
+            log=self.log,
+        )
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.client = self._bind(
             self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group), 2 * MAX_CLIENT
@@ -420,42 +437,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 self._reload()
 
     # ------------------------------------------------------------------ recovery
-
-    def _recover(self) -> None:
-        """Kill what a dead supervisor left behind; re-run interrupted steps, not journaled ones."""
-        now = time.time()
-        if self.cgroups is not None:
-            killed = self.cgroups.sweep()
-            if killed:
-                self.log.info("recovery.killed_leftovers", processes=killed)
-        with j.transaction(self.conn):
-            leftovers = j.open_activations(self.conn)
-            groups = {int(a["pid"]) for a in leftovers if a["pid"]}
-            low, high = self.cfg.isolation.sandbox_uid_range
-            for proc in psutil.process_iter(["pid", "uids"]) if groups else ():
-                with contextlib.suppress(ProcessLookupError, psutil.Error):
-                    if os.getpgid(proc.pid) not in groups or proc.pid == os.getpid():
-                        continue
-                    # A group id the dead run recorded may have been reused since by a process
-                    # that is not ours: with sandbox uids, only kill what runs as one.
-                    if self.uids is None or low <= proc.info["uids"].real <= high:
-                        proc.kill()
-            for a in leftovers:
-                j.update_activation(
-                    self.conn,
-                    a["id"],
-                    finished_at=now,
-                    outcome=a["outcome"] or outcome.INTERRUPTED,
-                    detail=a["detail"] or "the supervisor stopped while it ran",
-                )
-            for inst in j.leased_instances(self.conn):
-                engine.interrupted(self.conn, inst["tenant"], inst["id"], now)
-                self.log.info("recovery.requeued", tenant=inst["tenant"], instance=inst["id"])
-        # After the kills above: nothing of a dead run writes there any more.
-        if unmounted := self.scratch.sweep():
-            self.log.info("recovery.unmounted_scratch", mounts=unmounted)
-        if leftovers:
-            self.log.info("recovery.done", interrupted=len(leftovers))
 
     # ------------------------------------------------------------------ client API
 
