@@ -24,7 +24,7 @@ from supervisor.config import Config, Paths, resolve_paths
 
 PROBE_TENANT = "_doctor"  # not a valid tenant name: never collides with a real one
 PROBE_SOURCE = """
-import os, resource, socket, sys
+import ctypes, os, resource, socket, sys
 from stepvisor import workflow
 
 def _try(fn):
@@ -33,6 +33,11 @@ def _try(fn):
         return "allowed"
     except OSError as exc:
         return exc.strerror
+
+def _user_namespace():
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 @workflow("probe")
 def probe(event, step):
@@ -50,6 +55,9 @@ def probe(event, step):
             "read_canary": _try(lambda: open(p["canary"]).read()),
             "read_private": _try(lambda: open(p["private"]).read()),
             "unix_socket": _try(lambda: socket.socket(socket.AF_UNIX).close()),
+            "dgram_pair": _try(lambda: [s.close() for s in socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_DGRAM)]),
+            "user_namespace": _try(_user_namespace),
             "tcp_loopback": _try(tcp),
             "rlimit_as_mib": resource.getrlimit(resource.RLIMIT_AS)[0] >> 20,
             "rlimit_cpu_s": resource.getrlimit(resource.RLIMIT_CPU)[0],
@@ -80,9 +88,11 @@ def _effective(name: str, facts: dict[str, Any], on: bool) -> tuple[bool, str]:
         blocked = facts["read_canary"] != "allowed"
         return blocked, f"a world-readable file outside its paths: {facts['read_canary']}"
     if name == "seccomp":
-        return facts["seccomp"] == "2" and facts["unix_socket"] != "allowed", (
+        denied = ("unix_socket", "dgram_pair", "user_namespace")
+        return facts["seccomp"] == "2" and all(facts[k] != "allowed" for k in denied), (
             f"Seccomp mode {facts['seccomp']}; new socket: {facts['unix_socket']}; "
-            f"TCP to loopback: {facts['tcp_loopback']}"
+            f"datagram socketpair: {facts['dgram_pair']}; "
+            f"user namespace: {facts['user_namespace']}; TCP to loopback: {facts['tcp_loopback']}"
         )
     if name == "disk":
         size, want = facts["scratch_mib"], facts["disk_mib"]
