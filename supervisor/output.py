@@ -141,8 +141,9 @@ class OutputCapture:
         if not pipe.throttled:
             self.poller.unregister(fd)
         del self.pipes[fd]
-        if pipe.partial and not pipe.throttled:
-            pipe.queue.append((pipe.act.seq, pipe.act.step, b"\n"))  # flush the last line
+        last = pipe.queue[-1][2] if pipe.queue else pipe.partial
+        if last and not last.endswith(b"\n") and not pipe.throttled:
+            pipe.queue.append((pipe.act.seq, pipe.act.step, b"\n"))  # end the last line
         if pipe.queue:
             self.leftover.append(pipe)
 
