@@ -5,7 +5,6 @@ connection and the running activations; split out so the loop (daemon.py) reads 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections import Counter
 from typing import Any
@@ -40,6 +39,7 @@ from supervisor.activation import (
     Activation,
     DeployRequest,
 )
+from supervisor.journal.db import Db
 from supervisor.output import OutputCapture
 from supervisor.remote_api import RemoteApi
 
@@ -100,7 +100,7 @@ def deployed_workflows(d: DeployRequest, reported: list[str]) -> list[str]:
 class ActivationMessages:
     """Handlers for messages on the sandbox socket; mixed into `daemon.Supervisor`."""
 
-    conn: sqlite3.Connection
+    conn: Db
     client: zmq.Socket[bytes]
     remote: RemoteApi | None
     sandbox: zmq.Socket[bytes]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,6 +42,7 @@ from supervisor import engine
 from supervisor import journal as j
 from supervisor.activation import DeployRequest
 from supervisor.config import Config
+from supervisor.journal.db import Db, Row
 
 DEFERRED = object()
 # Results, outputs and errors one history or list reply carries, well inside what a client
@@ -53,7 +53,7 @@ HISTORY_BUDGET_BYTES = MAX_REPLY_BYTES // 2
 class Host(Protocol):
     """What handlers need of the supervisor beyond the database."""
 
-    conn: sqlite3.Connection
+    conn: Db
     cfg: Config
 
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None: ...
@@ -73,7 +73,7 @@ class Host(Protocol):
     def server_key(self) -> str: ...
 
 
-def status_view(row: sqlite3.Row, *, full: bool = True) -> dict[str, Any]:
+def status_view(row: Row, *, full: bool = True) -> dict[str, Any]:
     """An instance as users see it; not `full`: without its output and error traceback."""
     error = _error_view(row["error"])
     if error is not None and not full:
@@ -111,7 +111,7 @@ def _tenant(host: Host, tenant: str) -> None:
         raise ProtocolError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} has deployed no code")
 
 
-def _instance(host: Host, tenant: str, instance: str) -> sqlite3.Row:
+def _instance(host: Host, tenant: str, instance: str) -> Row:
     _tenant(host, tenant)
     row = j.get_instance(host.conn, tenant, instance)
     if row is None:
@@ -148,9 +148,7 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
     return DEFERRED
 
 
-def _existing(
-    host: Host, tenant: str, workflow: str, instance: str, params: bytes
-) -> sqlite3.Row | None:
+def _existing(host: Host, tenant: str, workflow: str, instance: str, params: bytes) -> Row | None:
     """The instance a create names, when it exists with the same workflow and params (a retry
     after a lost reply: the answer is the instance, whatever the cap); ALREADY_EXISTS when it
     exists with others; None when the id is new."""
@@ -185,7 +183,7 @@ def _room(host: Host, tenant: str, adding: int) -> None:
 
 def _create_one(
     host: Host, tenant: str, workflow: str, version: str, instance: str, params: bytes, now: float
-) -> tuple[sqlite3.Row, bool]:
+) -> tuple[Row, bool]:
     row = _existing(host, tenant, workflow, instance, params)
     if row is not None:
         return row, False  # same id, same request: idempotent

@@ -8,7 +8,6 @@ sent with (see `remote_api.authorize`). A mixin of `daemon.Supervisor`.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, cast
 
 import zmq
@@ -18,13 +17,14 @@ from protocol.errors import ErrorCode, ProtocolError
 from supervisor import api
 from supervisor import journal as j
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK
+from supervisor.journal.db import Db
 from supervisor.remote_api import ADMIN, RemoteApi, authorize
 
 LOCAL, REMOTE = b"L", b"R"
 
 
 class ClientRequests:
-    conn: sqlite3.Connection
+    conn: Db
     client: zmq.Socket[bytes]
     remote: RemoteApi | None
     tenants: list[str]

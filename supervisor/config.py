@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from protocol.limits import TENANT_RE
 
@@ -136,6 +138,10 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # a remote API for platform backends, secured with CURVE keys (`stepvisor keys new`), e.g.
     # "tcp://0.0.0.0:7700"; empty: none
     tcp_endpoint: str = ""
+    # the state database: empty, the embedded SQLite file in state_dir; or a PostgreSQL libpq URL
+    # shared by every node, e.g. "postgresql://stepvisor@db.internal:5432/stepvisor" or
+    # "postgresql:///stepvisor?host=/run/postgresql" (a unix socket)
+    database: str = ""
     # members of this group may use the ipc:// API socket (0660); empty: root's group only
     api_group: str = ""
     log_file: str = ""
@@ -242,8 +248,23 @@ def parse(text: str, *, source: str = "<config>") -> Config:
     tcp = cfg.server.tcp_endpoint
     if tcp and not re.match(r"^tcp://[^:/]+:(\d+|\*)\Z", tcp):
         raise ConfigError(f"{source}: `server.tcp_endpoint`: expected tcp://HOST:PORT, got {tcp!r}")
+    if why := database_error(cfg.server.database):
+        raise ConfigError(f"{source}: `server.database`: {why}")
     resolve_paths(cfg)
     return cfg
+
+
+def database_error(url: str) -> str | None:
+    """Why `[server] database` cannot name a PostgreSQL database, or None (empty is SQLite)."""
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        return f"expected a postgresql:// URL (or nothing, for SQLite), got {url[:40]!r}"
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        return f"not a valid libpq URL: {exc}"
+    return None
 
 
 def with_dirs(cfg: Config, state_dir: str | None, runtime_dir: str | None) -> Config:
@@ -271,6 +292,7 @@ RESTART_KEYS = frozenset(
         "server.launch_mode",
         "server.fork_spares",
         "server.synchronous",
+        "server.database",
         "server.log_file",
         "server.log_level",
     }

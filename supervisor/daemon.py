@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import zmq
 
 from protocol.errors import ErrorCode, ProtocolError
@@ -170,11 +171,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.cfg.server.launch_mode == "fork":
             # Forked activations are re-parented to us, so we reap them like spawned ones.
             _set_child_subreaper()
-        self.conn = j.connect(
-            self.paths.db,
-            synchronous=self.cfg.server.synchronous,
-            before_rebuild=self._before_rebuild,
-        )
+        self.conn = self._connect()
         if not j.is_incremental(self.conn):
             self.log.warning(
                 "database.not_incremental",
@@ -221,12 +218,25 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             api=self.paths.api_endpoint,
             sandbox=self.paths.sandbox_endpoint,
             state_dir=str(self.paths.state_dir),
-            db=str(self.paths.db),
+            db=self.conn.describe(),
             python=self.paths.python,
             launch_mode=self.cfg.server.launch_mode,
             pid=os.getpid(),
         )
         self.notify.ready(self._status())
+
+    def _connect(self) -> j.Db:
+        database = self.cfg.server.database
+        try:
+            return j.connect(
+                database or self.paths.db,
+                synchronous=self.cfg.server.synchronous,
+                before_rebuild=self._before_rebuild,
+            )
+        except psycopg.Error as exc:
+            raise StartupError(
+                f"server.database: cannot use {j.safe_url(database)}: {str(exc).strip()}"
+            ) from None
 
     def _before_rebuild(self, size: int) -> None:
         """The database is rebuilt once for incremental vacuum: tell systemd it may take a while
@@ -376,7 +386,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.durable_outbox and self.unsynced and self.cfg.server.synchronous == "acked":
             # One fsync for everything this tick acknowledges; what no tick acknowledged yet
             # (launches, step starts, reap records) rides along.
-            j.sync_wal(self.paths.db)
+            self.conn.sync()
             self.unsynced = False
         committed = time.monotonic()
         for act in self.settled_this_tick:
@@ -384,7 +394,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.settled_this_tick.clear()
         self._flush()
         if self.vacuum_due:  # after the acknowledgements: nothing waits for it
-            j.incremental_vacuum(self.conn, retention.VACUUM_PAGES)
+            j.give_back_space(self.conn, retention.VACUUM_PAGES)
             self.vacuum_due = False
         self.notify.watchdog(mono, self._status)
 

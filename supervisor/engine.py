@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from protocol.messages import (
 )
 from supervisor import journal as j
 from supervisor.config import Limits
+from supervisor.journal.db import Db, Row
 
 PENDING_STEP = frozenset({"retry", "running"})
 
@@ -57,7 +57,7 @@ def retry_delay_s(delay_s: float, backoff: str, attempt: int) -> float:
 
 
 def release(
-    conn: sqlite3.Connection,
+    conn: Db,
     tenant: str,
     instance: str,
     now: float,
@@ -90,7 +90,7 @@ def release(
     )
 
 
-def prepare_replay(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> int:
+def prepare_replay(conn: Db, tenant: str, instance: str, now: float) -> int:
     """Settle elapsed sleeps and expired waits; return the seq the next command must carry."""
     last = j.last_entry(conn, tenant, instance)
     if last is None:
@@ -135,9 +135,7 @@ def prepare_replay(conn: sqlite3.Connection, tenant: str, instance: str, now: fl
     return seq + 1
 
 
-def build_activate(
-    conn: sqlite3.Connection, inst: sqlite3.Row, code: sqlite3.Row, limits: Limits, now: float
-) -> Activate:
+def build_activate(conn: Db, inst: Row, code: Row, limits: Limits, now: float) -> Activate:
     return Activate(
         mode="run",
         tenant=inst["tenant"],
@@ -167,7 +165,7 @@ def over_step_limit(seq: int, limits: Limits) -> ErrorInfo | None:
 
 
 def over_state_limit(
-    conn: sqlite3.Connection, tenant: str, instance: str, adding: int, limits: Limits
+    conn: Db, tenant: str, instance: str, adding: int, limits: Limits
 ) -> ErrorInfo | None:
     """The error a step result gets instead of being journaled when the instance's journaled
     results would exceed `max_state_mib`: every activation of the instance carries them all."""
@@ -184,7 +182,7 @@ def over_state_limit(
 
 
 def divergence(
-    conn: sqlite3.Connection,
+    conn: Db,
     tenant: str,
     instance: str,
     msg: StepStarted | SleepCmd | WaitEventCmd,
@@ -210,9 +208,7 @@ def divergence(
     return None
 
 
-def step_started(
-    conn: sqlite3.Connection, tenant: str, instance: str, msg: StepStarted, now: float
-) -> None:
+def step_started(conn: Db, tenant: str, instance: str, msg: StepStarted, now: float) -> None:
     j.upsert_entry(
         conn,
         tenant,
@@ -231,9 +227,7 @@ def step_started(
     j.update_instance(conn, tenant, instance, status=Status.RUNNING, updated_at=now)
 
 
-def step_result(
-    conn: sqlite3.Connection, tenant: str, instance: str, msg: StepResult, now: float
-) -> None:
+def step_result(conn: Db, tenant: str, instance: str, msg: StepResult, now: float) -> None:
     if msg.ok:
         j.upsert_entry(
             conn,
@@ -262,7 +256,7 @@ def step_result(
 
 
 def step_failed(
-    conn: sqlite3.Connection,
+    conn: Db,
     tenant: str,
     instance: str,
     seq: int,
@@ -306,7 +300,7 @@ def step_failed(
     return "error"
 
 
-def sleep(conn: sqlite3.Connection, tenant: str, instance: str, msg: SleepCmd, now: float) -> None:
+def sleep(conn: Db, tenant: str, instance: str, msg: SleepCmd, now: float) -> None:
     existing = j.get_entry(conn, tenant, instance, msg.seq)
     until = float(existing["until"]) if existing is not None else msg.until
     j.upsert_entry(
@@ -323,14 +317,12 @@ def sleep(conn: sqlite3.Connection, tenant: str, instance: str, msg: SleepCmd, n
     release(conn, tenant, instance, now, status=Status.WAITING, wake_at=max(until, now), failures=0)
 
 
-def event_result(row: sqlite3.Row) -> bytes:
+def event_result(row: Row) -> bytes:
     head = json.dumps({"type": row["type"], "timestamp": iso(row["created_at"])})
     return f'{head[:-1]}, "payload": '.encode() + bytes(row["payload"]) + b"}"
 
 
-def wait_event(
-    conn: sqlite3.Connection, tenant: str, instance: str, msg: WaitEventCmd, now: float
-) -> None:
+def wait_event(conn: Db, tenant: str, instance: str, msg: WaitEventCmd, now: float) -> None:
     existing = j.get_entry(conn, tenant, instance, msg.seq)
     deadline = float(existing["until"]) if existing is not None else now + msg.timeout_s
     started = existing["started_at"] if existing is not None else now
@@ -359,7 +351,7 @@ def wait_event(
     release(conn, tenant, instance, now, status=Status.WAITING, wake_at=deadline, failures=0)
 
 
-def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: float) -> bool:
+def deliver_event(conn: Db, inst: Row, type_: str, now: float) -> bool:
     """After storing an event: if the instance is parked waiting for this type, wake it now."""
     if inst["status"] != Status.WAITING or inst["lease"] is not None:
         return False
@@ -386,9 +378,7 @@ def deliver_event(conn: sqlite3.Connection, inst: sqlite3.Row, type_: str, now: 
     return True
 
 
-def complete(
-    conn: sqlite3.Connection, tenant: str, instance: str, output: bytes, now: float
-) -> None:
+def complete(conn: Db, tenant: str, instance: str, output: bytes, now: float) -> None:
     release(
         conn,
         tenant,
@@ -402,13 +392,13 @@ def complete(
     )
 
 
-def fail(conn: sqlite3.Connection, tenant: str, instance: str, err: ErrorInfo, now: float) -> None:
+def fail(conn: Db, tenant: str, instance: str, err: ErrorInfo, now: float) -> None:
     error = j.encode_error(err)
     release(conn, tenant, instance, now, status=Status.ERRORED, wake_at=None, error=error)
 
 
 def activation_failed(
-    conn: sqlite3.Connection, tenant: str, instance: str, limits: Limits, err: ErrorInfo, now: float
+    conn: Db, tenant: str, instance: str, limits: Limits, err: ErrorInfo, now: float
 ) -> str:
     """An activation died before its step started: back off, and give up after a bound."""
     row = j.get_instance(conn, tenant, instance)
@@ -446,7 +436,7 @@ def activation_failed(
     return "backoff"
 
 
-def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float) -> None:
+def interrupted(conn: Db, tenant: str, instance: str, now: float) -> None:
     """The supervisor stopped mid-activation: the running attempt does not count; re-run it."""
     last = j.last_entry(conn, tenant, instance)
     if last is not None and last["kind"] == "step" and last["status"] == "running":
@@ -470,7 +460,7 @@ def interrupted(conn: sqlite3.Connection, tenant: str, instance: str, now: float
 
 
 def create(
-    conn: sqlite3.Connection,
+    conn: Db,
     tenant: str,
     instance: str,
     workflow: str,
@@ -482,7 +472,7 @@ def create(
     return j.insert_instance(conn, tenant, instance, workflow, version, params, now, Status.QUEUED)
 
 
-def launched(conn: sqlite3.Connection, tenant: str, instance: str, aid: int, now: float) -> None:
+def launched(conn: Db, tenant: str, instance: str, aid: int, now: float) -> None:
     """Activation `aid` holds the instance now (its lease) and drives it."""
     row = j.get_instance(conn, tenant, instance)
     assert row is not None
@@ -497,11 +487,11 @@ def launched(conn: sqlite3.Connection, tenant: str, instance: str, aid: int, now
     )
 
 
-def _refuse(inst: sqlite3.Row, op: str) -> ProtocolError:
+def _refuse(inst: Row, op: str) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_STATE, f"cannot {op} a {inst['status']} instance")
 
 
-def pause(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
+def pause(conn: Db, inst: Row, now: float) -> None:
     """Pause now, or, while an activation holds it, once that activation is done (`release`)."""
     if inst["status"] in TERMINAL_STATUSES:
         raise _refuse(inst, "pause")
@@ -512,7 +502,7 @@ def pause(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
         j.update_instance(conn, tenant, iid, status=Status.PAUSED, wake_at=None, updated_at=now)
 
 
-def resume(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
+def resume(conn: Db, inst: Row, now: float) -> None:
     """Take back a pending pause, or make a paused instance due again."""
     tenant, iid = inst["tenant"], inst["id"]
     if inst["lease"] is not None and inst["pause_requested"]:
@@ -524,9 +514,7 @@ def resume(conn: sqlite3.Connection, inst: sqlite3.Row, now: float) -> None:
         j.update_instance(conn, tenant, iid, status=resumed, wake_at=now, updated_at=now)
 
 
-def terminate(
-    conn: sqlite3.Connection, inst: sqlite3.Row, now: float, stop: Callable[[], None]
-) -> None:
+def terminate(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None:
     """End it for good; `stop` kills the activation that holds it, if one does."""
     if inst["status"] in TERMINAL_STATUSES:
         raise _refuse(inst, "terminate")
@@ -544,9 +532,7 @@ def terminate(
     )
 
 
-def restart(
-    conn: sqlite3.Connection, inst: sqlite3.Row, now: float, stop: Callable[[], None]
-) -> None:
+def restart(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None:
     """From the start: journal and consumed events dropped, params and pinned code kept."""
     if inst["lease"] is not None:
         stop()

@@ -11,7 +11,6 @@ activations.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from supervisor import launcher
 from supervisor.activation import SETTLED, Activation
 from supervisor.config import Config, Paths
 from supervisor.isolation import Cgroups
+from supervisor.journal.db import Db
 from supervisor.zygote import REPLY_TIMEOUT_S, Zygote, ZygoteError
 
 
@@ -32,7 +32,7 @@ class ForkServers:
 
     cfg: Config
     paths: Paths
-    conn: sqlite3.Connection
+    conn: Db
     poller: zmq.Poller
     cgroups: Cgroups | None
     zygotes: dict[str, Zygote]  # interpreter → its fork server

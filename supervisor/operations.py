@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from supervisor.activation import Activation
 from supervisor.config import Config, ConfigError, Paths, load, needs_restart, with_dirs
 from supervisor.config import diff as config_diff
 from supervisor.isolation import tenant_interpreter_errors
+from supervisor.journal.db import Db
 from supervisor.remote_api import RemoteApi, server_keypair
 from supervisor.sdnotify import Notifier
 from supervisor.stats import WINDOW_S, Stats
@@ -26,7 +26,7 @@ from supervisor.stats import WINDOW_S, Stats
 class Operations:
     cfg: Config
     paths: Paths
-    conn: sqlite3.Connection
+    conn: Db
     config_path: str | None
     dirs: tuple[str | None, str | None]
     notify: Notifier

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import time
 from typing import Any
 
@@ -16,10 +15,11 @@ from supervisor import journal as j
 from supervisor.config import Config
 from supervisor.disk import ScratchSpace
 from supervisor.isolation import Cgroups
+from supervisor.journal.db import Db
 
 
 def recover(
-    conn: sqlite3.Connection,
+    conn: Db,
     cfg: Config,
     cgroups: Cgroups | None,
     scratch: ScratchSpace,

@@ -1,16 +1,16 @@
 """Retention: finished instances are deleted, with their journal, events and activation records,
 `retention_days` (per tenant) after they finished; usage roll-ups stay. The loop deletes in small
 batches so no tick is held up, and after the tick's commit hands the freed pages back with an
-incremental vacuum (`journal.incremental_vacuum`, VACUUM_PAGES at a time)."""
+incremental vacuum on SQLite (`journal.give_back_space`, VACUUM_PAGES at a time)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisor import journal as j
 from supervisor.config import Config
+from supervisor.journal.db import Db
 
 BATCH = 200  # instances (or inspection records) deleted per pass
 SOON_S = 0.05  # between passes while a backlog lasts: other work goes first
@@ -28,7 +28,7 @@ class Pass:
         return self.instances + self.inspections >= BATCH
 
 
-def collect(conn: sqlite3.Connection, cfg: Config, tenants: Iterable[str], now: float) -> Pass:
+def collect(conn: Db, cfg: Config, tenants: Iterable[str], now: float) -> Pass:
     """One pass over the tenants, at most BATCH deletions in all."""
     done = Pass()
     for tenant in tenants:

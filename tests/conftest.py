@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 
 import orjson
 import psutil
+import psycopg
 import pytest
 
 from stepvisor import Client
@@ -69,7 +71,8 @@ def reaped_activations(client: Any, tenant: str, instance: str) -> list[dict[str
 class Daemon:
     """`stepvisor serve` as a child process with its own state, runtime dir and log file."""
 
-    def __init__(self, base: Path, config: str = "", server: str = "") -> None:
+    def __init__(self, base: Path, config: str = "", server: str = "", database: str = "") -> None:
+        self.database = database  # a PostgreSQL URL, or empty for the embedded SQLite file
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.state = base / "state"
@@ -85,6 +88,8 @@ class Daemon:
         """Write stepvisor.toml: our [server] keys plus `server` lines, then `extra` tables."""
         server = textwrap.dedent(server)
         head = ["[server]", f'state_dir = "{self.state}"', f'runtime_dir = "{self.run_dir}"']
+        if self.database and "database" not in server:
+            head.append(f'database = "{self.database}"')
         for key, value in (("hello_timeout_s", "20"), ("drain_timeout_s", "10")):
             if key not in server:
                 head.append(f"{key} = {value}")
@@ -141,6 +146,15 @@ class Daemon:
             self.proc.wait()
             raise AssertionError("supervisor did not stop") from None
 
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the daemon's database behind its back, on whichever backend it uses."""
+        if self.database:
+            with psycopg.connect(self.database) as pg:
+                return [tuple(r) for r in pg.execute(sql.replace("?", "%s"), args)]
+        uri = f"file:{self.state / 'stepvisor.db'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            return [tuple(r) for r in db.execute(sql, args)]
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -185,12 +199,36 @@ def writable(path: Path, **defaults: object) -> str:
     return "[defaults]\n" + "\n".join(lines) + "\n"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database the test's supervisors use: every test with a daemon runs on both, but for
+    one marked `sqlite_only` (it reads the SQLite file itself) or `postgresql_only`."""
+    return str(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        other = {"sqlite": "postgresql_only", "postgresql": "sqlite_only"}.get(backend or "")
+        (dropped if other and item.get_closest_marker(other) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture
-def make_daemon(tmp_short: Path) -> Iterator[Callable[..., Daemon]]:
+def database(request: pytest.FixtureRequest, backend: str) -> str:
+    """`[server] database` for the test's supervisors: a fresh PostgreSQL database, or empty."""
+    return str(request.getfixturevalue("pg_db")) if backend == "postgresql" else ""
+
+
+@pytest.fixture
+def make_daemon(tmp_short: Path, database: str) -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
     def make(config: str = "", server: str = "", start: bool = True) -> Daemon:
-        d = Daemon(tmp_short / f"d{len(made)}", config, server)
+        d = Daemon(tmp_short / f"d{len(made)}", config, server, database)
         made.append(d)
         return d.start() if start else d
 

@@ -100,6 +100,10 @@ class Cluster:
         if owner is not None:
             for path in (self.base, self.socket_dir):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
+        # The socket is reachable by every local user, as in Debian's /run/postgresql: the tests
+        # prove that tenant code cannot use it all the same. The data dir stays the owner's.
+        self.base.chmod(0o711)
+        self.socket_dir.chmod(0o755)
 
     def run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
         """Run initdb or pg_ctl as the cluster's owner; fail with its output if it fails."""

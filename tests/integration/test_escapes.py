@@ -10,6 +10,7 @@ import textwrap
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from tests.conftest import deploy_source, wait_for, wait_gone
 from tests.integration.arena import ATTACKER, VICTIM, Arena
 
 
+@pytest.mark.sqlite_only
 def test_cannot_read_the_journal_database_or_the_config(arena: Arena) -> None:
     arena.need("uid", "landlock")
     st = arena.attack(
@@ -34,6 +36,41 @@ def test_cannot_read_the_journal_database_or_the_config(arena: Arena) -> None:
         config=str(arena.daemon.config_path),
     )
     assert st["output"] == {"db": "Permission denied", "config": "Permission denied"}
+    assert arena.outcomes() == ["ok", "ok"]
+
+
+@pytest.mark.postgresql_only
+def test_cannot_reach_the_postgresql_database(arena: Arena) -> None:
+    """The cluster's socket is reachable by path and trusts every local user, as a careless
+    set-up would: only the sandbox (seccomp's connect rule, Landlock) stands between tenant code
+    and the database of every tenant."""
+    arena.need("seccomp", "landlock")
+    url = arena.daemon.database
+    sock = next(Path(unquote(url.split("host=")[1].split("&")[0])).glob(".s.PGSQL.*"))
+    st = arena.attack(
+        """
+        import socket
+        out = {}
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(params["sock"])
+            out["socket"] = "connected"
+        except OSError as exc:
+            out["socket"] = exc.strerror
+        try:
+            import psycopg
+            psycopg.connect(params["url"], connect_timeout=3).close()
+            out["psycopg"] = "connected"
+        except Exception as exc:
+            out["psycopg"] = type(exc).__name__
+        result = out
+        """,
+        sock=str(sock),
+        url=url,
+    )
+    out = st["output"]
+    assert out["socket"] in ("Operation not permitted", "Permission denied"), out
+    assert out["psycopg"] != "connected", out
     assert arena.outcomes() == ["ok", "ok"]
 
 

@@ -168,4 +168,3 @@ def test_a_scratch_full_of_files_is_deleted_off_the_loop(arena: Arena) -> None:
     assert trash.exists()  # too many files to delete in the loop: handed to the janitor
     wait_for(lambda: not any(trash.iterdir()), 60, "the janitor to empty the trash")
     assert arena.client.ping()
-

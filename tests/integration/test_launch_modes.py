@@ -85,10 +85,12 @@ def test_activations_get_every_isolation_layer(make_daemon, mode: str) -> None:
     """
     import textwrap
 
+    # The supervisor's database, or with PostgreSQL its config (as private, and as forbidden)
+    secret = daemon.config_path if daemon.database else daemon.state / "stepvisor.db"
     c.create(
         "evil",
         "attack",
-        {"code": textwrap.dedent(code), "db": str(daemon.state / "stepvisor.db")},
+        {"code": textwrap.dedent(code), "db": str(secret)},
         id="a",
     )
     out = c.wait("evil", "a", timeout_s=60)["output"]

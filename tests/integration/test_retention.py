@@ -3,8 +3,6 @@ passed; nothing unfinished, nothing of tenants that keep theirs, and no usage go
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from collections.abc import Callable
 
 import pytest
@@ -28,10 +26,8 @@ SHORT = 2.0 / 86_400  # two seconds, in days
 
 def rows(daemon: Daemon, table: str, tenant: str, instance: str) -> int:
     column = "id" if table == "instances" else "instance"
-    uri = f"file:{daemon.state / 'stepvisor.db'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        sql = f"SELECT COUNT(*) FROM {table} WHERE tenant = ? AND {column} = ?"
-        return int(db.execute(sql, (tenant, instance)).fetchone()[0])
+    sql = f"SELECT COUNT(*) FROM {table} WHERE tenant = ? AND {column} = ?"
+    return int(daemon.query(sql, (tenant, instance))[0][0])
 
 
 def gone(c: Client, tenant: str, iid: str) -> bool:

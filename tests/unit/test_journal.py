@@ -11,6 +11,8 @@ import pytest
 
 from protocol.messages import ErrorInfo, JournalEntry
 from supervisor import journal as j
+from supervisor.journal import sqlite_schema
+from supervisor.journal.db import open_sqlite
 
 T0 = 1_700_000_000.0
 
@@ -20,15 +22,21 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "stepvisor.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, db_path: Path) -> Path | str:
+    """Each backend in turn: every test taking `database` or `conn` runs on both."""
+    return db_path if request.param == "sqlite" else str(request.getfixturevalue("pg_db"))
+
+
 @pytest.fixture
-def conn(db_path: Path) -> Iterator[sqlite3.Connection]:
-    c = j.connect(db_path)
+def conn(database: Path | str) -> Iterator[j.Db]:
+    c = j.connect(database)
     yield c
     c.close()
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: j.Db,
     iid: str,
     *,
     tenant: str = "acme",
@@ -93,17 +101,17 @@ def test_connecting_twice_is_idempotent_and_keeps_data(db_path: Path) -> None:
 # ---------------------------------------------------------------- transactions
 
 
-def test_transaction_commits(conn: sqlite3.Connection, db_path: Path) -> None:
+def test_transaction_commits(conn: j.Db, database: Path | str) -> None:
     with j.transaction(conn):
         j.ensure_tenant(conn, "acme", T0)
-    other = sqlite3.connect(db_path)
+    other = j.connect(database)
     try:
-        assert other.execute("SELECT name FROM tenants").fetchall() == [("acme",)]
+        assert [tuple(r) for r in other.execute("SELECT name FROM tenants")] == [("acme",)]
     finally:
         other.close()
 
 
-def test_transaction_rolls_back_on_exception(conn: sqlite3.Connection) -> None:
+def test_transaction_rolls_back_on_exception(conn: j.Db) -> None:
     with j.transaction(conn):
         assert add(conn, "keep")
     with pytest.raises(RuntimeError, match="boom"), j.transaction(conn):
@@ -120,7 +128,7 @@ def test_transaction_rolls_back_on_exception(conn: sqlite3.Connection) -> None:
     assert j.get_instance(conn, "acme", "after") is not None
 
 
-def test_transaction_rolls_back_on_base_exception(conn: sqlite3.Connection) -> None:
+def test_transaction_rolls_back_on_base_exception(conn: j.Db) -> None:
     with pytest.raises(KeyboardInterrupt), j.transaction(conn):
         add(conn, "gone")
         raise KeyboardInterrupt
@@ -130,7 +138,7 @@ def test_transaction_rolls_back_on_base_exception(conn: sqlite3.Connection) -> N
 # ---------------------------------------------------------------- tenants and code
 
 
-def test_tenants(conn: sqlite3.Connection) -> None:
+def test_tenants(conn: j.Db) -> None:
     assert not j.tenant_exists(conn, "acme")
     j.ensure_tenant(conn, "zeta", T0)
     j.ensure_tenant(conn, "acme", T0)
@@ -142,7 +150,7 @@ def test_tenants(conn: sqlite3.Connection) -> None:
     assert j.tenant_exists(conn, "acme")
 
 
-def test_put_code_is_immutable_per_hash(conn: sqlite3.Connection) -> None:
+def test_put_code_is_immutable_per_hash(conn: j.Db) -> None:
     j.put_code(conn, "acme", "h1", "source", "a.py", b"first", ["w1", "w2"], T0)
     j.put_code(conn, "acme", "h1", "pickle", "b.py", b"second", ["other"], T0 + 10)
     row = j.get_code(conn, "acme", "h1")
@@ -162,12 +170,42 @@ def test_put_code_is_immutable_per_hash(conn: sqlite3.Connection) -> None:
     assert j.get_code(conn, "acme", "nope") is None
 
 
-def test_put_code_rejects_unknown_kind(conn: sqlite3.Connection) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+def test_times_bytes_and_big_numbers_round_trip_exactly(conn: j.Db) -> None:
+    when = T0 + 0.123456789  # a 4-byte float would lose the fraction
+    blob = bytes(range(256)) * 4
+    with j.transaction(conn):
+        assert j.insert_instance(conn, "acme", "i", "wf", "v1", blob, when, "queued")
+        j.update_instance(conn, "acme", "i", output=b"\x00out", wake_at=when + 1e-6)
+        j.add_usage(
+            conn,
+            "acme",
+            when,
+            step=True,
+            failed=False,
+            cpu_ms=0.5,
+            wall_ms=1.5,
+            max_rss_kib=3 << 31,
+        )  # past a 32-bit integer: sums must not overflow
+        j.add_usage(
+            conn, "acme", when, step=True, failed=True, cpu_ms=0.5, wall_ms=1.5, max_rss_kib=3 << 31
+        )
+    row = j.get_instance(conn, "acme", "i")
+    assert row is not None
+    assert (row["params"], row["output"]) == (blob, b"\x00out")
+    assert (row["created_at"], row["wake_at"]) == (when, when + 1e-6)
+    assert isinstance(row["params"], bytes)
+    [total] = j.usage(conn, "acme", None, hourly=False)
+    assert (total["activations"], total["steps"], total["failures"]) == (2, 2, 1)
+    assert total["memory_sum_kib"] == 3 << 32 and total["memory_peak_kib"] == 3 << 31
+    assert all(type(total[k]) is int for k in ("activations", "steps", "memory_sum_kib"))
+
+
+def test_put_code_rejects_unknown_kind(conn: j.Db) -> None:
+    with pytest.raises(j.IntegrityError):
         j.put_code(conn, "acme", "h", "exe", "a", b"x", [], T0)
 
 
-def test_deployments_point_at_the_latest_version(conn: sqlite3.Connection) -> None:
+def test_deployments_point_at_the_latest_version(conn: j.Db) -> None:
     assert j.get_deployment(conn, "acme", "wf") is None
     j.set_deployment(conn, "acme", "wf", "v1", T0)
     j.set_deployment(conn, "acme", "wf", "v2", T0 + 1)
@@ -178,7 +216,7 @@ def test_deployments_point_at_the_latest_version(conn: sqlite3.Connection) -> No
 # ---------------------------------------------------------------- instances
 
 
-def test_insert_instance_creates_a_queued_due_instance(conn: sqlite3.Connection) -> None:
+def test_insert_instance_creates_a_queued_due_instance(conn: j.Db) -> None:
     assert add(conn, "i1", params=b'{"x":1}') is True
     row = j.get_instance(conn, "acme", "i1")
     assert row is not None
@@ -189,7 +227,7 @@ def test_insert_instance_creates_a_queued_due_instance(conn: sqlite3.Connection)
     assert (row["version"], row["workflow"]) == ("v1", "wf")
 
 
-def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: sqlite3.Connection) -> None:
+def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: j.Db) -> None:
     assert add(conn, "i1", params=b"1")
     j.update_instance(conn, "acme", "i1", status="running", lease=7)
     assert j.insert_instance(conn, "acme", "i1", "other", "v9", b"2", T0 + 50, "queued") is False
@@ -207,7 +245,7 @@ def test_insert_instance_duplicate_returns_false_and_leaves_row(conn: sqlite3.Co
     assert add(conn, "i1", tenant="beta") is True
 
 
-def test_count_and_list_instances(conn: sqlite3.Connection) -> None:
+def test_count_and_list_instances(conn: j.Db) -> None:
     for n, status in enumerate(
         ["queued", "running", "complete", "errored", "terminated", "paused", "waiting"]
     ):
@@ -226,7 +264,7 @@ def test_count_and_list_instances(conn: sqlite3.Connection) -> None:
 # ---------------------------------------------------------------- events
 
 
-def test_consume_event_is_fifo_per_type_and_never_repeats(conn: sqlite3.Connection) -> None:
+def test_consume_event_is_fifo_per_type_and_never_repeats(conn: j.Db) -> None:
     add(conn, "i1")
     e1 = j.add_event(conn, "acme", "i1", "a", b"1", T0)
     j.add_event(conn, "acme", "i1", "b", b"b1", T0 + 1)
@@ -258,7 +296,7 @@ def test_consume_event_is_fifo_per_type_and_never_repeats(conn: sqlite3.Connecti
 
 
 def test_due_instances_orders_by_wake_at_and_skips_leased_and_future(
-    conn: sqlite3.Connection,
+    conn: j.Db,
 ) -> None:
     add(conn, "late", now=T0 + 30)
     add(conn, "early", now=T0 + 10)
@@ -274,7 +312,7 @@ def test_due_instances_orders_by_wake_at_and_skips_leased_and_future(
     assert j.due_instances(conn, "acme", T0 + 5, 10) == []
 
 
-def test_due_instances_is_per_tenant(conn: sqlite3.Connection) -> None:
+def test_due_instances_is_per_tenant(conn: j.Db) -> None:
     add(conn, "a1", tenant="acme", now=T0)
     add(conn, "a2", tenant="acme", now=T0 + 1)
     add(conn, "b1", tenant="beta", now=T0 + 2)
@@ -283,7 +321,7 @@ def test_due_instances_is_per_tenant(conn: sqlite3.Connection) -> None:
     assert j.due_instances(conn, "gamma", T0 + 10, 100) == []
 
 
-def test_next_wake(conn: sqlite3.Connection) -> None:
+def test_next_wake(conn: j.Db) -> None:
     assert j.next_wake(conn) is None
     add(conn, "a", now=T0 + 50)
     add(conn, "b", tenant="beta", now=T0 + 20)
@@ -298,7 +336,7 @@ def test_next_wake(conn: sqlite3.Connection) -> None:
 # ---------------------------------------------------------------- journal entries
 
 
-def test_upsert_entry_inserts_then_updates(conn: sqlite3.Connection) -> None:
+def test_upsert_entry_inserts_then_updates(conn: j.Db) -> None:
     add(conn, "i1")
     j.upsert_entry(
         conn, "acme", "i1", 0, kind="step", name="a", status="running", attempts=1, started_at=T0
@@ -349,7 +387,7 @@ def test_error_encoding_round_trips() -> None:
 # ---------------------------------------------------------------- delete and reset
 
 
-def _instance_with_history(conn: sqlite3.Connection, iid: str) -> None:
+def _instance_with_history(conn: j.Db, iid: str) -> None:
     add(conn, iid, params=b'{"p":1}')
     j.upsert_entry(
         conn, "acme", iid, 0, kind="step", name="a", status="ok", result=b"1", started_at=T0
@@ -372,7 +410,7 @@ def _instance_with_history(conn: sqlite3.Connection, iid: str) -> None:
     )
 
 
-def test_delete_instance_removes_journal_and_events(conn: sqlite3.Connection) -> None:
+def test_delete_instance_removes_journal_and_events(conn: j.Db) -> None:
     _instance_with_history(conn, "doomed")
     _instance_with_history(conn, "kept")
     j.delete_instance(conn, "acme", "doomed")
@@ -386,7 +424,7 @@ def test_delete_instance_removes_journal_and_events(conn: sqlite3.Connection) ->
     assert add(conn, "doomed")
 
 
-def test_reset_instance_clears_the_journal_and_requeues(conn: sqlite3.Connection) -> None:
+def test_reset_instance_clears_the_journal_and_requeues(conn: j.Db) -> None:
     _instance_with_history(conn, "i1")
     j.reset_instance(conn, "acme", "i1", T0 + 500, "queued")
     row = j.get_instance(conn, "acme", "i1")
@@ -411,7 +449,7 @@ def test_reset_instance_clears_the_journal_and_requeues(conn: sqlite3.Connection
 # ---------------------------------------------------------------- activations
 
 
-def test_activation_records(conn: sqlite3.Connection) -> None:
+def test_activation_records(conn: j.Db) -> None:
     add(conn, "i1")
     a1 = j.insert_activation(conn, "acme", "i1", "run", T0)
     a2 = j.insert_activation(conn, "acme", "i1", "run", T0 + 1)
@@ -430,14 +468,13 @@ def test_acked_mode_leaves_syncing_to_the_caller(db_path: Path) -> None:
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: no sync per commit
         with j.transaction(conn):
             j.ensure_tenant(conn, "acme", 1.0)
-        j.sync_wal(db_path)  # the daemon's one fsync for what a tick acknowledges
+        conn.sync()  # the daemon's one fsync for what a tick acknowledges
     finally:
         conn.close()
 
 
 def test_usage_is_filled_from_earlier_activations_on_upgrade(tmp_path: Path) -> None:
-    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    conn.row_factory = sqlite3.Row
+    conn = open_sqlite(tmp_path / "old.db")
     for number, script in enumerate(j.MIGRATIONS[:2], start=1):  # a database at schema 2
         for statement in script.split(";"):
             if statement.strip():
@@ -455,7 +492,7 @@ def test_usage_is_filled_from_earlier_activations_on_upgrade(tmp_path: Path) -> 
             "total_ms, max_rss_kib, finished_at) VALUES (?, 'run', ?, ?, ?, ?, ?, ?, ?)",
             (tenant, at, step, how, cpu, total, rss, fin),
         )
-    j.migrate(conn)
+    sqlite_schema.migrate(conn)
     hourly = [dict(r) for r in j.usage(conn, None, None, hourly=True)]
     assert [(r["tenant"], r["hour"]) for r in hourly] == [("acme", 7200), ("acme", 10800)]
     first = hourly[0]
@@ -484,7 +521,7 @@ def test_an_older_database_is_converted_to_incremental_vacuum(tmp_path: Path) ->
             conn.execute("DELETE FROM filler")
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         assert free >= 400
-        j.incremental_vacuum(conn, 100)
+        j.give_back_space(conn, 100)
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == free - 100
     finally:
         conn.close()

@@ -1,0 +1,583 @@
+"""All SQL of stepvisor: every read and write of durable state, on SQLite or PostgreSQL.
+
+The supervisor's loop owns one `Db` and wraps each loop iteration in one transaction (group
+commit); every function here runs inside that transaction and never commits. Each statement is
+written once, in SQL both databases speak (`db.py` says how); the schemas and migrations of the two
+live in `sqlite_schema` and `pg_schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from protocol.messages import ErrorInfo, JournalEntry
+from supervisor.journal import pg_schema, sqlite_schema
+from supervisor.journal.db import Db, IntegrityError, Row, SqliteDb, is_postgres, safe_url
+from supervisor.journal.sqlite_schema import MIGRATIONS
+
+__all__ = [
+    "MIGRATIONS",
+    "Db",
+    "IntegrityError",
+    "Row",
+    "connect",
+    "is_postgres",
+    "safe_url",
+    "transaction",
+]
+
+_error_encoder = msgspec.json.Encoder()
+_error_decoder = msgspec.json.Decoder(ErrorInfo)
+
+KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
+
+
+def connect(
+    database: Path | str,
+    *,
+    synchronous: str = "full",
+    before_rebuild: Callable[[int], None] | None = None,
+) -> Db:
+    """Open (creating and migrating) the state database: a PostgreSQL URL, else a SQLite path.
+    Autocommit; callers use `transaction`."""
+    if isinstance(database, str) and is_postgres(database):
+        return pg_schema.connect(database)
+    return sqlite_schema.connect(
+        Path(database), synchronous=synchronous, before_rebuild=before_rebuild
+    )
+
+
+@contextmanager
+def transaction(conn: Db) -> Iterator[Db]:
+    """One write transaction (on SQLite `BEGIN IMMEDIATE`, retried while the file is locked)."""
+    with conn.transaction():
+        yield conn
+
+
+def is_incremental(conn: Db) -> bool:
+    """Whether retention's freed space goes back to the file system (PostgreSQL: autovacuum)."""
+    return not isinstance(conn, SqliteDb) or sqlite_schema.is_incremental(conn)
+
+
+def give_back_space(conn: Db, pages: int) -> None:
+    """After retention deleted rows: SQLite returns up to `pages` free pages to the file system;
+    PostgreSQL's autovacuum does that work itself."""
+    if isinstance(conn, SqliteDb):
+        sqlite_schema.incremental_vacuum(conn, pages)
+
+
+def encode_error(err: ErrorInfo | None) -> str | None:
+    return None if err is None else _error_encoder.encode(err).decode()
+
+
+def decode_error(text: str | None) -> ErrorInfo | None:
+    return None if text is None else _error_decoder.decode(text)
+
+
+# ---------------------------------------------------------------- tenants and code
+
+
+def ensure_tenant(conn: Db, tenant: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (tenant, now)
+    )
+
+
+def tenant_exists(conn: Db, tenant: str) -> bool:
+    """A tenant exists once it has deployed code successfully."""
+    row = conn.execute("SELECT 1 FROM deployments WHERE tenant = ? LIMIT 1", (tenant,))
+    return row.fetchone() is not None
+
+
+def tenant_number(conn: Db, tenant: str) -> int:
+    """A small, stable number per tenant (SQLite's rowid, PostgreSQL's identity column): the
+    basis of its sandbox group id."""
+    column = "rowid" if conn.dialect == "sqlite" else "number"
+    row = conn.execute(f"SELECT {column} FROM tenants WHERE name = ?", (tenant,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def uid_owners(conn: Db) -> dict[int, str]:
+    return {int(r[0]): str(r[1]) for r in conn.execute("SELECT uid, tenant FROM sandbox_uids")}
+
+
+def claim_uid(conn: Db, uid: int, tenant: str) -> None:
+    conn.execute("INSERT INTO sandbox_uids (uid, tenant) VALUES (?, ?)", (uid, tenant))
+
+
+def tenant_names(conn: Db) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM tenants ORDER BY name")]
+
+
+def get_code(conn: Db, tenant: str, version: str) -> Row | None:
+    row: Row | None = conn.execute(
+        "SELECT * FROM code_versions WHERE tenant = ? AND hash = ?", (tenant, version)
+    ).fetchone()
+    return row
+
+
+def put_code(
+    conn: Db,
+    tenant: str,
+    version: str,
+    kind: str,
+    filename: str,
+    code: bytes,
+    workflows: list[str],
+    now: float,
+) -> None:
+    """Store an immutable code version; a second put of the same hash changes nothing."""
+    conn.execute(
+        "INSERT INTO code_versions (tenant, hash, kind, filename, code, workflows, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (tenant, version, kind, filename, code, ",".join(workflows), now),
+    )
+
+
+def set_deployment(conn: Db, tenant: str, workflow: str, version: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO deployments (tenant, workflow, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (tenant, workflow) DO UPDATE SET version = excluded.version,"
+        " updated_at = excluded.updated_at",
+        (tenant, workflow, version, now),
+    )
+
+
+def get_deployment(conn: Db, tenant: str, workflow: str) -> str | None:
+    row = conn.execute(
+        "SELECT version FROM deployments WHERE tenant = ? AND workflow = ?", (tenant, workflow)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+# ---------------------------------------------------------------- instances
+
+
+def get_instance(conn: Db, tenant: str, instance: str) -> Row | None:
+    row: Row | None = conn.execute(
+        "SELECT * FROM instances WHERE tenant = ? AND id = ?", (tenant, instance)
+    ).fetchone()
+    return row
+
+
+def count_live_instances(conn: Db, tenant: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM instances WHERE tenant = ?"
+        " AND status NOT IN ('complete', 'errored', 'terminated')",
+        (tenant,),
+    ).fetchone()
+    return int(row[0])
+
+
+def insert_instance(
+    conn: Db,
+    tenant: str,
+    instance: str,
+    workflow: str,
+    version: str,
+    params: bytes,
+    now: float,
+    status: str,
+) -> bool:
+    """Create an instance, due now. False when the id is already taken (the row is left
+    untouched)."""
+    cur = conn.execute(
+        "INSERT INTO instances (tenant, id, workflow, version, status, params, wake_at,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        (tenant, instance, workflow, version, status, params, now, now, now),
+    )
+    return cur.rowcount == 1
+
+
+def list_instances(
+    conn: Db,
+    tenant: str,
+    status: str | None,
+    limit: int,
+    inline_bytes: int = 1 << 62,
+) -> list[Row]:
+    """A tenant's instances, oldest first. An output longer than `inline_bytes` is left out
+    (NULL; `output_bytes` says its size), so a listing never reads every instance's megabyte."""
+    cols = (
+        "tenant, id, workflow, version, status, error, created_at, updated_at, wake_at, steps, "
+        "activations, LENGTH(output) AS output_bytes, "
+        "CASE WHEN LENGTH(output) <= :inline THEN output END AS output"
+    )
+    where = "tenant = :tenant" + ("" if status is None else " AND status = :status")
+    sql = f"SELECT {cols} FROM instances WHERE {where} ORDER BY created_at, id LIMIT :limit"
+    args = {"tenant": tenant, "status": status, "limit": limit, "inline": inline_bytes}
+    return conn.execute(sql, args).fetchall()
+
+
+def update_instance(conn: Db, tenant: str, instance: str, **fields: Any) -> None:
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    conn.execute(
+        f"UPDATE instances SET {cols} WHERE tenant = ? AND id = ?",
+        (*fields.values(), tenant, instance),
+    )
+
+
+def delete_instance(conn: Db, tenant: str, instance: str) -> None:
+    """The instance with its journal, events and activation records (usage stays)."""
+    args = (tenant, instance)
+    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM events WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM activations WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM instances WHERE tenant = ? AND id = ?", args)
+
+
+def expired_instances(conn: Db, tenant: str, finished_before: float, limit: int) -> list[str]:
+    """Finished instances of the tenant last updated before `finished_before`, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM instances WHERE tenant = ? AND updated_at < ? "
+        "AND status IN ('complete', 'errored', 'terminated') ORDER BY updated_at LIMIT ?",
+        (tenant, finished_before, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def delete_inspections(conn: Db, tenant: str, launched_before: float, limit: int) -> int:
+    """Records of deploy-check activations (no instance) launched before the cutoff."""
+    cur = conn.execute(
+        "DELETE FROM activations WHERE id IN (SELECT id FROM activations WHERE tenant = ? "
+        "AND instance IS NULL AND launched_at < ? AND finished_at IS NOT NULL "
+        "ORDER BY launched_at LIMIT ?)",
+        (tenant, launched_before, limit),
+    )
+    return cur.rowcount
+
+
+def reset_instance(conn: Db, tenant: str, instance: str, now: float, status: str) -> None:
+    """Restart from scratch: drop the journal and consumed events, keep params and pinned code."""
+    args = (tenant, instance)
+    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
+    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ?", args)
+    conn.execute(
+        "DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq IS NOT NULL", args
+    )
+    update_instance(
+        conn,
+        tenant,
+        instance,
+        status=status,
+        output=None,
+        error=None,
+        wake_at=now,
+        lease=None,
+        pause_requested=0,
+        failures=0,
+        steps=0,
+        updated_at=now,
+    )
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def due_instances(conn: Db, tenant: str, now: float, limit: int) -> list[str]:
+    """Ids of the tenant's unleased instances whose wake time has come, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM instances WHERE tenant = ? AND wake_at IS NOT NULL AND lease IS NULL"
+        " AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+        (tenant, now, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def next_wake(conn: Db) -> float | None:
+    row = conn.execute(
+        "SELECT min(wake_at) FROM instances WHERE wake_at IS NOT NULL AND lease IS NULL"
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def leased_instances(conn: Db) -> list[Row]:
+    return conn.execute("SELECT * FROM instances WHERE lease IS NOT NULL").fetchall()
+
+
+# ---------------------------------------------------------------- journal entries
+
+
+def journal_rows(conn: Db, tenant: str, instance: str) -> list[Row]:
+    return conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? ORDER BY seq", (tenant, instance)
+    ).fetchall()
+
+
+def last_entry(conn: Db, tenant: str, instance: str) -> Row | None:
+    """The newest journal entry (one index probe: no need to read the whole journal)."""
+    row: Row | None = conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? ORDER BY seq DESC LIMIT 1",
+        (tenant, instance),
+    ).fetchone()
+    return row
+
+
+def state_bytes(conn: Db, tenant: str, instance: str) -> int:
+    """What the instance's journal carries in step results (and the errors kept with them)."""
+    row = conn.execute(
+        "SELECT CAST(COALESCE(SUM(LENGTH(result)), 0) + COALESCE(SUM(LENGTH(error)), 0) AS BIGINT)"
+        " FROM journal "
+        "WHERE tenant = ? AND instance = ?",
+        (tenant, instance),
+    ).fetchone()
+    return int(row[0])
+
+
+def journal_entries(conn: Db, tenant: str, instance: str) -> list[JournalEntry]:
+    """The journal as replay sees it."""
+    return [
+        JournalEntry(
+            seq=r["seq"],
+            kind=r["kind"],
+            name=r["name"],
+            status=r["status"],
+            attempts=r["attempts"],
+            result=r["result"],
+            error=decode_error(r["error"]),
+            until=r["until"],
+        )
+        for r in conn.execute(
+            "SELECT seq, kind, name, status, attempts, result, error, until FROM journal"
+            " WHERE tenant = ? AND instance = ? ORDER BY seq",
+            (tenant, instance),
+        )
+    ]
+
+
+def get_entry(conn: Db, tenant: str, instance: str, seq: int) -> Row | None:
+    row: Row | None = conn.execute(
+        "SELECT * FROM journal WHERE tenant = ? AND instance = ? AND seq = ?",
+        (tenant, instance, seq),
+    ).fetchone()
+    return row
+
+
+def journal_length(conn: Db, tenant: str, instance: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM journal WHERE tenant = ? AND instance = ?", (tenant, instance)
+    ).fetchone()
+    return int(row[0])
+
+
+def upsert_entry(conn: Db, tenant: str, instance: str, seq: int, **fields: Any) -> None:
+    """Update the given fields of the entry at `seq`, inserting it when it does not exist yet.
+
+    (Not `INSERT ... ON CONFLICT`: SQLite checks NOT NULL on the insert half before the conflict.)
+    """
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    cur = conn.execute(
+        f"UPDATE journal SET {cols} WHERE tenant = ? AND instance = ? AND seq = ?",
+        (*fields.values(), tenant, instance, seq),
+    )
+    if cur.rowcount == 0:
+        names = ["tenant", "instance", "seq", *fields]
+        conn.execute(
+            f"INSERT INTO journal ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+            (tenant, instance, seq, *fields.values()),
+        )
+
+
+def add_attempt_error(
+    conn: Db,
+    tenant: str,
+    instance: str,
+    seq: int,
+    attempt: int,
+    err: ErrorInfo,
+    now: float,
+) -> None:
+    """Remember why attempt `attempt` of the step at `seq` failed; forget the oldest beyond
+    KEPT_ATTEMPT_ERRORS."""
+    conn.execute(
+        "INSERT INTO attempt_errors (tenant, instance, seq, attempt, error, failed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, instance, seq, attempt)"
+        " DO UPDATE SET error = excluded.error, failed_at = excluded.failed_at",
+        (tenant, instance, seq, attempt, encode_error(err), now),
+    )
+    conn.execute(
+        "DELETE FROM attempt_errors WHERE tenant = ? AND instance = ? AND seq = ? AND attempt <= ?",
+        (tenant, instance, seq, attempt - KEPT_ATTEMPT_ERRORS),
+    )
+
+
+def attempt_errors(conn: Db, tenant: str, instance: str) -> list[Row]:
+    """Every remembered failed attempt of the instance's steps, by seq and attempt."""
+    return conn.execute(
+        "SELECT seq, attempt, error, failed_at FROM attempt_errors"
+        " WHERE tenant = ? AND instance = ? ORDER BY seq, attempt",
+        (tenant, instance),
+    ).fetchall()
+
+
+# ---------------------------------------------------------------- events
+
+
+def add_event(conn: Db, tenant: str, instance: str, type_: str, payload: bytes, now: float) -> int:
+    cur = conn.execute(
+        "INSERT INTO events (tenant, instance, type, payload, created_at) VALUES (?, ?, ?, ?, ?)"
+        " RETURNING id",
+        (tenant, instance, type_, payload, now),
+    )
+    return int(cur.fetchone()[0])
+
+
+def consume_event(
+    conn: Db,
+    tenant: str,
+    instance: str,
+    type_: str,
+    seq: int,
+    before: float | None = None,
+) -> Row | None:
+    """Take the oldest unconsumed event of `type_` (sent no later than `before`), or None."""
+    row: Row | None = conn.execute(
+        "SELECT id, type, payload, created_at FROM events WHERE tenant = ? AND instance = ?"
+        " AND type = ? AND consumed_seq IS NULL AND created_at <= ? ORDER BY id LIMIT 1",
+        (tenant, instance, type_, float("inf") if before is None else before),
+    ).fetchone()
+    if row is not None:
+        conn.execute("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, row["id"]))
+    return row
+
+
+# ---------------------------------------------------------------- activations
+
+
+def insert_activation(conn: Db, tenant: str, instance: str | None, kind: str, now: float) -> int:
+    cur = conn.execute(
+        "INSERT INTO activations (tenant, instance, kind, launched_at) VALUES (?, ?, ?, ?)"
+        " RETURNING id",
+        (tenant, instance, kind, now),
+    )
+    return int(cur.fetchone()[0])
+
+
+def update_activation(conn: Db, activation: int, **fields: Any) -> None:
+    cols = ", ".join(f"{name} = ?" for name in fields)
+    conn.execute(f"UPDATE activations SET {cols} WHERE id = ?", (*fields.values(), activation))
+
+
+def open_activations(conn: Db) -> list[Row]:
+    return conn.execute("SELECT * FROM activations WHERE finished_at IS NULL").fetchall()
+
+
+def instance_activations(conn: Db, tenant: str, instance: str) -> list[Row]:
+    return conn.execute(
+        "SELECT * FROM activations WHERE tenant = ? AND instance = ? ORDER BY id",
+        (tenant, instance),
+    ).fetchall()
+
+
+# ---------------------------------------------------------------- usage and counts
+
+
+def add_usage(
+    conn: Db,
+    tenant: str,
+    launched_at: float,
+    *,
+    step: bool,
+    failed: bool,
+    cpu_ms: float,
+    wall_ms: float,
+    max_rss_kib: int,
+    scratch_kib: int = 0,
+) -> None:
+    """Count one reaped activation in its tenant's hour (by launch time, UTC)."""
+    conn.execute(
+        """
+        INSERT INTO usage VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (tenant, hour) DO UPDATE SET
+            activations = usage.activations + 1,
+            steps = usage.steps + excluded.steps,
+            failures = usage.failures + excluded.failures,
+            cpu_ms = usage.cpu_ms + excluded.cpu_ms,
+            wall_ms = usage.wall_ms + excluded.wall_ms,
+            memory_peak_kib = CASE WHEN usage.memory_peak_kib > excluded.memory_peak_kib
+                THEN usage.memory_peak_kib ELSE excluded.memory_peak_kib END,
+            memory_sum_kib = usage.memory_sum_kib + excluded.memory_sum_kib,
+            memory_kib_s = usage.memory_kib_s + excluded.memory_kib_s,
+            scratch_max_kib = CASE WHEN usage.scratch_max_kib > excluded.scratch_max_kib
+                THEN usage.scratch_max_kib ELSE excluded.scratch_max_kib END
+        """,
+        (
+            tenant,
+            int(launched_at // 3600) * 3600,
+            int(step),
+            int(failed),
+            cpu_ms,
+            wall_ms,
+            max_rss_kib,
+            max_rss_kib,
+            max_rss_kib * wall_ms / 1000.0,
+            scratch_kib,
+        ),
+    )
+
+
+def usage(conn: Db, tenant: str | None, since: float | None, *, hourly: bool) -> list[Row]:
+    """Usage summed per tenant (per tenant and hour when `hourly`) from the hour holding
+    `since` on."""
+    group = "tenant, hour" if hourly else "tenant"
+    # (SUMs are cast: PostgreSQL sums integers to NUMERIC)
+    where: list[str] = []
+    args: dict[str, Any] = {}
+    if tenant is not None:
+        where.append("tenant = :tenant")
+        args["tenant"] = tenant
+    if since is not None:
+        where.append("hour >= :first_hour")
+        args["first_hour"] = int(since // 3600) * 3600
+    sql = f"""
+        SELECT tenant, {"hour" if hourly else "MIN(hour)"} AS hour, MAX(hour) AS last_hour,
+               CAST(SUM(activations) AS BIGINT) AS activations,
+               CAST(SUM(steps) AS BIGINT) AS steps, CAST(SUM(failures) AS BIGINT) AS failures,
+               SUM(cpu_ms) AS cpu_ms, SUM(wall_ms) AS wall_ms,
+               MAX(memory_peak_kib) AS memory_peak_kib,
+               CAST(SUM(memory_sum_kib) AS BIGINT) AS memory_sum_kib,
+               SUM(memory_kib_s) AS memory_kib_s, MAX(scratch_max_kib) AS scratch_max_kib
+        FROM usage WHERE {" AND ".join(where) or "TRUE"}
+        GROUP BY {group} ORDER BY {group}
+    """
+    return conn.execute(sql, args).fetchall()
+
+
+def instance_counts(conn: Db, tenant: str | None) -> dict[str, dict[str, int]]:
+    """tenant → status → number of instances (an index-only scan), of one tenant or all."""
+    out: dict[str, dict[str, int]] = {}
+    if tenant is None:
+        rows = conn.execute("SELECT tenant, status, COUNT(*) FROM instances GROUP BY 1, 2")
+    else:  # a range of the (tenant, status, created_at) index
+        sql = "SELECT tenant, status, COUNT(*) FROM instances WHERE tenant = ? GROUP BY 1, 2"
+        rows = conn.execute(sql, (tenant,))
+    for row in rows:
+        out.setdefault(row[0], {})[row[1]] = row[2]
+    return out
+
+
+# ---------------------------------------------------------------- remote API keys
+
+
+def add_key(conn: Db, public: str, tenant: str | None, now: float) -> None:
+    conn.execute(
+        "INSERT INTO api_keys (public, tenant, created_at) VALUES (?, ?, ?)", (public, tenant, now)
+    )
+
+
+def revoke_key(conn: Db, public: str, now: float) -> bool:
+    cur = conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE public = ? AND revoked_at IS NULL", (now, public)
+    )
+    return cur.rowcount == 1
+
+
+def api_keys(conn: Db) -> list[Row]:
+    return conn.execute("SELECT * FROM api_keys ORDER BY created_at, public").fetchall()
