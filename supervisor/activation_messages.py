@@ -185,6 +185,10 @@ class ActivationMessages:
             finally:
                 self.conn.execute("RELEASE message")
 
+    def _fenced(self, act: Activation, mono: float) -> None:
+        launcher.kill_group(act.pid)
+        self._settle(act, outcome.FENCED, "the instance is no longer leased to it", mono)
+
     def _protocol_error(self, act: Activation, why: str, mono: float) -> None:
         launcher.kill_group(act.pid)
         self._settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
@@ -208,6 +212,11 @@ class ActivationMessages:
             return
         tenant, instance = act.tenant, act.instance
         assert instance is not None
+        if not j.hold_lease(self.conn, tenant, instance, act.aid):
+            # Its node lost the lease (it was paused past lease_s, or the instance was
+            # terminated through another node): nothing it says may be journaled.
+            self._fenced(act, mono)
+            return
         if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd) and act.state == CONNECTED:
             over = engine.over_step_limit(msg.seq, act.limits)
             if over is not None:
@@ -354,10 +363,11 @@ class ActivationMessages:
             )
         else:
             assert act.instance is not None
-            inst = j.get_instance(self.conn, act.tenant, act.instance)
-            if inst is None or inst["lease"] != act.aid:
-                self._protocol_error(act, "the instance is no longer leased to it", mono)
+            if not j.hold_lease(self.conn, act.tenant, act.instance, act.aid):
+                self._fenced(act, mono)
                 return
+            inst = j.get_instance(self.conn, act.tenant, act.instance)
+            assert inst is not None
             act.expected_seq = engine.prepare_replay(self.conn, act.tenant, act.instance, now)
             code = j.get_code(self.conn, act.tenant, inst["version"])
             assert code is not None
@@ -442,8 +452,11 @@ class ActivationMessages:
             return
         instance = act.instance
         assert instance is not None
-        if how == outcome.KILLED_BY_OPERATOR:
-            return  # the control operation sets the instance's next state
+        if how in (outcome.KILLED_BY_OPERATOR, outcome.FENCED):
+            return  # the control operation, or the node that took the lease, decides what next
+        if not j.hold_lease(self.conn, act.tenant, instance, act.aid):
+            act.log.warning("activation.fenced", detail="the instance is no longer leased to it")
+            return
         if how == outcome.INTERRUPTED:
             engine.interrupted(self.conn, act.tenant, instance, now)
             return

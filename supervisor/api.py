@@ -175,6 +175,7 @@ def _deployed(host: Host, tenant: str, workflow: str) -> str:
 
 def _room(host: Host, tenant: str, adding: int) -> None:
     limit = host.cfg.limits_for(tenant).max_instances
+    j.lock_tenant(host.conn, tenant)  # other nodes' creates wait: the limit is cluster-wide
     if j.count_live_instances(host.conn, tenant) + adding > limit:
         raise ProtocolError(
             ErrorCode.LIMIT_EXCEEDED, f"tenant {tenant!r} may have at most {limit} live instances"
@@ -427,6 +428,9 @@ def reload(host: Host, req: Reload, identity: bytes, now: float) -> object:
 
 
 Handler = Callable[[Host, Any, bytes, float], object]
+# Requests that may make an instance due: other nodes are told (LISTEN/NOTIFY) at commit.
+WAKES_WORK = frozenset({Create, CreateBatch, SendEvent, Control})
+
 HANDLERS: dict[type, Handler] = {
     Deploy: deploy,
     Create: create,

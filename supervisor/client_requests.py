@@ -17,6 +17,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from supervisor import api
 from supervisor import journal as j
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK
+from supervisor.cluster import Node
 from supervisor.journal.db import Db
 from supervisor.remote_api import ADMIN, RemoteApi, authorize
 
@@ -28,6 +29,7 @@ class ClientRequests:
     client: zmq.Socket[bytes]
     remote: RemoteApi | None
     tenants: list[str]
+    node: Node
     bad_peers: dict[bytes, int]
     log: Any
     _reply: Any  # ActivationMessages._reply
@@ -103,6 +105,8 @@ class ClientRequests:
             tenant = getattr(req, "tenant", None)
             if tenant and tenant not in self.tenants and j.tenant_exists(self.conn, tenant):
                 self.tenants.append(tenant)
+            if type(req) in api.WAKES_WORK:
+                self.node.wake_others = True
             if result is not api.DEFERRED:
                 self._reply(peer, req.rid, result)
         finally:

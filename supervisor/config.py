@@ -142,6 +142,11 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # shared by every node, e.g. "postgresql://stepvisor@db.internal:5432/stepvisor" or
     # "postgresql:///stepvisor?host=/run/postgresql" (a unix socket)
     database: str = ""
+    # with a shared database: this node's name (empty: the host name and a hash of state_dir),
+    # and how long a node that stopped renewing its lease keeps its running work before another
+    # node fences it and re-runs that work (the loop renews it every lease_s / 4)
+    node_name: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")] = ""
+    lease_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
     # members of this group may use the ipc:// API socket (0660); empty: root's group only
     api_group: str = ""
     log_file: str = ""
@@ -293,6 +298,7 @@ RESTART_KEYS = frozenset(
         "server.fork_spares",
         "server.synchronous",
         "server.database",
+        "server.node_name",
         "server.log_file",
         "server.log_level",
     }

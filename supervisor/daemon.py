@@ -29,6 +29,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
 from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
 from supervisor import (
+    cluster,
     dirs,
     disk,
     engine,
@@ -108,6 +109,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.notify = sdnotify.Notifier()
         self.stats = Stats(time.monotonic())
         self.next_gc = time.monotonic() + 1.0  # the first retention pass, after start-up
+        self.next_tenants = 0.0  # when to re-read the tenant list (others deploy too)
         self.vacuum_due = False  # retention freed pages: give some back after the commit
         self.zygote_failures: Counter[str] = Counter()
         self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
@@ -179,6 +181,13 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 " stop the service and run: sqlite3 stepvisor.db "
                 "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'",
             )
+        self.node = cluster.Node(
+            self.cfg.server.node_name or cluster.default_node_id(self.paths.state_dir),
+            self.cfg.server.lease_s,
+            self.paths.state_dir,
+        )
+        with j.transaction(self.conn):
+            self.node.register(self.conn, time.time(), time.monotonic())
         if self.uids is not None:
             self.uids.load(j.uid_owners(self.conn))
         recovery.recover(
@@ -186,6 +195,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             self.cfg,
             self.cgroups,
             self.scratch,
+            self.node.id,
             with_uids=self.uids is not None,
             log=self.log,
         )
@@ -206,6 +216,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.remote = self._remote_api()
+        self._listen()
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
@@ -219,6 +230,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             sandbox=self.paths.sandbox_endpoint,
             state_dir=str(self.paths.state_dir),
             db=self.conn.describe(),
+            node=self.node.id,
             python=self.paths.python,
             launch_mode=self.cfg.server.launch_mode,
             pid=os.getpid(),
@@ -237,6 +249,41 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             raise StartupError(
                 f"server.database: cannot use {j.safe_url(database)}: {str(exc).strip()}"
             ) from None
+
+    def _listen(self) -> None:
+        """Other nodes' wake-ups (PostgreSQL): their fd in the poller. On failure the loop's
+        polling of the wake-up index still finds the work, a little later."""
+        if not self.cfg.server.database:
+            return
+        try:
+            self.poller.register(self.node.listen(self.cfg.server.database), zmq.POLLIN)
+        except psycopg.Error as exc:
+            self.log.warning("node.listen_failed", error=str(exc).strip())
+
+    def _on_wakeups(self) -> None:
+        try:
+            if self.node.woken():
+                self.more_due = True
+        except psycopg.Error as exc:
+            self.log.warning("node.listen_lost", error=str(exc).strip())
+            if self.node.listener is not None:
+                self.poller.unregister(self.node.listener.fileno())
+            self.node.close()
+
+    def _beat(self, now: float, mono: float) -> None:
+        """Renew this node's lease; re-run the work of nodes whose leases lapsed."""
+        if self.cfg.server.database and self.node.listener is None and mono >= self.node.next_beat:
+            self._listen()  # lost earlier (say, the database restarted): try again
+        for lost in self.node.beat(self.conn, now, mono):
+            n = recovery.requeue(
+                self.conn, lost, now, f"node {lost} stopped renewing its lease", self.log
+            )
+            self.log.warning("node.fenced_other", node=lost, interrupted=n)
+            self.more_due = True
+            self.node.wake_others = True
+        if mono >= self.next_tenants:  # tenants deployed through other nodes
+            self.next_tenants = mono + self.node.beat_every_s
+            self.tenants = j.tenant_names(self.conn)
 
     def _before_rebuild(self, size: int) -> None:
         """The database is rebuilt once for incremental vacuum: tell systemd it may take a while
@@ -321,17 +368,26 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
 
     def run(self) -> int:
         self.start()
+        code = 0
         try:
             while True:
                 ready = dict(self.poller.poll(self._poll_timeout_ms()))
-                self._tick(ready)
+                try:
+                    self._tick(ready)
+                except cluster.NodeFenced as exc:
+                    self.log.error("node.fenced", node=self.node.id, detail=str(exc))
+                    self._stop_remaining(outcome.FENCED, str(exc))
+                    code = cluster.EXIT_FENCED
+                    break
                 if self.draining and (not self.running or time.monotonic() > self.drain_deadline):
-                    self._stop_remaining()
+                    self._stop_remaining(outcome.INTERRUPTED, "the supervisor was stopped")
+                    with j.transaction(self.conn):
+                        j.stop_node(self.conn, self.node.id, time.time())
                     break
         finally:
             self._close()
-        self.log.info("supervisor.stopped")
-        return 0
+        self.log.info("supervisor.stopped", exit_code=code)
+        return code
 
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -345,6 +401,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         for ep in (self.paths.api_endpoint, self.paths.sandbox_endpoint):
             with contextlib.suppress(OSError):
                 Path(ep.removeprefix("ipc://")).unlink()
+        self.node.close()
         self.conn.close()
         if self.cgroups is not None:
             self.cgroups.close()
@@ -357,6 +414,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         now, mono = time.time(), time.monotonic()
         changes = self.conn.total_changes
         with j.transaction(self.conn):
+            self._beat(now, mono)  # first: a node fenced meanwhile must not act on anything
+            if self.node.listener is not None and self.node.listener.fileno() in ready:
+                self._on_wakeups()
             if self.wake_r.fileno() in ready:
                 self._drain_wakeups()
             self._handle_signals(mono)
@@ -382,6 +442,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 self._schedule(now, mono)
                 if mono >= self.next_gc:
                     self._collect(now, mono)
+            self.node.notify_if_woke(self.conn)
         self.unsynced |= self.conn.total_changes != changes
         if self.durable_outbox and self.unsynced and self.cfg.server.synchronous == "acked":
             # One fsync for everything this tick acknowledges; what no tick acknowledged yet
@@ -402,7 +463,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.more_due or self.output.busy():
             return 0
         mono, now = time.monotonic(), time.time()
-        wait = 1.0
+        wait = min(1.0, self.node.next_beat - mono)
         grace = self.cfg.server.settled_grace_s
         for act in self.running.values():
             limit = act.settled_mono + grace if act.settled_mono else act.deadline_mono
@@ -497,11 +558,28 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     continue
                 if self.uids is not None and not self.uids.has_free(tenant):
                     continue  # its uids are all busy and every other uid is another tenant's
+                if self._busy_elsewhere(tenant, most):
+                    continue
                 due = j.due_instances(self.conn, tenant, now, 1)
                 if due:
                     self._launch(tenant, due[0], "run", now, mono)
                     launched += 1
                     progress = True
+
+    def _busy_elsewhere(self, tenant: str, most: int) -> bool:
+        """With other nodes (PostgreSQL): whether the tenant's `max_concurrent` is used up
+        across the cluster, or another node is launching its work right now (then this node
+        leaves it to that one, and looks again shortly). Counted under the tenant's lock, which
+        this transaction then holds until it commits its launches."""
+        if self.conn.dialect == "sqlite":
+            return False
+        if not j.try_lock_tenant(self.conn, tenant):
+            self.more_due = True
+            return True
+        return (
+            self.per_tenant.get(tenant, 0) + j.leased_elsewhere(self.conn, tenant, self.node.id)
+            >= most
+        )
 
     def _slot_free(self) -> bool:
         """Room for one more activation: fewer than `max_activations` unsettled, and a free
@@ -525,17 +603,29 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # Stamped now, not at the tick's start: earlier work in this tick (reaping the activation
         # whose slot this one takes, say) is not this activation's.
         launched_at, launched_mono = time.time(), time.monotonic()
-        aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at)
-        if instance is not None:
-            engine.launched(self.conn, tenant, instance, aid, now)
-        token = secrets.token_hex(16)
         acquired = self.uids.acquire(tenant) if self.uids is not None else None
         uid = gid = None
         if acquired is not None:
             uid, claimed = acquired
-            if claimed:  # committed with this tick, like the activation's own row
-                j.claim_uid(self.conn, uid, tenant)
+            # Committed with this tick, like the activation's own row. Another node may have
+            # given the uid to another tenant meanwhile: then it is that tenant's, and this
+            # launch waits for the next tick.
+            if claimed and (owner := j.claim_uid(self.conn, uid, tenant)) != tenant:
+                assert self.uids is not None
+                self.uids.taken(uid, owner)
+                self.more_due = True
+                if deploy is not None:
+                    raise ProtocolError(
+                        ErrorCode.UNAVAILABLE,
+                        "another node just gave the sandbox uid picked to another tenant:"
+                        " retry the deploy",
+                    )
+                return
             gid = self.cfg.isolation.sandbox_gid_base + j.tenant_number(self.conn, tenant)
+        aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at, self.node.id)
+        if instance is not None:
+            engine.launched(self.conn, tenant, instance, aid, now)
+        token = secrets.token_hex(16)
         act = Activation(
             aid=aid,
             token=token,
@@ -757,13 +847,14 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
 
     # ------------------------------------------------------------------ drain
 
-    def _stop_remaining(self) -> None:
-        """Drain deadline passed: kill what still runs; its steps re-run after restart."""
+    def _stop_remaining(self, how: str, detail: str) -> None:
+        """Drain deadline passed, or this node was fenced: kill what still runs; its steps
+        re-run after restart (or already re-run on the node that fenced this one)."""
         mono = time.monotonic()
         with j.transaction(self.conn):
             for act in list(self.running.values()):
                 launcher.kill_group(act.pid)
-                self._settle(act, outcome.INTERRUPTED, "the supervisor was stopped", mono)
+                self._settle(act, how, detail, mono)
                 if act.pid == 0:  # the fork server never answered for it: nothing to reap
                     self._finish_record(act, None, None, time.time(), mono)
                     self._forget(act)

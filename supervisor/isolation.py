@@ -253,6 +253,12 @@ class UidPool:
         self.used.add(uid)
         return uid, True
 
+    def taken(self, uid: int, owner: str) -> None:
+        """`acquire` offered `uid` as unowned, but another node gave it to `owner` first."""
+        self.used.discard(uid)
+        self.owner[uid] = owner
+        self.free.setdefault(owner, deque()).append(uid)
+
     def release(self, uid: int) -> None:
         if uid in self.used:
             self.used.discard(uid)

@@ -15,6 +15,7 @@ PROTOCOL_ERROR = "protocol_error"
 NEVER_CONNECTED = "never_connected"
 KILLED_BY_OPERATOR = "killed_by_operator"
 INTERRUPTED = "interrupted"  # the supervisor stopped or died while it ran
+FENCED = "fenced"  # its node lost the instance's lease (another node re-runs the step)
 CRASHED = "crashed"
 
 

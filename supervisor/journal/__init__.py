@@ -35,6 +35,8 @@ _error_encoder = msgspec.json.Encoder()
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 
 KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
+TENANT_LOCKS = 0x5354_4554  # advisory lock class of the per-tenant locks
+WAKE_CHANNEL = "stepvisor_wake"  # LISTEN/NOTIFY channel: work may be due
 
 
 def connect(
@@ -106,8 +108,13 @@ def uid_owners(conn: Db) -> dict[int, str]:
     return {int(r[0]): str(r[1]) for r in conn.execute("SELECT uid, tenant FROM sandbox_uids")}
 
 
-def claim_uid(conn: Db, uid: int, tenant: str) -> None:
-    conn.execute("INSERT INTO sandbox_uids (uid, tenant) VALUES (?, ?)", (uid, tenant))
+def claim_uid(conn: Db, uid: int, tenant: str) -> str:
+    """Give `uid` to `tenant` for good, unless a tenant has it already (another node's claim):
+    the uid's owner either way."""
+    conn.execute(
+        "INSERT INTO sandbox_uids (uid, tenant) VALUES (?, ?) ON CONFLICT DO NOTHING", (uid, tenant)
+    )
+    return str(conn.execute("SELECT tenant FROM sandbox_uids WHERE uid = ?", (uid,)).fetchone()[0])
 
 
 def tenant_names(conn: Db) -> list[str]:
@@ -282,13 +289,37 @@ def reset_instance(conn: Db, tenant: str, instance: str, now: float, status: str
 
 
 def due_instances(conn: Db, tenant: str, now: float, limit: int) -> list[str]:
-    """Ids of the tenant's unleased instances whose wake time has come, oldest first."""
+    """Ids of the tenant's unleased instances whose wake time has come, oldest first. On
+    PostgreSQL the rows stay locked until the transaction ends and rows another node has locked
+    are skipped: no two nodes claim one instance."""
+    claim = " FOR UPDATE SKIP LOCKED" if conn.dialect == "postgresql" else ""
     rows = conn.execute(
         "SELECT id FROM instances WHERE tenant = ? AND wake_at IS NOT NULL AND lease IS NULL"
-        " AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+        " AND wake_at <= ? ORDER BY wake_at LIMIT ?" + claim,
         (tenant, now, limit),
     )
     return [r[0] for r in rows]
+
+
+def hold_lease(conn: Db, tenant: str, instance: str, activation: int) -> bool:
+    """Whether activation `activation` still holds the instance; if so, nobody can take it from
+    it before this transaction ends (the row is locked). The fence every commit of an
+    activation's consequences passes: a node that lost its lease while paused finds out here."""
+    cur = conn.execute(
+        "UPDATE instances SET lease = lease WHERE tenant = ? AND id = ? AND lease = ?",
+        (tenant, instance, activation),
+    )
+    return cur.rowcount == 1
+
+
+def leased_elsewhere(conn: Db, tenant: str, node: str) -> int:
+    """How many of the tenant's instances activations of other nodes hold."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM instances i JOIN activations a ON a.id = i.lease"
+        " WHERE i.tenant = ? AND i.lease IS NOT NULL AND a.node <> ?",
+        (tenant, node),
+    ).fetchone()
+    return int(row[0])
 
 
 def next_wake(conn: Db) -> float | None:
@@ -298,8 +329,13 @@ def next_wake(conn: Db) -> float | None:
     return None if row[0] is None else float(row[0])
 
 
-def leased_instances(conn: Db) -> list[Row]:
-    return conn.execute("SELECT * FROM instances WHERE lease IS NOT NULL").fetchall()
+def leased_instances(conn: Db, node: str) -> list[Row]:
+    """Instances held by activations of `node` (or of no node: rows from before nodes)."""
+    return conn.execute(
+        "SELECT i.* FROM instances i LEFT JOIN activations a ON a.id = i.lease"
+        " WHERE i.lease IS NOT NULL AND (a.node = ? OR a.node IS NULL)",
+        (node,),
+    ).fetchall()
 
 
 # ---------------------------------------------------------------- journal entries
@@ -451,11 +487,13 @@ def consume_event(
 # ---------------------------------------------------------------- activations
 
 
-def insert_activation(conn: Db, tenant: str, instance: str | None, kind: str, now: float) -> int:
+def insert_activation(
+    conn: Db, tenant: str, instance: str | None, kind: str, now: float, node: str | None = None
+) -> int:
     cur = conn.execute(
-        "INSERT INTO activations (tenant, instance, kind, launched_at) VALUES (?, ?, ?, ?)"
-        " RETURNING id",
-        (tenant, instance, kind, now),
+        "INSERT INTO activations (tenant, instance, kind, launched_at, node)"
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (tenant, instance, kind, now, node),
     )
     return int(cur.fetchone()[0])
 
@@ -465,8 +503,12 @@ def update_activation(conn: Db, activation: int, **fields: Any) -> None:
     conn.execute(f"UPDATE activations SET {cols} WHERE id = ?", (*fields.values(), activation))
 
 
-def open_activations(conn: Db) -> list[Row]:
-    return conn.execute("SELECT * FROM activations WHERE finished_at IS NULL").fetchall()
+def open_activations(conn: Db, node: str) -> list[Row]:
+    """Activations of `node` (or of no node: rows from before nodes) not finished."""
+    return conn.execute(
+        "SELECT * FROM activations WHERE finished_at IS NULL AND (node = ? OR node IS NULL)",
+        (node,),
+    ).fetchall()
 
 
 def instance_activations(conn: Db, tenant: str, instance: str) -> list[Row]:
@@ -581,3 +623,76 @@ def revoke_key(conn: Db, public: str, now: float) -> bool:
 
 def api_keys(conn: Db) -> list[Row]:
     return conn.execute("SELECT * FROM api_keys ORDER BY created_at, public").fetchall()
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def register_node(conn: Db, node: str, host: str, pid: int, state_dir: str, now: float) -> None:
+    """This node is (back) up: alive, not fenced, not stopped."""
+    conn.execute(
+        "INSERT INTO nodes (id, host, pid, state_dir, started_at, heartbeat_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
+        " pid = excluded.pid, state_dir = excluded.state_dir, started_at = excluded.started_at,"
+        " heartbeat_at = excluded.heartbeat_at, fenced_at = NULL, stopped_at = NULL",
+        (node, host, pid, state_dir, now, now),
+    )
+
+
+def heartbeat(conn: Db, node: str, now: float) -> bool:
+    """Renew the node's lease; False when another node has fenced it (taken its work)."""
+    cur = conn.execute(
+        "UPDATE nodes SET heartbeat_at = ? WHERE id = ? AND fenced_at IS NULL", (now, node)
+    )
+    return cur.rowcount == 1
+
+
+def fence_lapsed_nodes(conn: Db, me: str, before: float, now: float) -> list[str]:
+    """Fence every other running node whose last heartbeat is older than `before`; their
+    ids. The update locks each node's row, so it cannot race the node's own heartbeat: one of
+    the two waits for the other and then finds the lease renewed, or fenced."""
+    rows = conn.execute(
+        "UPDATE nodes SET fenced_at = ? WHERE id <> ? AND fenced_at IS NULL"
+        " AND stopped_at IS NULL AND heartbeat_at < ? RETURNING id",
+        (now, me, before),
+    )
+    return sorted(str(r[0]) for r in rows)
+
+
+def stop_node(conn: Db, node: str, now: float) -> None:
+    conn.execute("UPDATE nodes SET stopped_at = ? WHERE id = ?", (now, node))
+
+
+def nodes(conn: Db) -> list[Row]:
+    """Every node with its running activations and the instances they hold."""
+    return conn.execute(
+        "SELECT n.*,"
+        " (SELECT COUNT(*) FROM activations a WHERE a.node = n.id AND a.finished_at IS NULL)"
+        " AS running,"
+        " (SELECT COUNT(*) FROM instances i JOIN activations a ON a.id = i.lease"
+        "  WHERE a.node = n.id) AS leases"
+        " FROM nodes n ORDER BY n.id"
+    ).fetchall()
+
+
+def try_lock_tenant(conn: Db, tenant: str) -> bool:
+    """Take the tenant's cluster-wide lock until this transaction ends, unless another node
+    holds it (then False, at once). Counting a tenant's running activations and claiming more
+    happen under it, so `max_concurrent` and `max_instances` hold across nodes. SQLite has a
+    single writer: always True."""
+    if conn.dialect == "sqlite":
+        return True
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(?, hashtext(?))", (TENANT_LOCKS, tenant))
+    return bool(row.fetchone()[0])
+
+
+def lock_tenant(conn: Db, tenant: str) -> None:
+    """The same lock, waited for (a create, whose count must not race another node's)."""
+    if conn.dialect == "postgresql":
+        conn.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (TENANT_LOCKS, tenant))
+
+
+def notify_wake(conn: Db) -> None:
+    """Tell every node, when this transaction commits, that work may be due (PostgreSQL)."""
+    if conn.dialect == "postgresql":
+        conn.execute(f"NOTIFY {WAKE_CHANNEL}")

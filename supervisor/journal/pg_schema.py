@@ -1,6 +1,7 @@
-"""The PostgreSQL schema: the same tables as the embedded SQLite one (its migrations 1-9, as one),
-in PostgreSQL's types. Numbered migrations, recorded in `schema_version`, applied under an
-advisory lock so that nodes starting together migrate once."""
+"""The PostgreSQL schema: the same tables as the embedded SQLite one (its migrations 1-9 as one,
+then one for each later SQLite migration), in PostgreSQL's types. Numbered migrations, recorded
+in `schema_version`, applied under an advisory lock so that nodes starting together migrate
+once."""
 
 from __future__ import annotations
 
@@ -152,6 +153,22 @@ MIGRATIONS: list[str] = [
         uid BIGINT PRIMARY KEY,
         tenant TEXT NOT NULL
     )
+    """,
+    # 2: SQLite's migration 10: nodes, and the node that runs each activation
+    """
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        state_dir TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        fenced_at DOUBLE PRECISION,
+        stopped_at DOUBLE PRECISION
+    );
+    ALTER TABLE activations ADD COLUMN node TEXT;
+    CREATE INDEX activations_node_open ON activations (node) WHERE finished_at IS NULL;
+    CREATE INDEX instances_tenant_leased ON instances (tenant) WHERE lease IS NOT NULL
     """,
 ]
 

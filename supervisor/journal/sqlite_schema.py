@@ -219,6 +219,24 @@ MIGRATIONS: list[str] = [
         tenant TEXT NOT NULL
     )
     """,
+    # 10: supervisor nodes sharing the database, and the node that runs each activation (an
+    # instance's lease is an activation id, so its node is the activation's). Rows from before
+    # have no node: the first node to start takes them as its own.
+    """
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        state_dir TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        fenced_at REAL,
+        stopped_at REAL
+    );
+    ALTER TABLE activations ADD COLUMN node TEXT;
+    CREATE INDEX activations_node_open ON activations (node) WHERE finished_at IS NULL;
+    CREATE INDEX instances_tenant_leased ON instances (tenant) WHERE lease IS NOT NULL
+    """,
 ]
 
 CONVERT_AT_START_MAX_BYTES = 1 << 30  # larger databases are not rebuilt at start (see connect)

@@ -11,7 +11,7 @@ import pytest
 
 from protocol.messages import ErrorInfo, JournalEntry
 from supervisor import journal as j
-from supervisor.journal import sqlite_schema
+from supervisor.journal import pg_schema, sqlite_schema
 from supervisor.journal.db import open_sqlite
 
 T0 = 1_700_000_000.0
@@ -330,7 +330,7 @@ def test_next_wake(conn: j.Db) -> None:
     assert j.next_wake(conn) == T0 + 20
     j.update_instance(conn, "beta", "b", wake_at=None)
     assert j.next_wake(conn) == T0 + 50
-    assert [r["id"] for r in j.leased_instances(conn)] == ["c"]
+    assert [r["id"] for r in j.leased_instances(conn, "n1")] == ["c"]
 
 
 # ---------------------------------------------------------------- journal entries
@@ -451,13 +451,15 @@ def test_reset_instance_clears_the_journal_and_requeues(conn: j.Db) -> None:
 
 def test_activation_records(conn: j.Db) -> None:
     add(conn, "i1")
-    a1 = j.insert_activation(conn, "acme", "i1", "run", T0)
-    a2 = j.insert_activation(conn, "acme", "i1", "run", T0 + 1)
-    j.insert_activation(conn, "acme", None, "inspect", T0)
+    a1 = j.insert_activation(conn, "acme", "i1", "run", T0, "n1")
+    a2 = j.insert_activation(conn, "acme", "i1", "run", T0 + 1, "n1")
+    j.insert_activation(conn, "acme", None, "inspect", T0, "n1")
+    other = j.insert_activation(conn, "acme", "i1", "run", T0 + 2, "n2")
     j.update_activation(conn, a1, finished_at=T0 + 0.5, outcome="ok", cold_start_ms=12.5)
-    assert [r["id"] for r in j.open_activations(conn)] == [a2, a2 + 1]
+    assert [r["id"] for r in j.open_activations(conn, "n1")] == [a2, a2 + 1]
+    assert [r["id"] for r in j.open_activations(conn, "n2")] == [other]
     rows = j.instance_activations(conn, "acme", "i1")
-    assert [r["id"] for r in rows] == [a1, a2]
+    assert [r["id"] for r in rows] == [a1, a2, other]
     assert (rows[0]["outcome"], rows[0]["cold_start_ms"]) == ("ok", 12.5)
     assert j.instance_activations(conn, "beta", "i1") == []
 
@@ -535,5 +537,96 @@ def test_a_new_database_is_incremental_and_activation_ids_never_repeat(db_path: 
             first = j.insert_activation(conn, "acme", "i", "run", T0)
             conn.execute("DELETE FROM activations WHERE id = ?", (first,))
             assert j.insert_activation(conn, "acme", "i", "run", T0) == first + 1
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- nodes and leases
+
+
+def test_a_lapsed_node_is_fenced_once_and_its_heartbeat_then_fails(conn: j.Db) -> None:
+    with j.transaction(conn):
+        j.register_node(conn, "a", "host", 1, "/s/a", T0)
+        j.register_node(conn, "b", "host", 2, "/s/b", T0)
+        assert j.heartbeat(conn, "b", T0 + 9)
+        assert j.fence_lapsed_nodes(conn, "b", T0 + 5, T0 + 10) == ["a"]  # a: silent since T0
+        assert j.fence_lapsed_nodes(conn, "b", T0 + 5, T0 + 10) == []  # once
+        assert not j.heartbeat(conn, "a", T0 + 11)  # a comes back: it must stop
+        assert j.heartbeat(conn, "b", T0 + 11)
+        j.stop_node(conn, "b", T0 + 12)  # a clean stop is never fenced
+        assert j.fence_lapsed_nodes(conn, "c", T0 + 100, T0 + 100) == []
+        j.register_node(conn, "a", "host", 3, "/s/a", T0 + 20)  # restarted: not fenced
+        assert j.heartbeat(conn, "a", T0 + 21)
+    rows = {r["id"]: r for r in j.nodes(conn)}
+    assert rows["a"]["pid"] == 3 and rows["a"]["fenced_at"] is None
+    assert rows["b"]["stopped_at"] == T0 + 12
+
+
+def test_a_lease_holds_for_its_activation_only(conn: j.Db) -> None:
+    with j.transaction(conn):
+        add(conn, "i")
+        aid = j.insert_activation(conn, "acme", "i", "run", T0, "a")
+        j.update_instance(conn, "acme", "i", lease=aid)
+        assert j.hold_lease(conn, "acme", "i", aid)
+        assert not j.hold_lease(conn, "acme", "i", aid + 1)
+        assert [r["id"] for r in j.leased_instances(conn, "a")] == ["i"]
+        assert j.leased_instances(conn, "b") == []
+        assert j.leased_elsewhere(conn, "acme", "b") == 1
+        assert j.leased_elsewhere(conn, "acme", "a") == 0
+        j.update_instance(conn, "acme", "i", lease=None)
+        assert not j.hold_lease(conn, "acme", "i", aid)
+
+
+def test_a_uid_claimed_by_another_tenant_stays_its(conn: j.Db) -> None:
+    with j.transaction(conn):
+        assert j.claim_uid(conn, 900_001, "acme") == "acme"
+        assert j.claim_uid(conn, 900_001, "beta") == "acme"
+        assert j.claim_uid(conn, 900_001, "acme") == "acme"
+    assert j.uid_owners(conn) == {900_001: "acme"}
+
+
+def test_nodes_never_claim_the_same_instance_nor_a_tenant_at_once(pg_db: str) -> None:
+    """Two connections as two nodes, inside open transactions: what one has claimed (locked)
+    the other skips, and the tenant lock is held by one at a time."""
+    a, b = j.connect(pg_db), j.connect(pg_db)
+    try:
+        with j.transaction(a):
+            for n in range(3):
+                add(a, f"i{n}", now=T0 + n)
+        with j.transaction(a):
+            assert j.try_lock_tenant(a, "acme")
+            assert j.due_instances(a, "acme", T0 + 10, 1) == ["i0"]
+            with j.transaction(b):
+                assert not j.try_lock_tenant(b, "acme")
+                assert j.try_lock_tenant(b, "beta")
+                assert j.due_instances(b, "acme", T0 + 10, 2) == ["i1", "i2"]
+        with j.transaction(b):
+            assert j.try_lock_tenant(b, "acme")  # released with a's transaction
+    finally:
+        a.close()
+        b.close()
+
+
+def test_nodes_starting_together_migrate_once(pg_db: str) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            j.connect(pg_db).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    conn = j.connect(pg_db)
+    try:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+        assert versions == list(range(1, len(pg_schema.MIGRATIONS) + 1))
     finally:
         conn.close()

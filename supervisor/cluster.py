@@ -1,0 +1,91 @@
+"""This supervisor as one node of those sharing a database.
+
+A node renews its lease (`nodes.heartbeat_at`) from the loop every `lease_s / 4`. A node whose
+lease has lapsed is fenced by the first other node to notice, which re-runs the steps it was
+running; a fenced node that comes back finds out at its next heartbeat and stops (and each of
+its activations' commits is fenced on its own by `journal.hold_lease`). On PostgreSQL a node
+also LISTENs for other nodes' wake-ups, so work created on one starts on any within
+milliseconds; the loop's poll of the wake-up index is the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from supervisor import journal as j
+from supervisor.journal.db import Db
+
+EXIT_FENCED = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings the node back, fresh
+
+
+class NodeFenced(Exception):
+    """Another node took this node's work: its lease lapsed (it was paused, or cut off)."""
+
+
+def default_node_id(state_dir: Path) -> str:
+    """The host's name and a short hash of the state dir: stable across restarts, so a node
+    that restarts takes back its own work at once, and distinct for two nodes on one host."""
+    host = socket.gethostname().split(".")[0][:40] or "node"
+    return f"{host}-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:6]}"
+
+
+class Node:
+    def __init__(self, node_id: str, lease_s: float, state_dir: Path) -> None:
+        self.id = node_id
+        self.lease_s = lease_s
+        self.state_dir = state_dir
+        self.next_beat = 0.0  # monotonic
+        self.listener: psycopg.Connection[Any] | None = None
+        self.wake_others = False  # this tick made work due: NOTIFY the other nodes
+
+    @property
+    def beat_every_s(self) -> float:
+        return self.lease_s / 4
+
+    def register(self, conn: Db, now: float, mono: float) -> None:
+        j.register_node(conn, self.id, socket.gethostname(), os.getpid(), str(self.state_dir), now)
+        self.next_beat = mono + self.beat_every_s
+
+    def beat(self, conn: Db, now: float, mono: float) -> list[str]:
+        """Renew the lease when due and fence the nodes whose leases lapsed; the fenced nodes'
+        ids (their work is the caller's to re-run). Raises NodeFenced if this node was."""
+        if mono < self.next_beat:
+            return []
+        self.next_beat = mono + self.beat_every_s
+        if not j.heartbeat(conn, self.id, now):
+            raise NodeFenced(
+                f"node {self.id} was fenced by another node: its lease ({self.lease_s:g} s)"
+                " lapsed and its running steps were re-run elsewhere"
+            )
+        return j.fence_lapsed_nodes(conn, self.id, now - self.lease_s, now)
+
+    def listen(self, url: str) -> int:
+        """LISTEN on a connection of its own (autocommit); the fd for the loop's poller."""
+        self.listener = psycopg.connect(url, autocommit=True)
+        self.listener.execute(f"LISTEN {j.WAKE_CHANNEL}")
+        return self.listener.fileno()
+
+    def woken(self) -> int:
+        """Drain pending notifications without blocking; how many there were. Raises
+        psycopg.Error when the connection is lost (the caller stops polling its fd)."""
+        if self.listener is None:
+            return 0
+        return sum(1 for _ in self.listener.notifies(timeout=0))
+
+    def notify_if_woke(self, conn: Db) -> None:
+        if self.wake_others:
+            j.notify_wake(conn)
+            self.wake_others = False
+
+    def close(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.listener.close()
+            self.listener = None
