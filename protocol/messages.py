@@ -203,6 +203,12 @@ class RevokeKey(Base, frozen=True, tag="key_revoke"):
     public: PublicKey
 
 
+class ListNodes(Base, frozen=True, tag="nodes"):
+    """The supervisor nodes sharing the database: heartbeats, running steps, leases held."""
+
+    rid: int
+
+
 class Reload(Base, frozen=True, tag="reload"):
     """Re-read the supervisor's config file (as SIGHUP does) and report what changed."""
 
@@ -227,6 +233,7 @@ Request = (
     | ListKeys
     | RevokeKey
     | Reload
+    | ListNodes
 )
 
 

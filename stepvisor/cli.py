@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         "--watch", nargs="?", type=float, const=2.0, metavar="SECONDS", help="refresh (every 2 s)"
     )
 
+    sub.add_parser("nodes", help="the supervisor nodes sharing the database, and their leases")
+
     s = sub.add_parser("usage", help="per-tenant usage for billing, from the durable roll-up")
     s.add_argument("--tenant")
     s.add_argument(
@@ -347,6 +349,9 @@ def _run(args: argparse.Namespace) -> int:
             )
         elif args.cmd == "stats":
             _stats(args, c)
+        elif args.cmd == "nodes":
+            rows = c.nodes()
+            _print(args, rows, render.nodes(rows))
         elif args.cmd == "usage":
             rows = c.usage(args.tenant, args.since, hourly=args.hourly)
             _print(args, rows, render.usage_csv(rows) if args.csv else render.usage(rows))

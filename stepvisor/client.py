@@ -34,6 +34,7 @@ from protocol.messages import (
     GetUsage,
     ListInstances,
     ListKeys,
+    ListNodes,
     Ping,
     Reload,
     RevokeKey,
@@ -316,6 +317,11 @@ class Client:
         peak and summed peak memory (KiB), memory x time (KiB s), and the most scratch disk one
         activation held at its exit (KiB)."""
         return self.call(lambda rid: GetUsage(rid=rid, tenant=tenant, since=since, hourly=hourly))
+
+    def nodes(self) -> builtins.list[dict[str, Any]]:
+        """The supervisor nodes sharing the database (one, on the embedded SQLite): state
+        (up, lapsed, fenced, stopped), last heartbeat's age, steps running, leases held."""
+        return self.call(lambda rid: ListNodes(rid=rid))
 
     def info(self) -> dict[str, Any]:
         """The supervisor's pid, config file, state dir, log file or journal unit."""

@@ -66,6 +66,26 @@ def _counts(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in d.items()) or "none"
 
 
+def nodes(rows: list[dict[str, Any]]) -> str:
+    table: list[tuple[str, ...]] = [
+        ("node", "host", "pid", "state", "heartbeat", "running", "leases", "started")
+    ]
+    for r in rows:
+        table.append(
+            (
+                visible(r["node"]) + (" *" if r["self"] else ""),
+                visible(r["host"]),
+                str(r["pid"]),
+                r["state"],
+                f"{r['heartbeat_age_s']:.1f} s ago",
+                str(r["running"]),
+                str(r["leases"]),
+                r["started_at"],
+            )
+        )
+    return "\n".join([*_table(table, right_from=2), "* the node that answered"])
+
+
 def stats(s: dict[str, Any]) -> str:
     lines = []
     window = f"last {s['window_s']:g} s"

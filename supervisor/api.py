@@ -33,6 +33,7 @@ from protocol.messages import (
     GetUsage,
     ListInstances,
     ListKeys,
+    ListNodes,
     Ping,
     Reload,
     RevokeKey,
@@ -41,6 +42,7 @@ from protocol.messages import (
 from supervisor import engine
 from supervisor import journal as j
 from supervisor.activation import DeployRequest
+from supervisor.cluster import Node
 from supervisor.config import Config
 from supervisor.journal.db import Db, Row
 
@@ -55,6 +57,7 @@ class Host(Protocol):
 
     conn: Db
     cfg: Config
+    node: Node
 
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None: ...
 
@@ -295,6 +298,7 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
     activations = [
         {
             "id": a["id"],
+            "node": a["node"],
             "pid": a["pid"],
             "seq": a["seq"],
             "step": a["step"],
@@ -379,6 +383,31 @@ def info(host: Host, req: GetInfo, identity: bytes, now: float) -> object:
     return host.info()
 
 
+def nodes(host: Host, req: ListNodes, identity: bytes, now: float) -> object:
+    return [
+        {
+            "node": r["id"],
+            "host": r["host"],
+            "pid": r["pid"],
+            "state": _node_state(r, now, host.cfg.server.lease_s),
+            "heartbeat_age_s": round(max(0.0, now - r["heartbeat_at"]), 3),
+            "started_at": engine.iso(r["started_at"]),
+            "running": int(r["running"]),
+            "leases": int(r["leases"]),
+            "self": r["id"] == host.node.id,
+        }
+        for r in j.nodes(host.conn)
+    ]
+
+
+def _node_state(r: Row, now: float, lease_s: float) -> str:
+    if r["stopped_at"] is not None:
+        return "stopped"
+    if r["fenced_at"] is not None:
+        return "fenced"
+    return "lapsed" if now - r["heartbeat_at"] > lease_s else "up"
+
+
 def gc(host: Host, req: CollectGarbage, identity: bytes, now: float) -> object:
     return host.collect_garbage()
 
@@ -449,4 +478,5 @@ HANDLERS: dict[type, Handler] = {
     ListKeys: key_list,
     RevokeKey: key_revoke,
     Reload: reload,
+    ListNodes: nodes,
 }

@@ -31,6 +31,7 @@ from protocol.messages import (
     GetStats,
     GetUsage,
     ListKeys,
+    ListNodes,
     Ping,
     Reload,
     RevokeKey,
@@ -40,7 +41,7 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks; fixed by RFC 27
 REFUSALS_LOGGED = 20  # refused connections logged a minute; more are counted
 DOMAIN = b"stepvisor-api"
 ADMIN = ""  # the principal of an admin key; a tenant key's principal is its tenant
-ADMIN_ONLY = (CollectGarbage, CreateKey, GetInfo, ListKeys, Reload, RevokeKey)
+ADMIN_ONLY = (CollectGarbage, CreateKey, GetInfo, ListKeys, ListNodes, Reload, RevokeKey)
 OWN_TENANT_BY_DEFAULT = (GetStats, GetUsage)  # a tenant key asking for "all" gets its own
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL

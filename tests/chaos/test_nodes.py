@@ -1,0 +1,251 @@
+"""Several supervisor nodes on one PostgreSQL database: any node serves any request; kill -9 of a
+node, or a SIGSTOP past its lease, loses nothing and journals nothing twice; a tenant's limits
+hold across the cluster."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stepvisor.client import StepVisorError
+from tests.conftest import Daemon, deploy_source, wait_for, writable
+
+pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
+
+LEASE_S = 2.0
+
+STEPS = """
+import os, time, uuid
+from stepvisor import workflow
+
+def work(log, iid, seq, pause):
+    token = uuid.uuid4().hex
+    with open(log, "a") as f:
+        f.write(f"{iid} {seq} {token}\\n")
+    time.sleep(pause)
+    return token
+
+@workflow("w")
+def w(event, step):
+    p = event.payload
+    return [step.do(f"s{i}", lambda i=i: work(p["log"], event.instance_id, i, p["pause"]))
+            for i in range(p["steps"])]
+"""
+
+GATED = """
+import os, time, uuid
+from stepvisor import workflow
+
+def gated(shared):
+    token = uuid.uuid4().hex
+    open(os.path.join(shared, f"attempt-{token}"), "w").close()
+    while not os.path.exists(os.path.join(shared, "go")):
+        time.sleep(0.02)
+    return token
+
+@workflow("gated")
+def w(event, step):
+    return step.do("gated", lambda: gated(event.payload), timeout=300)
+"""
+
+HOLD = """
+from stepvisor import workflow
+
+@workflow("hold")
+def w(event, step):
+    return step.wait_for_event("go", type="go", timeout=3600)
+"""
+
+
+def node_config(shared: Path, n: int, slots: int = 16, **defaults: object) -> tuple[str, str]:
+    """(config, server lines) for node `n`: short leases, `slots` activations at most, and its
+    own sandbox uids (nodes on one host must not hand one uid to two activations at once)."""
+    low = 900_000 + n * 10_000
+    config = writable(shared, **defaults) + (
+        f"[isolation]\nsandbox_uid_range = [{low}, {low + 9_999}]\n"
+    )
+    return config, f'lease_s = {LEASE_S}\nnode_name = "node{n}"\nmax_activations = {slots}\n'
+
+
+def cluster(
+    make_daemon: Callable[..., Daemon], shared: Path, n: int, slots: int = 16, **defaults: object
+) -> list[Daemon]:
+    return [make_daemon(*node_config(shared, i, slots, **defaults)) for i in range(n)]
+
+
+def make_log(shared: Path) -> Path:
+    log = shared / "executions.log"
+    log.touch()
+    log.chmod(0o666)
+    return log
+
+
+def executions(log: Path) -> dict[tuple[str, int], list[str]]:
+    runs: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for line in log.read_text().splitlines():
+        iid, seq, token = line.split()
+        runs[(iid, int(seq))].append(token)
+    return runs
+
+
+def nodes_by_name(daemon: Daemon) -> dict[str, dict]:
+    client = daemon.clients[0] if daemon.clients else daemon.client()
+    return {n["node"]: n for n in client.nodes()}
+
+
+def test_any_node_serves_any_request_and_each_lists_the_cluster(make_daemon, shared: Path) -> None:
+    a, b = cluster(make_daemon, shared, 2)
+    ca, cb = a.client(), b.client()
+    deploy_source(ca, "acme", STEPS)  # deployed through a: the code lives in the database
+    log = make_log(shared)
+    ids = [f"i{n}" for n in range(6)]
+    cb.create_batch("acme", "w", [(i, {"log": str(log), "steps": 3, "pause": 0.05}) for i in ids])
+    finals = {i: ca.wait("acme", i, timeout_s=120) for i in ids}
+    assert {st["status"] for st in finals.values()} == {"complete"}
+    for iid, st in finals.items():
+        for seq, token in enumerate(st["output"]):
+            assert executions(log)[(iid, seq)] == [token]  # each step ran once, on one node
+    nodes = {a["node"] for i in ids for a in cb.history("acme", i)["activations"]}
+    assert nodes <= {"node0", "node1"} and nodes
+    listed = nodes_by_name(b)
+    assert set(listed) == {"node0", "node1"}
+    assert {n["state"] for n in listed.values()} == {"up"}
+    assert listed["node1"]["self"] and not listed["node0"]["self"]
+    out = b.cli("nodes")
+    assert out.returncode == 0, out.stderr
+    assert "node0" in out.stdout and "node1 *" in out.stdout
+    # A clean stop is said, so no node fences it.
+    assert a.stop() == 0
+    assert nodes_by_name(b)["node0"]["state"] == "stopped"
+
+
+def test_kill_9_of_a_node_reruns_its_steps_on_another(make_daemon, shared: Path) -> None:
+    # Two slots a node: neither can take all the work, so both are running steps when one dies.
+    a, b = cluster(make_daemon, shared, 2, slots=2, max_concurrent=8)
+    c = b.client()
+    deploy_source(c, "acme", STEPS)
+    log = make_log(shared)
+    ids = [f"i{n}" for n in range(8)]
+    c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 4, "pause": 0.3}) for i in ids])
+    wait_for(lambda: nodes_by_name(b)["node0"]["running"] > 0, 60, "node0 to run steps")
+    a.stop(signal.SIGKILL)
+    finals = {i: c.wait("acme", i, timeout_s=180) for i in ids}
+    assert {st["status"] for st in finals.values()} == {"complete"}
+    runs = executions(log)
+    for iid, st in finals.items():
+        for seq, token in enumerate(st["output"]):
+            assert runs[(iid, seq)][-1] == token  # a journaled step never runs again
+            assert len(runs[(iid, seq)]) <= 2  # one re-run at most, for the node that died
+        entries = c.history("acme", iid)["entries"]
+        assert [e["seq"] for e in entries] == list(range(4))  # nothing journaled twice
+    assert b.events("node.fenced_other", node="node0")
+    lost = [
+        act
+        for i in ids
+        for act in c.history("acme", i)["activations"]
+        if act["outcome"] == "interrupted"
+    ]
+    assert lost and all(act["node"] == "node0" for act in lost)
+    assert all("node0 stopped renewing its lease" in act["detail"] for act in lost)
+    assert nodes_by_name(b)["node0"]["state"] == "fenced"
+
+
+def test_a_node_paused_past_its_lease_is_fenced_and_never_commits(
+    make_daemon, shared: Path
+) -> None:
+    [a] = cluster(make_daemon, shared, 1)
+    ca = a.client()
+    deploy_source(ca, "acme", GATED)
+    ca.create("acme", "gated", str(shared), id="g")
+    [first] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "node0's attempt to start")
+    b = make_daemon(*node_config(shared, 1))
+    cb = b.client()
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: len(list(shared.glob("attempt-*"))) == 2, 60, "node1 to re-run the step")
+        assert nodes_by_name(b)["node0"]["state"] == "fenced"
+        (shared / "go").touch()  # both attempts now return: node0's reports to a stopped node
+        st = cb.wait("acme", "g", timeout_s=60)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    assert st["status"] == "complete"
+    # node0 comes back, finds it was fenced, and stops without journaling its attempt.
+    assert a.proc.wait(30) == 75
+    assert a.events("node.fenced", node="node0")
+    h = cb.history("acme", "g")
+    [entry] = h["entries"]
+    assert entry["status"] == "ok"
+    assert st["output"] != first.name.removeprefix("attempt-")  # node1's attempt, not node0's
+    ran = {act["node"]: act for act in h["activations"] if act["seq"] == 0}
+    assert ran["node1"]["outcome"] == "ok"
+    assert ran["node0"]["outcome"] in ("interrupted", "fenced")
+    assert cb.status("acme", "g")["output"] == st["output"]  # unchanged after node0 woke
+
+
+def test_a_tenants_limits_hold_across_nodes(make_daemon, database: str, shared: Path) -> None:
+    import psycopg
+
+    # Two slots a node, three for the tenant: it takes both nodes to reach the tenant's limit,
+    # and only a count across them keeps it there.
+    a, b = cluster(make_daemon, shared, 2, slots=2, max_concurrent=3)
+    ca, cb = a.client(), b.client()
+    deploy_source(ca, "acme", STEPS)
+    log = make_log(shared)
+    most = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        with psycopg.connect(database, autocommit=True) as pg:
+            while not done.is_set():
+                row = pg.execute(
+                    "SELECT COUNT(*) FROM instances WHERE tenant = 'acme' AND lease IS NOT NULL"
+                ).fetchone()
+                most = max(most, row[0] if row else 0)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        ids = [f"i{n}" for n in range(10)]
+        for n, iid in enumerate(ids):  # creates through both nodes
+            (ca if n % 2 else cb).create("acme", "w", {"log": str(log), "steps": 2, "pause": 0.2},
+                                         id=iid)  # fmt: skip
+        finals = {i: ca.wait("acme", i, timeout_s=180) for i in ids}
+    finally:
+        done.set()
+        sampler.join()
+    assert {st["status"] for st in finals.values()} == {"complete"}
+    assert most == 3
+    ran_on = {act["node"] for i in ids for act in ca.history("acme", i)["activations"]}
+    assert ran_on == {"node0", "node1"}
+
+    # max_instances, with creates racing through both nodes at once
+    deploy_source(ca, "capped", HOLD)
+    for n, d in enumerate((a, b)):
+        config, server = node_config(shared, n, 2, max_concurrent=3)
+        d.write_config(config + "[tenants.capped]\nmax_instances = 5\n", server)
+        assert d.cli("reload").returncode == 0
+    results: list[str] = []
+
+    def create(client_of: Daemon, name: str) -> None:
+        c = client_of.client()
+        try:
+            c.create("capped", "hold", None, id=name)
+            results.append("created")
+        except StepVisorError as exc:
+            results.append(exc.code)
+
+    threads = [
+        threading.Thread(target=create, args=(a if n % 2 else b, f"c{n}")) for n in range(10)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["LIMIT_EXCEEDED"] * 5 + ["created"] * 5
