@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", help="override [server] state_dir")
     s.add_argument("--runtime-dir", help="override [server] runtime_dir")
 
+    s = sub.add_parser(
+        "migrate",
+        help="copy the embedded SQLite database into an empty PostgreSQL one (service stopped)",
+    )
+    s.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST/DB")
+    s.add_argument("--config", help="stepvisor.toml (default: the embedded default)")
+    s.add_argument("--state-dir", help="override [server] state_dir: where stepvisor.db is")
+
     s = sub.add_parser("doctor", help="check each isolation layer with a probe activation")
     s.add_argument("--config", help="stepvisor.toml (default: the embedded default)")
 
@@ -287,11 +295,59 @@ def _logs(args: argparse.Namespace, endpoint: str | None) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Copy the state database into PostgreSQL; refused while a supervisor uses it."""
+    import fcntl
+
+    from supervisor import config
+    from supervisor.journal import sqlite_to_pg
+
+    try:
+        cfg = config.with_dirs(config.load(args.config), args.state_dir, None)
+        paths = config.resolve_paths(cfg)
+    except config.ConfigError as exc:
+        print(f"error CONFIG: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if why := config.database_error(args.to) or ("" if args.to else "empty URL"):
+        print(f"error BAD_REQUEST: --to: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    lock_path = paths.state_dir / "supervisor.lock"
+    try:
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the copy is done
+            copied = sqlite_to_pg.copy(
+                paths.db, args.to, say=lambda line: None if args.json else print(line)
+            )
+    except BlockingIOError:
+        print(
+            f"error UNAVAILABLE: a supervisor is running on {paths.state_dir}: stop it first"
+            " (systemctl stop stepvisor)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except FileNotFoundError:
+        print(f"error NOT_FOUND: no state dir at {paths.state_dir}", file=sys.stderr)
+        return EXIT_ERROR
+    except sqlite_to_pg.CopyError as exc:
+        print(f"error MIGRATE: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(copied))
+    else:
+        print(
+            f"copied {sum(copied.values()):,} rows; set [server] database to the URL and start"
+            " the service"
+        )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "serve":
         from supervisor.daemon import serve
 
         return serve(args.config, args.state_dir, args.runtime_dir)
+    if args.cmd == "migrate":
+        return _migrate(args)
     if args.cmd == "doctor":
         from supervisor import config, doctor
 

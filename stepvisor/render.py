@@ -94,6 +94,7 @@ def stats(s: dict[str, Any]) -> str:
         lines += [
             f"{state}, up {s['uptime_s']:,.0f} s, {s['launch_mode']} mode: "
             f"{s['running']} steps running, {s['exiting']} exiting",
+            f"node {visible(s.get('node', '-'))} on {visible(s.get('database', '-'))}",
             f"{window}: {s['activations_per_s']:.1f} activations/s ({s['activations']:,}), "
             f"cold start p50/p95/p99 {_pcts(s['cold_start_ms'])} ms, "
             f"step exec {_pcts(s['exec_ms'])} ms",

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import zmq
 
 from protocol.codec import decode_from_activation, encode, load_json
 from protocol.messages import Ack, Activate, FailCmd, Hello, StepResult, StepStarted
 from supervisor import dirs, disk, isolation, launcher
 from supervisor.config import Config, Paths, resolve_paths
+from supervisor.journal import pg_schema
+from supervisor.journal.db import safe_url
 
 PROBE_TENANT = "_doctor"  # not a valid tenant name: never collides with a real one
 PROBE_SOURCE = """
@@ -201,6 +204,35 @@ def _probe(
         server.close()
 
 
+def _database_report(cfg: Config, db: Path) -> tuple[str, str | None]:
+    """Which backend, and whether it answers: SQLite's file, or the PostgreSQL server's version,
+    schema version and nodes (connecting, without migrating anything)."""
+    url = cfg.server.database
+    if not url:
+        return "sqlite " + _path_report(db), None
+    where = f"postgresql {safe_url(url)}"
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            version = conn.info.server_version
+
+            def one(sql: str) -> Any:
+                row = conn.execute(sql).fetchone()
+                return None if row is None else row[0]
+
+            schema = nodes = 0
+            if one("SELECT to_regclass('schema_version') IS NOT NULL"):
+                schema = one("SELECT MAX(version) FROM schema_version") or 0
+            if one("SELECT to_regclass('nodes') IS NOT NULL"):
+                nodes = one("SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL")
+    except psycopg.Error as exc:
+        why = f"{where}: cannot connect: {str(exc).strip()}"
+        return why, f"server.database: {why}"
+    return (
+        f"{where}: server {version // 10000}.{version % 10000}, schema {schema} of "
+        f"{len(pg_schema.MIGRATIONS)}, {nodes} node(s) not stopped"
+    ), None
+
+
 def _path_report(path: Path) -> str:
     try:
         st = path.stat()
@@ -274,16 +306,19 @@ def _probe_dir(paths: Paths, cfg: Config, uid_on: bool) -> tuple[Path | None, st
 def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     """Check the host and config; returns the report and whether every wanted layer is in force."""
     paths = resolve_paths(cfg)
+    db_report, db_error = _database_report(cfg, paths.db)
     report: dict[str, Any] = {
         "interpreter": paths.python,
         "running_as_uid": os.geteuid(),
         "state_dir": _path_report(paths.state_dir),
-        "database": _path_report(paths.db),
+        "database": db_report,
         "api_socket": _path_report(Path(paths.api_endpoint.removeprefix("ipc://"))),
         "sandbox_socket": _path_report(Path(paths.sandbox_endpoint.removeprefix("ipc://"))),
         "landlock_abi": isolation.landlock_abi(),
     }
     errors = []
+    if db_error:
+        errors.append(db_error)
     refused: list[str] | None = None
     try:
         layers, cgroups = isolation.resolve(cfg, paths.state_dir, paths.python)

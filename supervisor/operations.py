@@ -14,6 +14,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from supervisor import journal as j
 from supervisor import logs, retention
 from supervisor.activation import Activation
+from supervisor.cluster import Node
 from supervisor.config import Config, ConfigError, Paths, load, needs_restart, with_dirs
 from supervisor.config import diff as config_diff
 from supervisor.isolation import tenant_interpreter_errors
@@ -27,6 +28,7 @@ class Operations:
     cfg: Config
     paths: Paths
     conn: Db
+    node: Node
     config_path: str | None
     dirs: tuple[str | None, str | None]
     notify: Notifier
@@ -107,6 +109,8 @@ class Operations:
                 everyone.update(per_status)
             view |= {
                 "launch_mode": self.cfg.server.launch_mode,
+                "database": self.conn.describe(),
+                "node": self.node.id,
                 "draining": self.draining,
                 "running": self.active,
                 "exiting": len(self.running) - self.active,
