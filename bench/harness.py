@@ -86,7 +86,10 @@ class Supervisor:
         isolation: Mapping[str, str] | None = None,
         launch_mode: str = "fork",
         synchronous: str = "acked",
+        server: str = "",
+        extra: str = "",
     ) -> None:
+        """`server`: more [server] lines; `extra`: more tables, at the end."""
         self.base = base
         self.state = base / "state"
         self.run_dir = base / "run"
@@ -95,7 +98,8 @@ class Supervisor:
         self.endpoint = f"ipc://{self.run_dir / 'api.sock'}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_status: int | None = None
-        self.config_text = textwrap.dedent(f"""\
+        self.config_text = (
+            textwrap.dedent(f"""\
             [server]
             state_dir = {json.dumps(str(self.state))}
             runtime_dir = {json.dumps(str(self.run_dir))}
@@ -104,14 +108,18 @@ class Supervisor:
             synchronous = "{synchronous}"
             hello_timeout_s = 30
             drain_timeout_s = 10
-
+        """)
+            + textwrap.dedent(server)
+            + textwrap.dedent(f"""
             [defaults]
             max_concurrent = {concurrency}
         """)
+        )
         if isolation is not None:
             self.config_text += "\n[isolation]\n" + "".join(
                 f"{name} = {json.dumps(mode)}\n" for name, mode in isolation.items()
             )
+        self.config_text += textwrap.dedent(extra)
         self.config_path.write_text(self.config_text)
 
     def log_tail(self, lines: int = 40) -> str:

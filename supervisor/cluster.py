@@ -29,6 +29,10 @@ class NodeFenced(Exception):
     """Another node took this node's work: its lease lapsed (it was paused, or cut off)."""
 
 
+class NodeConflict(Exception):
+    """Another live node has this node's name."""
+
+
 def default_node_id(state_dir: Path) -> str:
     """The host's name and a short hash of the state dir: stable across restarts, so a node
     that restarts takes back its own work at once, and distinct for two nodes on one host."""
@@ -50,7 +54,23 @@ class Node:
         return self.lease_s / 4
 
     def register(self, conn: Db, now: float, mono: float) -> None:
-        j.register_node(conn, self.id, socket.gethostname(), os.getpid(), str(self.state_dir), now)
+        """Say this node is up. Refused (NodeConflict) while another live node has its name:
+        two nodes with one name would each take the other's work for their own. The same
+        host and state dir is this node's last run (its state dir lock proves it is gone)."""
+        host = socket.gethostname()
+        other = j.get_node(conn, self.id)
+        if (
+            other is not None
+            and other["stopped_at"] is None
+            and other["fenced_at"] is None
+            and (other["host"], other["state_dir"]) != (host, str(self.state_dir))
+            and now - other["heartbeat_at"] < self.lease_s
+        ):
+            raise NodeConflict(
+                f"node {self.id} is running on {other['host']} (pid {other['pid']}, state dir "
+                f"{other['state_dir']}): give this node another [server] node_name"
+            )
+        j.register_node(conn, self.id, host, os.getpid(), str(self.state_dir), now)
         self.next_beat = mono + self.beat_every_s
 
     def beat(self, conn: Db, now: float, mono: float) -> list[str]:

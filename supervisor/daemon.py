@@ -186,8 +186,14 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             self.cfg.server.lease_s,
             self.paths.state_dir,
         )
-        with j.transaction(self.conn):
-            self.node.register(self.conn, time.time(), time.monotonic())
+        try:
+            with j.transaction(self.conn):
+                self.node.register(self.conn, time.time(), time.monotonic())
+        except cluster.NodeConflict as exc:
+            self.conn.close()
+            if self.cgroups is not None:
+                self.cgroups.close()
+            raise StartupError(str(exc)) from None
         if self.uids is not None:
             self.uids.load(j.uid_owners(self.conn))
         recovery.recover(
@@ -244,6 +250,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 database or self.paths.db,
                 synchronous=self.cfg.server.synchronous,
                 before_rebuild=self._before_rebuild,
+                lease_s=self.cfg.server.lease_s,
             )
         except psycopg.Error as exc:
             raise StartupError(
@@ -371,12 +378,20 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         code = 0
         try:
             while True:
-                ready = dict(self.poller.poll(self._poll_timeout_ms()))
                 try:
+                    ready = dict(self.poller.poll(self._poll_timeout_ms()))
                     self._tick(ready)
                 except cluster.NodeFenced as exc:
                     self.log.error("node.fenced", node=self.node.id, detail=str(exc))
                     self._stop_remaining(outcome.FENCED, str(exc))
+                    code = cluster.EXIT_FENCED
+                    break
+                except psycopg.OperationalError as exc:
+                    # The database is gone (server down, connection cut): this tick's writes
+                    # were rolled back, so what the loop holds in memory no longer matches what
+                    # is committed. Stop, and let a restart recover from the database.
+                    self.log.error("database.lost", error=str(exc).strip()[:500])
+                    self._kill_all()
                     code = cluster.EXIT_FENCED
                     break
                 if self.draining and (not self.running or time.monotonic() > self.drain_deadline):
@@ -846,6 +861,24 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.janitor.remove(act.scratch, act.scratch_entries)
 
     # ------------------------------------------------------------------ drain
+
+    def _kill_all(self) -> None:
+        """Kill every activation and wait for them, recording nothing: the database cannot be
+        written. The next start (or another node) re-runs their steps."""
+        for act in self.running.values():
+            launcher.kill_group(act.pid)
+            self._kill_leftovers(act)
+        deadline = time.monotonic() + 5.0
+        while self.by_pid and time.monotonic() < deadline:
+            for pid in list(self.by_pid):
+                try:
+                    done = os.waitpid(pid, os.WNOHANG)[0] == pid
+                except ChildProcessError:
+                    done = True
+                if done:
+                    del self.by_pid[pid]
+            if self.by_pid:
+                time.sleep(0.01)  # bounded: waiting for killed children to become reapable
 
     def _stop_remaining(self, how: str, detail: str) -> None:
         """Drain deadline passed, or this node was fenced: kill what still runs; its steps

@@ -67,6 +67,9 @@ class Operations:
             self.reload_config()
 
     def _collect(self, now: float, mono: float) -> retention.Pass:
+        if not j.try_lock_retention(self.conn):  # another node is deleting: its turn
+            self.next_gc = mono + self.cfg.server.retention_interval_s
+            return retention.Pass()
         done = retention.collect(self.conn, self.cfg, list(self.tenants), now)
         if done.instances or done.inspections:
             self.log.info(

@@ -27,7 +27,7 @@ from stepvisor.client import StepVisorError
 from supervisor import disk
 
 # PostgreSQL fixtures, imported here so that every test can ask for them.
-from tests.pg import pg_cluster, pg_db, pg_url  # noqa: F401
+from tests.pg import own_pg_cluster, pg_cluster, pg_db, pg_url  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

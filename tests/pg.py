@@ -126,7 +126,8 @@ class Cluster:
             raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stderr}{done.stdout}{log}")
         return done
 
-    def start(self) -> None:
+    def start(self, durable: bool = False) -> None:
+        """initdb and start; `durable`: keep fsync and synchronous commits (for benchmarks)."""
         self.run(
             "initdb",
             f"--pgdata={self.data}",
@@ -137,8 +138,16 @@ class Cluster:
             "--no-sync",
         )
         settings = {**SETTINGS, "unix_socket_directories": f"'{self.socket_dir}'"}
+        if durable:
+            settings |= {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("".join(f"{key} = {value}\n" for key, value in settings.items()))
+        self.resume()
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+
+    def resume(self) -> None:
+        """Start the postmaster on the existing data directory and wait until it accepts."""
         self.run(
             "pg_ctl",
             "start",
@@ -151,11 +160,9 @@ class Cluster:
             "-t",
             str(CTL_TIMEOUT_S),
         )
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
 
-    def stop(self) -> None:
-        """Stop the postmaster without a checkpoint (nothing here is kept) and remove it all."""
+    def halt(self) -> None:
+        """Stop the postmaster at once, as a crash would (the data stays: see `resume`)."""
         pid_file = self.data / "postmaster.pid"
         if pid_file.exists():
             try:
@@ -164,6 +171,10 @@ class Cluster:
                 # Never leave a postmaster behind: its pid is the file's first line.
                 with contextlib.suppress(OSError, ValueError):
                     os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop the postmaster without a checkpoint (nothing here is kept) and remove it all."""
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def url(self, dbname: str) -> str:
@@ -172,8 +183,7 @@ class Cluster:
         return f"postgresql:///{quote(dbname)}?host={host}&port={PORT}&user={SUPERUSER}"
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
+def _cluster(durable: bool = False) -> Iterator[Cluster]:
     binaries = find_binaries()
     if binaries is None:
         missing(
@@ -182,10 +192,22 @@ def pg_cluster() -> Iterator[Cluster]:
         )
     cluster = Cluster(binaries, cluster_owner())
     try:
-        cluster.start()
+        cluster.start(durable)
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[Cluster]:
+    """A cluster of the test's own, which it may crash and start again (`halt`, `resume`):
+    durable, as a server whose crash a test survives must be."""
+    yield from _cluster(durable=True)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ _error_decoder = msgspec.json.Decoder(ErrorInfo)
 
 KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
 TENANT_LOCKS = 0x5354_4554  # advisory lock class of the per-tenant locks
+RETENTION_LOCK = 0x5354_4552  # advisory lock class of the retention pass
 WAKE_CHANNEL = "stepvisor_wake"  # LISTEN/NOTIFY channel: work may be due
 
 
@@ -44,11 +45,12 @@ def connect(
     *,
     synchronous: str = "full",
     before_rebuild: Callable[[int], None] | None = None,
+    lease_s: float = 10.0,
 ) -> Db:
     """Open (creating and migrating) the state database: a PostgreSQL URL, else a SQLite path.
     Autocommit; callers use `transaction`."""
     if isinstance(database, str) and is_postgres(database):
-        return pg_schema.connect(database)
+        return pg_schema.connect(database, lease_s)
     return sqlite_schema.connect(
         Path(database), synchronous=synchronous, before_rebuild=before_rebuild
     )
@@ -639,6 +641,11 @@ def register_node(conn: Db, node: str, host: str, pid: int, state_dir: str, now:
     )
 
 
+def get_node(conn: Db, node: str) -> Row | None:
+    row: Row | None = conn.execute("SELECT * FROM nodes WHERE id = ?", (node,)).fetchone()
+    return row
+
+
 def heartbeat(conn: Db, node: str, now: float) -> bool:
     """Renew the node's lease; False when another node has fenced it (taken its work)."""
     cur = conn.execute(
@@ -683,6 +690,15 @@ def try_lock_tenant(conn: Db, tenant: str) -> bool:
     if conn.dialect == "sqlite":
         return True
     row = conn.execute("SELECT pg_try_advisory_xact_lock(?, hashtext(?))", (TENANT_LOCKS, tenant))
+    return bool(row.fetchone()[0])
+
+
+def try_lock_retention(conn: Db) -> bool:
+    """One node at a time deletes expired rows (PostgreSQL; two deleting the same rows would
+    only wait for each other, or deadlock). Held until the transaction ends."""
+    if conn.dialect == "sqlite":
+        return True
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(?, 0)", (RETENTION_LOCK,))
     return bool(row.fetchone()[0])
 
 

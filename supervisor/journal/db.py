@@ -193,14 +193,29 @@ class PgDb:
 
     dialect: Dialect = "postgresql"
 
-    def __init__(self, url: str, *, max_size: int = 4, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, lease_s: float = 10.0, max_size: int = 4, timeout_s: float = 10.0
+    ) -> None:
         self.url = url
+        # A node paused inside a transaction (SIGSTOP, a stalled VM) would hold its row and
+        # advisory locks for as long as it is paused, and every other node would wait on them,
+        # unable even to fence it. The server ends such a session after half a lease (the
+        # paused node's transaction rolls back: nothing of it commits); and no statement of a
+        # node waits on a lock for longer than two leases.
+        limits = {
+            "idle_in_transaction_session_timeout": f"{max(500, int(lease_s * 500))}ms",
+            "lock_timeout": f"{int(lease_s * 2000)}ms",
+        }
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
             max_size=max_size,
             timeout=timeout_s,
-            kwargs={"autocommit": True, "row_factory": _pg_row},
+            kwargs={
+                "autocommit": True,
+                "row_factory": _pg_row,
+                "options": " ".join(f"-c {k}={v}" for k, v in limits.items()),
+            },
             check=psycopg_pool.ConnectionPool.check_connection,
             name="stepvisor",
             open=False,

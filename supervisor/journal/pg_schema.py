@@ -194,8 +194,8 @@ def migrate(db: PgDb) -> None:
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (done + 1,))
 
 
-def connect(url: str) -> PgDb:
-    db = PgDb(url)
+def connect(url: str, lease_s: float = 10.0) -> PgDb:
+    db = PgDb(url, lease_s=lease_s)
     try:
         migrate(db)
     except BaseException:
