@@ -88,8 +88,10 @@ class Supervisor:
         synchronous: str = "acked",
         server: str = "",
         extra: str = "",
+        slots: int | None = None,
     ) -> None:
-        """`server`: more [server] lines; `extra`: more tables, at the end."""
+        """`concurrency`: the tenant's max_concurrent, and the node's max_activations unless
+        `slots` says otherwise; `server`: more [server] lines; `extra`: more tables, at the end."""
         self.base = base
         self.state = base / "state"
         self.run_dir = base / "run"
@@ -104,7 +106,7 @@ class Supervisor:
             state_dir = {json.dumps(str(self.state))}
             runtime_dir = {json.dumps(str(self.run_dir))}
             launch_mode = "{launch_mode}"
-            max_activations = {concurrency}
+            max_activations = {concurrency if slots is None else slots}
             synchronous = "{synchronous}"
             hello_timeout_s = 30
             drain_timeout_s = 10

@@ -3,9 +3,12 @@
 Runs the no-op workload (the suite's: W workflows x S steps, one tenant) on one node on the
 embedded SQLite, then on 1, 2 and 3 nodes sharing a throwaway PostgreSQL cluster (Debian's
 server binaries, as the tests use), and reports steps/s as ratios to one node on SQLite and to
-one node on PostgreSQL. The tenant's `max_concurrent` is cluster-wide, so every run has the
-same concurrency: more nodes spread it, they do not add to it. On a machine with few cores the
-nodes share them, so this measures what spreading costs, not what more machines would give.
+one node on PostgreSQL. Every run has the same concurrency C: the tenant's `max_concurrent` is
+C, cluster-wide, and each of n nodes has C / n activation slots (`max_activations`), so every
+node takes its share (a node with slots to spare would run the whole workload itself: the node
+that settles a step claims the instance's next one in the same transaction). On a machine with
+few cores the nodes share them, so this measures what spreading costs, not what more machines
+would give.
 
 Then create-to-start latency across nodes: node A is kept full (one slot, held by a long step),
 so each instance created through A must be started by node B, woken by LISTEN/NOTIFY; the
@@ -59,7 +62,9 @@ def node_server(url: str, n: int) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def nodes(url: str, count: int, concurrency: int, slots: int | None = None) -> Iterator[list]:
-    """`count` started supervisors sharing the database at `url`; stopped on the way out."""
+    """`count` started supervisors sharing the database at `url`, each with `slots`
+    activation slots (default: `concurrency`), all with the tenant's `max_concurrent` =
+    `concurrency`; stopped on the way out."""
     base = Path(tempfile.mkdtemp(prefix="svn-", dir="/tmp"))
     base.chmod(0o711)
     sups: list[Supervisor] = []
@@ -69,8 +74,7 @@ def nodes(url: str, count: int, concurrency: int, slots: int | None = None) -> I
             d.mkdir()
             d.chmod(0o711)
             server, extra = node_server(url, n)
-            cap = slots if (slots is not None and n == 0) else concurrency
-            sup = Supervisor(d, cap, server=server, extra=extra)
+            sup = Supervisor(d, concurrency, server=server, extra=extra, slots=slots)
             sup.start()
             sups.append(sup)
         yield sups
@@ -99,7 +103,8 @@ def throughput(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
     for count in (1, 2, 3):
         log(f"{count} node(s) on PostgreSQL")
         url = fresh_database(cluster, f"bench_{count}")
-        with nodes(url, count, args.concurrency) as sups:
+        slots = -(-args.concurrency // count)  # C / n, rounded up
+        with nodes(url, count, args.concurrency, slots) as sups:
             res = run_workload(sups[0], args.workflows, args.steps, args.timeout)
         with psycopg.connect(url) as pg:
             spread = dict(pg.execute("SELECT node, COUNT(*) FROM activations GROUP BY node"))
