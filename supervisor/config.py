@@ -15,6 +15,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from protocol.limits import TENANT_RE
+from supervisor.journal.db import safe_url
 
 T = TypeVar("T")
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -307,9 +308,14 @@ RESTART_SECTIONS = ("isolation.",)  # layers, uid and gid ranges: resolved once,
 
 
 def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """Every setting that differs, by dotted key (`tenants.acme.memory_mib`): (old, new)."""
+    """Every setting that differs, by dotted key (`tenants.acme.memory_mib`): (old, new). It is
+    logged and sent to the client: a database URL shows without its password."""
     a, b = _flatten(msgspec.to_builtins(old)), _flatten(msgspec.to_builtins(new))
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    changes = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    if "server.database" in changes:
+        was, now = (safe_url(v) if v else v for v in changes["server.database"])
+        changes["server.database"] = (was, now if now != was else f"{now} (password changed)")
+    return changes
 
 
 def needs_restart(changes: dict[str, tuple[Any, Any]]) -> list[str]:

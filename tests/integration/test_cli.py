@@ -152,6 +152,9 @@ def test_api_socket_is_group_only_and_logs_go_to_the_file(make_daemon, tmp_short
     log_file = tmp_short / "sv.jsonl"
     daemon = make_daemon(server=f'log_file = "{log_file}"\n')
     assert (daemon.run_dir / "api.sock").stat().st_mode & 0o777 == 0o660
+    nodes = daemon.cli("nodes")  # one node, on either backend
+    assert nodes.returncode == 0, nodes.stderr
+    assert " up " in nodes.stdout and nodes.stdout.count(" *") == 1
     if not daemon.database:  # the embedded file: the supervisor's alone
         assert (daemon.state / "stepvisor.db").stat().st_mode & 0o777 == 0o600
     c = daemon.client()

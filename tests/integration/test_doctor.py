@@ -34,6 +34,24 @@ def test_doctor_verifies_each_layer_with_a_probe(make_daemon) -> None:
         assert row["effective"] == row["available"], row
     assert r.returncode == 0
     assert report["interpreter"] == sys.executable
+    # the backend is named; PostgreSQL is asked over a connection of its own
+    if daemon.database:
+        assert report["database"].startswith("postgresql "), report["database"]
+        assert " server " in report["database"] and "password" not in report["database"]
+    else:
+        assert report["database"].startswith(f"sqlite {daemon.state / 'stepvisor.db'}")
+
+
+@pytest.mark.postgresql_only
+def test_doctor_fails_when_the_database_cannot_be_reached(make_daemon, tmp_short: Path) -> None:
+    nowhere = f"postgresql:///stepvisor?host={tmp_short}/no-such-dir"
+    daemon: Daemon = make_daemon(server=f'database = "{nowhere}"\n', start=False)
+    r = doctor(daemon.config_path)
+    report = json.loads(r.stdout)
+    assert "cannot connect" in report["database"]
+    assert r.returncode != 0
+    with pytest.raises(AssertionError, match=r"error STARTUP: server\.database: cannot use"):
+        daemon.start()  # after waiting for it a while (a database restarting)
 
 
 def test_doctor_reports_a_layer_turned_off(make_daemon) -> None:

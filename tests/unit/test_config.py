@@ -318,3 +318,24 @@ def test_restart_only_keys_are_named() -> None:
         "isolation.uid",
         "server.launch_mode",
     ]
+
+
+def test_database_urls_are_checked_and_never_shown_with_their_password() -> None:
+    for bad, why in (
+        ("mysql://db/x", "expected a postgresql:// URL"),
+        ("postgresql://h/db?sslmode", "not a valid libpq URL"),
+    ):
+        with pytest.raises(ConfigError, match=f"server.database.*{why}"):
+            parse(f'[server]\ndatabase = "{bad}"\n')
+    with pytest.raises(ConfigError, match="node_name"):
+        parse('[server]\nnode_name = "bad name!"\n')
+    old = parse('[server]\ndatabase = "postgresql://sv:hunter2@db.internal:5433/sv"\n')
+    new = parse('[server]\ndatabase = "postgresql://sv:swordfish@db.internal:5433/sv"\n')
+    changes = config.diff(old, new)
+    assert changes["server.database"] == (
+        "sv@db.internal:5433/sv",
+        "sv@db.internal:5433/sv (password changed)",
+    )
+    assert "hunter2" not in repr(changes) and "swordfish" not in repr(changes)
+    assert config.needs_restart(changes) == ["server.database"]
+    assert parse("").server.lease_s == 10.0
