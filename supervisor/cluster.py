@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import zmq
 
 from supervisor import journal as j
+from supervisor import recovery
 from supervisor.journal.db import Db
 
 EXIT_FENCED = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings the node back, fresh
@@ -41,10 +43,18 @@ def default_node_id(state_dir: Path) -> str:
 
 
 class Node:
-    def __init__(self, node_id: str, lease_s: float, state_dir: Path) -> None:
+    """This node: its name and lease, and (PostgreSQL) its LISTEN connection in the poller.
+    `url` is the shared database's, or empty on the embedded SQLite (a single node)."""
+
+    def __init__(
+        self, node_id: str, lease_s: float, state_dir: Path, url: str, poller: zmq.Poller, log: Any
+    ) -> None:
         self.id = node_id
         self.lease_s = lease_s
         self.state_dir = state_dir
+        self.url = url
+        self.poller = poller
+        self.log = log
         self.next_beat = 0.0  # monotonic
         self.listener: psycopg.Connection[Any] | None = None
         self.wake_others = False  # this tick made work due: NOTIFY the other nodes
@@ -73,31 +83,65 @@ class Node:
         j.register_node(conn, self.id, host, os.getpid(), str(self.state_dir), now)
         self.next_beat = mono + self.beat_every_s
 
-    def beat(self, conn: Db, now: float, mono: float) -> list[str]:
-        """Renew the lease when due and fence the nodes whose leases lapsed; the fenced nodes'
-        ids (their work is the caller's to re-run). Raises NodeFenced if this node was."""
+    def beat(self, conn: Db, now: float, mono: float) -> bool:
+        """When due: renew the lease, fence the nodes whose leases lapsed and make the steps they
+        were running due again here. Whether work became due. Raises NodeFenced if this node
+        was fenced itself."""
         if mono < self.next_beat:
-            return []
+            return False
         self.next_beat = mono + self.beat_every_s
+        if self.url and self.listener is None:
+            self.listen()  # lost earlier (say, the database restarted): try again
         if not j.heartbeat(conn, self.id, now):
             raise NodeFenced(
                 f"node {self.id} was fenced by another node: its lease ({self.lease_s:g} s)"
                 " lapsed and its running steps were re-run elsewhere"
             )
-        return j.fence_lapsed_nodes(conn, self.id, now - self.lease_s, now)
+        lost = j.fence_lapsed_nodes(conn, self.id, now - self.lease_s, now)
+        for other in lost:
+            why = f"node {other} stopped renewing its lease"
+            n = recovery.requeue(conn, other, now, why, self.log)
+            self.log.warning("node.fenced_other", node=other, interrupted=n)
+        self.wake_others |= bool(lost)
+        return bool(lost)
 
-    def listen(self, url: str) -> int:
-        """LISTEN on a connection of its own (autocommit); the fd for the loop's poller."""
-        self.listener = psycopg.connect(url, autocommit=True)
-        self.listener.execute(f"LISTEN {j.WAKE_CHANNEL}")
-        return self.listener.fileno()
+    def busy_elsewhere(self, conn: Db, tenant: str, mine: int, most: int) -> bool | None:
+        """With other nodes: whether the tenant's `max_concurrent` is used up across the
+        cluster (`mine`: its steps running here), counted under the tenant's lock, which this
+        transaction then holds until it commits its launches; None when another node holds the
+        lock (it is launching the tenant's work: look again shortly). SQLite: never busy."""
+        if conn.dialect == "sqlite":
+            return False
+        if not j.try_lock_tenant(conn, tenant):
+            return None
+        return mine + j.leased_elsewhere(conn, tenant, self.id) >= most
 
-    def woken(self) -> int:
-        """Drain pending notifications without blocking; how many there were. Raises
-        psycopg.Error when the connection is lost (the caller stops polling its fd)."""
-        if self.listener is None:
-            return 0
-        return sum(1 for _ in self.listener.notifies(timeout=0))
+    # ------------------------------------------------------------------ wake-ups (PostgreSQL)
+
+    def listen(self) -> None:
+        """LISTEN on a connection of its own (autocommit), its fd in the loop's poller. On
+        failure the loop's poll of the wake-up index still finds the work, a little later."""
+        if not self.url:
+            return
+        try:
+            self.listener = psycopg.connect(self.url, autocommit=True)
+            self.listener.execute(f"LISTEN {j.WAKE_CHANNEL}")
+        except psycopg.Error as exc:
+            self.log.warning("node.listen_failed", error=str(exc).strip())
+            self.close()
+            return
+        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+
+    def woken(self, ready: dict[Any, int]) -> bool:
+        """Whether other nodes said work is due (notifications drained without blocking)."""
+        if self.listener is None or self.listener.fileno() not in ready:
+            return False
+        try:
+            return sum(1 for _ in self.listener.notifies(timeout=0)) > 0
+        except psycopg.Error as exc:
+            self.log.warning("node.listen_lost", error=str(exc).strip())
+            self.close()
+            return True  # look, in case what woke us was a notification
 
     def notify_if_woke(self, conn: Db) -> None:
         if self.wake_others:
@@ -106,6 +150,8 @@ class Node:
 
     def close(self) -> None:
         if self.listener is not None:
+            with contextlib.suppress(KeyError, zmq.ZMQError):
+                self.poller.unregister(self.listener.fileno())
             with contextlib.suppress(psycopg.Error):
                 self.listener.close()
             self.listener = None

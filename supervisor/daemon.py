@@ -181,10 +181,14 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 " stop the service and run: sqlite3 stepvisor.db "
                 "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'",
             )
+        self.poller = zmq.Poller()
         self.node = cluster.Node(
             self.cfg.server.node_name or cluster.default_node_id(self.paths.state_dir),
             self.cfg.server.lease_s,
             self.paths.state_dir,
+            self.cfg.server.database,
+            self.poller,
+            self.log,
         )
         try:
             with j.transaction(self.conn):
@@ -217,12 +221,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660, -1, 2 * MAX_SANDBOX
         )
         self.sandbox.setsockopt(zmq.RCVHWM, SANDBOX_HWM)
-        self.poller = zmq.Poller()
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.remote = self._remote_api()
-        self._listen()
+        self.node.listen()
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
@@ -257,37 +260,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 f"server.database: cannot use {j.safe_url(database)}: {str(exc).strip()}"
             ) from None
 
-    def _listen(self) -> None:
-        """Other nodes' wake-ups (PostgreSQL): their fd in the poller. On failure the loop's
-        polling of the wake-up index still finds the work, a little later."""
-        if not self.cfg.server.database:
-            return
-        try:
-            self.poller.register(self.node.listen(self.cfg.server.database), zmq.POLLIN)
-        except psycopg.Error as exc:
-            self.log.warning("node.listen_failed", error=str(exc).strip())
-
-    def _on_wakeups(self) -> None:
-        try:
-            if self.node.woken():
-                self.more_due = True
-        except psycopg.Error as exc:
-            self.log.warning("node.listen_lost", error=str(exc).strip())
-            if self.node.listener is not None:
-                self.poller.unregister(self.node.listener.fileno())
-            self.node.close()
-
     def _beat(self, now: float, mono: float) -> None:
-        """Renew this node's lease; re-run the work of nodes whose leases lapsed."""
-        if self.cfg.server.database and self.node.listener is None and mono >= self.node.next_beat:
-            self._listen()  # lost earlier (say, the database restarted): try again
-        for lost in self.node.beat(self.conn, now, mono):
-            n = recovery.requeue(
-                self.conn, lost, now, f"node {lost} stopped renewing its lease", self.log
-            )
-            self.log.warning("node.fenced_other", node=lost, interrupted=n)
-            self.more_due = True
-            self.node.wake_others = True
+        """Renew this node's lease (re-running the work of nodes whose leases lapsed), and
+        re-read the tenants now and then: other nodes deploy too."""
+        self.more_due |= self.node.beat(self.conn, now, mono)
         if mono >= self.next_tenants:  # tenants deployed through other nodes
             self.next_tenants = mono + self.node.beat_every_s
             self.tenants = j.tenant_names(self.conn)
@@ -430,8 +406,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         changes = self.conn.total_changes
         with j.transaction(self.conn):
             self._beat(now, mono)  # first: a node fenced meanwhile must not act on anything
-            if self.node.listener is not None and self.node.listener.fileno() in ready:
-                self._on_wakeups()
+            self.more_due |= self.node.woken(ready)
             if self.wake_r.fileno() in ready:
                 self._drain_wakeups()
             self._handle_signals(mono)
@@ -573,28 +548,18 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     continue
                 if self.uids is not None and not self.uids.has_free(tenant):
                     continue  # its uids are all busy and every other uid is another tenant's
-                if self._busy_elsewhere(tenant, most):
+                busy = self.node.busy_elsewhere(
+                    self.conn, tenant, self.per_tenant.get(tenant, 0), most
+                )
+                if busy is None:  # another node is launching its work: look again shortly
+                    self.more_due = True
+                if busy is not False:
                     continue
                 due = j.due_instances(self.conn, tenant, now, 1)
                 if due:
                     self._launch(tenant, due[0], "run", now, mono)
                     launched += 1
                     progress = True
-
-    def _busy_elsewhere(self, tenant: str, most: int) -> bool:
-        """With other nodes (PostgreSQL): whether the tenant's `max_concurrent` is used up
-        across the cluster, or another node is launching its work right now (then this node
-        leaves it to that one, and looks again shortly). Counted under the tenant's lock, which
-        this transaction then holds until it commits its launches."""
-        if self.conn.dialect == "sqlite":
-            return False
-        if not j.try_lock_tenant(self.conn, tenant):
-            self.more_due = True
-            return True
-        return (
-            self.per_tenant.get(tenant, 0) + j.leased_elsewhere(self.conn, tenant, self.node.id)
-            >= most
-        )
 
     def _slot_free(self) -> bool:
         """Room for one more activation: fewer than `max_activations` unsettled, and a free

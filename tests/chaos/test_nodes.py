@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,29 +13,12 @@ import psycopg
 import pytest
 
 from stepvisor.client import StepVisorError
+from tests.chaos.executions import SRC, LeaseSampler, executions, make_log
 from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
 
 LEASE_S = 2.0
-
-STEPS = """
-import os, time, uuid
-from stepvisor import workflow
-
-def work(log, iid, seq, pause):
-    token = uuid.uuid4().hex
-    with open(log, "a") as f:
-        f.write(f"{iid} {seq} {token}\\n")
-    time.sleep(pause)
-    return token
-
-@workflow("w")
-def w(event, step):
-    p = event.payload
-    return [step.do(f"s{i}", lambda i=i: work(p["log"], event.instance_id, i, p["pause"]))
-            for i in range(p["steps"])]
-"""
 
 GATED = """
 import os, time, uuid
@@ -79,21 +61,6 @@ def cluster(
     return [make_daemon(*node_config(shared, i, slots, **defaults)) for i in range(n)]
 
 
-def make_log(shared: Path) -> Path:
-    log = shared / "executions.log"
-    log.touch()
-    log.chmod(0o666)
-    return log
-
-
-def executions(log: Path) -> dict[tuple[str, int], list[str]]:
-    runs: dict[tuple[str, int], list[str]] = defaultdict(list)
-    for line in log.read_text().splitlines():
-        iid, seq, token = line.split()
-        runs[(iid, int(seq))].append(token)
-    return runs
-
-
 def nodes_by_name(daemon: Daemon) -> dict[str, dict]:
     client = daemon.clients[0] if daemon.clients else daemon.client()
     return {n["node"]: n for n in client.nodes()}
@@ -102,7 +69,7 @@ def nodes_by_name(daemon: Daemon) -> dict[str, dict]:
 def test_any_node_serves_any_request_and_each_lists_the_cluster(make_daemon, shared: Path) -> None:
     a, b = cluster(make_daemon, shared, 2)
     ca, cb = a.client(), b.client()
-    deploy_source(ca, "acme", STEPS)  # deployed through a: the code lives in the database
+    deploy_source(ca, "acme", SRC)  # deployed through a: the code lives in the database
     log = make_log(shared)
     ids = [f"i{n}" for n in range(6)]
     cb.create_batch("acme", "w", [(i, {"log": str(log), "steps": 3, "pause": 0.05}) for i in ids])
@@ -129,7 +96,7 @@ def test_kill_9_of_a_node_reruns_its_steps_on_another(make_daemon, shared: Path)
     # Two slots a node: neither can take all the work, so both are running steps when one dies.
     a, b = cluster(make_daemon, shared, 2, slots=2, max_concurrent=8)
     c = b.client()
-    deploy_source(c, "acme", STEPS)
+    deploy_source(c, "acme", SRC)
     log = make_log(shared)
     ids = [f"i{n}" for n in range(8)]
     c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 4, "pause": 0.3}) for i in ids])
@@ -196,33 +163,16 @@ def test_a_tenants_limits_hold_across_nodes(make_daemon, database: str, shared: 
     # and only a count across them keeps it there.
     a, b = cluster(make_daemon, shared, 2, slots=2, max_concurrent=3)
     ca, cb = a.client(), b.client()
-    deploy_source(ca, "acme", STEPS)
+    deploy_source(ca, "acme", SRC)
     log = make_log(shared)
-    most = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal most
-        with psycopg.connect(database, autocommit=True) as pg:
-            while not done.is_set():
-                row = pg.execute(
-                    "SELECT COUNT(*) FROM instances WHERE tenant = 'acme' AND lease IS NOT NULL"
-                ).fetchone()
-                most = max(most, row[0] if row else 0)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        ids = [f"i{n}" for n in range(10)]
+    ids = [f"i{n}" for n in range(10)]
+    with LeaseSampler(database, "acme").sampling() as leases:
         for n, iid in enumerate(ids):  # creates through both nodes
             (ca if n % 2 else cb).create("acme", "w", {"log": str(log), "steps": 2, "pause": 0.2},
                                          id=iid)  # fmt: skip
         finals = {i: ca.wait("acme", i, timeout_s=180) for i in ids}
-    finally:
-        done.set()
-        sampler.join()
     assert {st["status"] for st in finals.values()} == {"complete"}
-    assert most == 3
+    assert leases.most == 3
     ran_on = {act["node"] for i in ids for act in ca.history("acme", i)["activations"]}
     assert ran_on == {"node0", "node1"}
 
@@ -271,24 +221,10 @@ def test_three_nodes_under_load_survive_a_kill_and_a_pause(
     nodes = cluster(make_daemon, shared, 3, slots=2, max_concurrent=5)
     a, b, c3 = nodes
     c = c3.client()
-    deploy_source(c, "acme", STEPS)
+    deploy_source(c, "acme", SRC)
     log = make_log(shared)
-    most = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal most
-        with psycopg.connect(database, autocommit=True) as pg:
-            while not done.is_set():
-                row = pg.execute(
-                    "SELECT COUNT(*) FROM instances WHERE tenant = 'acme' AND lease IS NOT NULL"
-                ).fetchone()
-                most = max(most, row[0] if row else 0)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     ids = [f"i{n}" for n in range(16)]
-    try:
+    with LeaseSampler(database, "acme").sampling() as leases:
         c.create_batch("acme", "w", [(i, {"log": str(log), "steps": 4, "pause": 0.3}) for i in ids])
         wait_for(lambda: nodes_by_name(c3)["node0"]["running"], 60, "node0 to run steps")
         a.stop(signal.SIGKILL)
@@ -301,16 +237,13 @@ def test_three_nodes_under_load_survive_a_kill_and_a_pause(
             b.proc.send_signal(signal.SIGCONT)
         assert b.proc.wait(30) == 75
         finals = {i: c.wait("acme", i, timeout_s=180) for i in ids}
-    finally:
-        done.set()
-        sampler.join()
     assert {st["status"] for st in finals.values()} == {"complete"}
     runs = executions(log)
     for iid, st in finals.items():
         for seq, token in enumerate(st["output"]):
             assert runs[(iid, seq)][-1] == token  # the journaled result is the last run's
         assert [e["seq"] for e in c.history("acme", iid)["entries"]] == list(range(4))
-    assert most <= 5
+    assert leases.most <= 5
     with psycopg.connect(database) as pg:
         late = pg.execute(
             "SELECT j.instance, j.seq, a.node FROM journal j JOIN activations a"

@@ -4,7 +4,6 @@ redone."""
 from __future__ import annotations
 
 import signal
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,48 +12,14 @@ import psutil
 import pytest
 
 from stepvisor import Client
+from tests.chaos.executions import SRC, executions, make_log
 from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 pytestmark = pytest.mark.chaos
 
-SRC = """
-import os, time, uuid
-from stepvisor import workflow
-
-def work(log, iid, seq, pause):
-    token = uuid.uuid4().hex
-    with open(log, "a") as f:
-        f.write(f"{iid} {seq} {token}\\n")
-    time.sleep(pause)
-    return token
-
-@workflow("w")
-def w(event, step):
-    p = event.payload
-    tokens = [step.do(f"s{i}", lambda i=i: work(p["log"], event.instance_id, i, p["pause"]))
-              for i in range(p["steps"])]
-    return tokens
-"""
-
 
 def journaled_steps(c, ids: list[str]) -> int:
     return sum(sum(e["status"] == "ok" for e in c.history("acme", i)["entries"]) for i in ids)
-
-
-def make_log(shared: Path) -> Path:
-    """Every activation has its own uid: the log must be writable by all of them."""
-    log = shared / "executions.log"
-    log.touch()
-    log.chmod(0o666)
-    return log
-
-
-def executions(log: Path) -> dict[tuple[str, int], list[str]]:
-    runs: dict[tuple[str, int], list[str]] = defaultdict(list)
-    for line in log.read_text().splitlines():
-        iid, seq, token = line.split()
-        runs[(iid, int(seq))].append(token)
-    return runs
 
 
 def sandbox_processes(daemon: Daemon) -> list[psutil.Process]:
