@@ -93,6 +93,13 @@ class ClientRequests:
         except ProtocolError as exc:
             self.conn.execute("ROLLBACK TO request")
             self._reply(peer, req.rid, error=exc)
+        except j.CONTENDED as exc:
+            # Another node's transaction held what this request needed (a deadlock, or a lock
+            # held past lock_timeout): nothing of it is kept, and the client may retry.
+            self.conn.execute("ROLLBACK TO request")
+            self.log.warning("api.contended", request=type(req).__name__, error=str(exc)[:300])
+            why = "another node holds what this request needs; retry it"
+            self._reply(peer, req.rid, error=ProtocolError(ErrorCode.UNAVAILABLE, why))
         except Exception as exc:
             self.conn.execute("ROLLBACK TO request")
             self.log.exception("api.internal_error", request=type(req).__name__)

@@ -126,22 +126,30 @@ class Node:
         try:
             self.listener = psycopg.connect(self.url, autocommit=True)
             self.listener.execute(f"LISTEN {j.WAKE_CHANNEL}")
+            self.listener.execute(f"LISTEN {j.KILL_CHANNEL}")
         except psycopg.Error as exc:
             self.log.warning("node.listen_failed", error=str(exc).strip())
             self.close()
             return
         self.poller.register(self.listener.fileno(), zmq.POLLIN)
 
-    def woken(self, ready: dict[Any, int]) -> bool:
-        """Whether other nodes said work is due (notifications drained without blocking)."""
+    def notifications(self, ready: dict[Any, int]) -> tuple[bool, list[int]]:
+        """What other nodes said, drained without blocking: whether work may be due, and the
+        activations an operator stopped through another node (to kill, if they run here)."""
         if self.listener is None or self.listener.fileno() not in ready:
-            return False
+            return False, []
+        due, kills = False, []
         try:
-            return sum(1 for _ in self.listener.notifies(timeout=0)) > 0
+            for note in self.listener.notifies(timeout=0):
+                if note.channel == j.KILL_CHANNEL and note.payload.isdigit():
+                    kills.append(int(note.payload))
+                else:
+                    due = True
         except psycopg.Error as exc:
             self.log.warning("node.listen_lost", error=str(exc).strip())
             self.close()
-            return True  # look, in case what woke us was a notification
+            due = True  # look, in case what woke us was a notification
+        return due, kills
 
     def notify_if_woke(self, conn: Db) -> None:
         if self.wake_others:

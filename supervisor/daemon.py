@@ -406,7 +406,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         changes = self.conn.total_changes
         with j.transaction(self.conn):
             self._beat(now, mono)  # first: a node fenced meanwhile must not act on anything
-            self.more_due |= self.node.woken(ready)
+            due, kills = self.node.notifications(ready)
+            self.more_due |= due
+            for aid in kills:
+                self._kill_stopped_elsewhere(aid)
             if self.wake_r.fileno() in ready:
                 self._drain_wakeups()
             self._handle_signals(mono)
@@ -520,6 +523,19 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             if act.tenant == tenant and act.instance == instance and act.state != SETTLED:
                 launcher.kill_group(act.pid)
                 self._settle(act, why, "stopped by an operator request", time.monotonic())
+                return
+        # Not here: the activation holding it runs on another node, which kills it when this
+        # transaction commits (its commits are fenced meanwhile: the lease is gone).
+        inst = j.get_instance(self.conn, tenant, instance)
+        if inst is not None and inst["lease"] is not None:
+            j.notify_kill(self.conn, int(inst["lease"]))
+
+    def _kill_stopped_elsewhere(self, aid: int) -> None:
+        for act in list(self.running.values()):
+            if act.aid == aid and act.state != SETTLED:
+                launcher.kill_group(act.pid)
+                detail = "stopped by an operator request through another node"
+                self._settle(act, outcome.KILLED_BY_OPERATOR, detail, time.monotonic())
 
     # ------------------------------------------------------------------ scheduling & launch
 

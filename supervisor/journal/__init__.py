@@ -17,10 +17,20 @@ import msgspec
 
 from protocol.messages import ErrorInfo, JournalEntry
 from supervisor.journal import pg_schema, sqlite_schema
-from supervisor.journal.db import Db, IntegrityError, Row, SqliteDb, is_postgres, safe_url
+from supervisor.journal.db import (
+    CONTENDED,
+    Db,
+    IntegrityError,
+    Row,
+    SqliteDb,
+    is_postgres,
+    safe_url,
+)
 from supervisor.journal.sqlite_schema import MIGRATIONS
 
+# Re-exported: what callers use of db.py and sqlite_schema through `journal`.
 __all__ = [
+    "CONTENDED",
     "MIGRATIONS",
     "Db",
     "IntegrityError",
@@ -38,6 +48,7 @@ KEPT_ATTEMPT_ERRORS = 20  # failed attempts remembered per step: the newest
 TENANT_LOCKS = 0x5354_4554  # advisory lock class of the per-tenant locks
 RETENTION_LOCK = 0x5354_4552  # advisory lock class of the retention pass
 WAKE_CHANNEL = "stepvisor_wake"  # LISTEN/NOTIFY channel: work may be due
+KILL_CHANNEL = "stepvisor_kill"  # payload: an activation id an operator stopped
 
 
 def connect(
@@ -706,6 +717,12 @@ def lock_tenant(conn: Db, tenant: str) -> None:
     """The same lock, waited for (a create, whose count must not race another node's)."""
     if conn.dialect == "postgresql":
         conn.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (TENANT_LOCKS, tenant))
+
+
+def notify_kill(conn: Db, activation: int) -> None:
+    """Tell every node, at commit, to kill activation `activation` if it runs there."""
+    if conn.dialect == "postgresql":
+        conn.execute("SELECT pg_notify(?, ?)", (KILL_CHANNEL, str(activation)))
 
 
 def notify_wake(conn: Db) -> None:

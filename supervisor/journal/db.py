@@ -27,6 +27,9 @@ Dialect = Literal["sqlite", "postgresql"]
 PG_SCHEMES = ("postgresql://", "postgres://")
 # A constraint said no (unique key, CHECK, NOT NULL), on either database.
 IntegrityError = (sqlite3.IntegrityError, psycopg.IntegrityError)
+# Another node's transaction was in the way (PostgreSQL): a deadlock, a serialization failure, or
+# a lock not granted within lock_timeout. The statement failed; the connection is fine.
+CONTENDED = (psycopg.errors.TransactionRollback, psycopg.errors.LockNotAvailable)
 
 
 class Row(Protocol):

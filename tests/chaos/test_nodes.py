@@ -14,7 +14,7 @@ import pytest
 
 from stepvisor.client import StepVisorError
 from tests.chaos.executions import SRC, LeaseSampler, executions, make_log
-from tests.conftest import Daemon, deploy_source, wait_for, writable
+from tests.conftest import Daemon, deploy_source, wait_for, wait_gone, writable
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
 
@@ -26,7 +26,8 @@ from stepvisor import workflow
 
 def gated(shared):
     token = uuid.uuid4().hex
-    open(os.path.join(shared, f"attempt-{token}"), "w").close()
+    with open(os.path.join(shared, f"attempt-{token}"), "w") as f:
+        f.write(str(os.getpid()))
     while not os.path.exists(os.path.join(shared, "go")):
         time.sleep(0.02)
     return token
@@ -254,3 +255,45 @@ def test_three_nodes_under_load_survive_a_kill_and_a_pause(
         fenced = {r[0] for r in pg.execute("SELECT id FROM nodes WHERE fenced_at IS NOT NULL")}
     assert late == []  # no step journaled by a node after it was fenced
     assert fenced == {"node0", "node1"}
+
+
+def test_terminate_through_another_node_kills_the_step_where_it_runs(
+    make_daemon, shared: Path
+) -> None:
+    [a] = cluster(make_daemon, shared, 1)
+    ca = a.client()
+    deploy_source(ca, "acme", GATED)
+    ca.create("acme", "gated", str(shared), id="g")
+    [mark] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "node0's attempt to start")
+    pid = int(wait_for(mark.read_text, 10, "the attempt's pid"))
+    b = make_daemon(*node_config(shared, 1))
+    cb = b.client()
+    cb.terminate("acme", "g")
+    assert cb.status("acme", "g")["status"] == "terminated"
+    wait_gone(pid, 10, "the step node0 runs, stopped through node1")
+    [act] = [x for x in cb.history("acme", "g")["activations"] if x["seq"] == 0]
+    assert (act["node"], act["outcome"]) == ("node0", "killed_by_operator")
+    assert "through another node" in act["detail"]
+    assert ca.status("acme", "g")["status"] == "terminated"
+
+
+def test_a_request_held_up_by_another_transaction_gets_unavailable_and_the_node_lives(
+    make_daemon, database: str, shared: Path
+) -> None:
+    """lock_timeout is two leases: a request that waits longer on a row another transaction
+    holds (here an operator's open session) is answered UNAVAILABLE, changing nothing."""
+    config, server = node_config(shared, 0)
+    d = make_daemon(config, server.replace(f"lease_s = {LEASE_S}", "lease_s = 1"))
+    c = d.client()
+    deploy_source(c, "acme", GATED)
+    c.create("acme", "gated", str(shared), id="g")
+    wait_for(lambda: list(shared.glob("attempt-*")), 60, "the step to start")
+    with psycopg.connect(database) as holder:
+        holder.execute("SELECT 1 FROM instances WHERE tenant = 'acme' AND id = 'g' FOR UPDATE")
+        with pytest.raises(StepVisorError) as refused:
+            c.pause("acme", "g")
+    assert refused.value.code == "UNAVAILABLE" and "retry" in str(refused.value)
+    assert d.alive() and d.events("api.contended")
+    assert c.pause("acme", "g")["status"] in ("running", "paused")  # the retry goes through
+    (shared / "go").touch()
+    wait_for(lambda: c.status("acme", "g")["status"] == "paused", 60, "the pause after the step")
