@@ -1,9 +1,13 @@
-"""A workflow whose every step execution leaves a line (instance, seq, a fresh token) in a log,
-so a chaos test can tell each run of a step from the journaled one: a journaled result must be
-the last execution's token, and a step that was journaled must never run again."""
+"""Workflows for chaos tests.
+
+`SRC`: every step execution leaves a line (instance, seq, a fresh token) in a log, so a test can
+tell each run of a step from the journaled one: a journaled result must be the last execution's
+token, and a step that was journaled must never run again. `GATED`: one journaled step, then a
+step that leaves an `attempt-TOKEN` file (holding its pid) and waits for a `go` file."""
 
 from __future__ import annotations
 
+import textwrap
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -11,6 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+
+from stepvisor import Client
+from tests.conftest import wait_for
 
 SRC = """
 import os, time, uuid
@@ -30,6 +37,36 @@ def w(event, step):
               for i in range(p["steps"])]
     return tokens
 """
+
+
+GATED = """
+import os, time, uuid
+from stepvisor import workflow
+
+def gated(shared):
+    token = uuid.uuid4().hex
+    with open(os.path.join(shared, f"attempt-{token}"), "w") as f:
+        f.write(str(os.getpid()))
+    while not os.path.exists(os.path.join(shared, "go")):
+        time.sleep(0.02)
+    return token
+
+@workflow("gated")
+def w(event, step):
+    first = step.do("first", lambda: "journaled first")
+    return [first, step.do("gated", lambda: gated(event.payload), timeout=300)]
+"""
+GATED_SEQ = 1  # the gated step's
+
+
+def start_gated(client: Client, shared: Path) -> tuple[str, int]:
+    """Deploy GATED for tenant acme, create instance g, and wait until its gated step runs:
+    (the attempt's token, its pid)."""
+    client.deploy("acme", textwrap.dedent(GATED), filename="gated.py")
+    client.create("acme", "gated", str(shared), id="g")
+    [mark] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "the gated step to start")
+    pid = int(wait_for(mark.read_text, 10, "the attempt's pid"))
+    return mark.name.removeprefix("attempt-"), pid
 
 
 def make_log(shared: Path) -> Path:

@@ -9,28 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, deploy_source, wait_for, wait_gone, writable
+from tests.chaos.executions import start_gated
+from tests.conftest import Daemon, wait_gone, writable
 from tests.pg import DATABASE, Cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
-
-GATED = """
-import os, time, uuid
-from stepvisor import workflow
-
-def gated(shared):
-    token = uuid.uuid4().hex
-    with open(os.path.join(shared, f"attempt-{token}"), "w") as f:
-        f.write(str(os.getpid()))
-    while not os.path.exists(os.path.join(shared, "go")):
-        time.sleep(0.02)
-    return token
-
-@workflow("gated")
-def w(event, step):
-    first = step.do("first", lambda: "journaled before the loss")
-    return [first, step.do("gated", lambda: gated(event.payload), timeout=300)]
-"""
 
 
 def test_a_node_whose_database_dies_stops_and_resumes_after_it(
@@ -38,11 +21,7 @@ def test_a_node_whose_database_dies_stops_and_resumes_after_it(
 ) -> None:
     url = own_pg_cluster.url(DATABASE)
     d = make_daemon(writable(shared), server=f'database = "{url}"\n')
-    c = d.client()
-    deploy_source(c, "acme", GATED)
-    c.create("acme", "gated", str(shared), id="g")
-    [mark] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "the gated step to start")
-    pid = int(wait_for(mark.read_text, 10, "the attempt's pid"))
+    _, pid = start_gated(d.client(), shared)
 
     own_pg_cluster.halt()
     assert d.proc is not None
@@ -56,7 +35,7 @@ def test_a_node_whose_database_dies_stops_and_resumes_after_it(
     (shared / "go").touch()
     st = c.wait("acme", "g", timeout_s=60)
     assert st["status"] == "complete"
-    assert st["output"][0] == "journaled before the loss"
+    assert st["output"][0] == "journaled first"
     h = c.history("acme", "g")
     assert [e["status"] for e in h["entries"]] == ["ok", "ok"]
     assert [a["outcome"] for a in h["activations"]].count("interrupted") == 1

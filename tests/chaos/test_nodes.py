@@ -13,29 +13,19 @@ import psycopg
 import pytest
 
 from stepvisor.client import StepVisorError
-from tests.chaos.executions import SRC, LeaseSampler, executions, make_log
+from tests.chaos.executions import (
+    GATED_SEQ,
+    SRC,
+    LeaseSampler,
+    executions,
+    make_log,
+    start_gated,
+)
 from tests.conftest import Daemon, deploy_source, wait_for, wait_gone, writable
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
 
 LEASE_S = 2.0
-
-GATED = """
-import os, time, uuid
-from stepvisor import workflow
-
-def gated(shared):
-    token = uuid.uuid4().hex
-    with open(os.path.join(shared, f"attempt-{token}"), "w") as f:
-        f.write(str(os.getpid()))
-    while not os.path.exists(os.path.join(shared, "go")):
-        time.sleep(0.02)
-    return token
-
-@workflow("gated")
-def w(event, step):
-    return step.do("gated", lambda: gated(event.payload), timeout=300)
-"""
 
 HOLD = """
 from stepvisor import workflow
@@ -128,10 +118,7 @@ def test_a_node_paused_past_its_lease_is_fenced_and_never_commits(
     make_daemon, shared: Path
 ) -> None:
     [a] = cluster(make_daemon, shared, 1)
-    ca = a.client()
-    deploy_source(ca, "acme", GATED)
-    ca.create("acme", "gated", str(shared), id="g")
-    [first] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "node0's attempt to start")
+    first, _ = start_gated(a.client(), shared)
     b = make_daemon(*node_config(shared, 1))
     cb = b.client()
     assert a.proc is not None
@@ -150,10 +137,9 @@ def test_a_node_paused_past_its_lease_is_fenced_and_never_commits(
     # server meanwhile (so that it held no lock the others waited on) and it stops on that.
     assert a.events("node.fenced", node="node0") or a.events("database.lost")
     h = cb.history("acme", "g")
-    [entry] = h["entries"]
-    assert entry["status"] == "ok"
-    assert st["output"] != first.name.removeprefix("attempt-")  # node1's attempt, not node0's
-    ran = {act["node"]: act for act in h["activations"] if act["seq"] == 0}
+    assert [e["status"] for e in h["entries"]] == ["ok", "ok"]  # each step journaled once
+    assert st["output"][GATED_SEQ] != first  # node1's attempt, not node0's
+    ran = {act["node"]: act for act in h["activations"] if act["seq"] == GATED_SEQ}
     assert ran["node1"]["outcome"] == "ok"
     assert ran["node0"]["outcome"] in ("interrupted", "fenced")
     assert cb.status("acme", "g")["output"] == st["output"]  # unchanged after node0 woke
@@ -262,16 +248,13 @@ def test_terminate_through_another_node_kills_the_step_where_it_runs(
 ) -> None:
     [a] = cluster(make_daemon, shared, 1)
     ca = a.client()
-    deploy_source(ca, "acme", GATED)
-    ca.create("acme", "gated", str(shared), id="g")
-    [mark] = wait_for(lambda: list(shared.glob("attempt-*")), 60, "node0's attempt to start")
-    pid = int(wait_for(mark.read_text, 10, "the attempt's pid"))
+    _, pid = start_gated(ca, shared)
     b = make_daemon(*node_config(shared, 1))
     cb = b.client()
     cb.terminate("acme", "g")
     assert cb.status("acme", "g")["status"] == "terminated"
     wait_gone(pid, 10, "the step node0 runs, stopped through node1")
-    [act] = [x for x in cb.history("acme", "g")["activations"] if x["seq"] == 0]
+    [act] = [x for x in cb.history("acme", "g")["activations"] if x["seq"] == GATED_SEQ]
     assert (act["node"], act["outcome"]) == ("node0", "killed_by_operator")
     assert "through another node" in act["detail"]
     assert ca.status("acme", "g")["status"] == "terminated"
@@ -285,9 +268,7 @@ def test_a_request_held_up_by_another_transaction_gets_unavailable_and_the_node_
     config, server = node_config(shared, 0)
     d = make_daemon(config, server.replace(f"lease_s = {LEASE_S}", "lease_s = 1"))
     c = d.client()
-    deploy_source(c, "acme", GATED)
-    c.create("acme", "gated", str(shared), id="g")
-    wait_for(lambda: list(shared.glob("attempt-*")), 60, "the step to start")
+    start_gated(c, shared)
     with psycopg.connect(database) as holder:
         holder.execute("SELECT 1 FROM instances WHERE tenant = 'acme' AND id = 'g' FOR UPDATE")
         with pytest.raises(StepVisorError) as refused:
