@@ -57,6 +57,7 @@ class Node:
         self.log = log
         self.next_beat = 0.0  # monotonic
         self.listener: psycopg.Connection[Any] | None = None
+        self.listener_fd = -1  # kept: a closed connection no longer says its fd
         self.wake_others = False  # this tick made work due: NOTIFY the other nodes
 
     @property
@@ -131,12 +132,13 @@ class Node:
             self.log.warning("node.listen_failed", error=str(exc).strip())
             self.close()
             return
-        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+        self.listener_fd = self.listener.fileno()
+        self.poller.register(self.listener_fd, zmq.POLLIN)
 
     def notifications(self, ready: dict[Any, int]) -> tuple[bool, list[int]]:
         """What other nodes said, drained without blocking: whether work may be due, and the
         activations an operator stopped through another node (to kill, if they run here)."""
-        if self.listener is None or self.listener.fileno() not in ready:
+        if self.listener is None or self.listener_fd not in ready:
             return False, []
         due, kills = False, []
         try:
@@ -159,7 +161,7 @@ class Node:
     def close(self) -> None:
         if self.listener is not None:
             with contextlib.suppress(KeyError, zmq.ZMQError):
-                self.poller.unregister(self.listener.fileno())
+                self.poller.unregister(self.listener_fd)
             with contextlib.suppress(psycopg.Error):
                 self.listener.close()
-            self.listener = None
+            self.listener, self.listener_fd = None, -1

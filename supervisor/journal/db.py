@@ -9,6 +9,7 @@ Where the dialects differ (a handful of statements) a query asks `db.dialect`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -25,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 Dialect = Literal["sqlite", "postgresql"]
 PG_SCHEMES = ("postgresql://", "postgres://")
+IDLE_CHECK_S = 2.0  # a pooled connection idle longer than this is pinged before use
 # A constraint said no (unique key, CHECK, NOT NULL), on either database.
 IntegrityError = (sqlite3.IntegrityError, psycopg.IntegrityError)
 # Another node's transaction was in the way (PostgreSQL): a deadlock, a serialization failure, or
@@ -209,6 +211,9 @@ class PgDb:
             "idle_in_transaction_session_timeout": f"{max(500, int(lease_s * 500))}ms",
             "lock_timeout": f"{int(lease_s * 2000)}ms",
         }
+        ours = " ".join(f"-c {k}={v}" for k, v in limits.items())
+        theirs = conninfo_to_dict(url).get("options") or ""  # the URL's own, kept
+        self._used: dict[int, float] = {}  # id(connection) → when it was last given back
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -217,15 +222,30 @@ class PgDb:
             kwargs={
                 "autocommit": True,
                 "row_factory": _pg_row,
-                "options": " ".join(f"-c {k}={v}" for k, v in limits.items()),
+                "options": f"{theirs} {ours}".strip(),
             },
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=self._check,
             name="stepvisor",
             open=False,
         )
         self.pool.open(wait=True, timeout=timeout_s)
         self._conn: psycopg.Connection[Any] | None = None
         self._changes = 0
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        """Before a connection is lent: ping it if it sat idle a while (the server may have
+        restarted meanwhile; a dead one is replaced), not when it was in use a moment ago, as
+        the loop's is every tick: that would cost a round trip a tick."""
+        if time.monotonic() - self._used.get(id(conn), 0.0) > IDLE_CHECK_S:
+            psycopg_pool.ConnectionPool.check_connection(conn)
+
+    @contextmanager
+    def _borrow(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                self._used[id(conn)] = time.monotonic()
 
     @property
     def total_changes(self) -> int:
@@ -239,8 +259,18 @@ class PgDb:
         query = to_pyformat(sql)
         if self._conn is not None:
             return self._run(self._conn, query, parameters)
-        with self.pool.connection() as conn:
-            return self._run(conn, query, parameters)
+        # Outside a transaction the loop only reads (its next wake-up, say): a connection that
+        # died in the pool is dropped and the read tried once more on a fresh one.
+        for attempt in range(2):
+            conn: psycopg.Connection[Any] | None = None
+            try:
+                with self._borrow() as conn:
+                    return self._run(conn, query, parameters)
+            except psycopg.OperationalError:
+                if attempt or conn is None or not conn.closed:
+                    raise
+                self.pool.check()  # the others sat there as long: drop the dead ones too
+        raise AssertionError("unreachable")
 
     def _run(self, conn: psycopg.Connection[Any], query: str, parameters: Any) -> Rows:
         cur = conn.execute(query, parameters or None)
@@ -254,17 +284,42 @@ class PgDb:
         """One transaction (READ COMMITTED) on one pooled connection."""
         if self._conn is not None:
             raise RuntimeError("transactions do not nest; use a SAVEPOINT")
-        with self.pool.connection() as conn:
-            conn.execute("BEGIN")
-            self._conn = conn
-            try:
-                yield self
-            except BaseException:
-                self._conn = None
-                conn.execute("ROLLBACK")
-                raise
+        conn = self._begin()
+        self._conn = conn
+        try:
+            yield self
+        except BaseException:
             self._conn = None
+            with contextlib.suppress(psycopg.Error):  # a dead connection: the error says why
+                conn.execute("ROLLBACK")
+            self._give_back(conn)
+            raise
+        self._conn = None
+        try:
             conn.execute("COMMIT")
+        finally:
+            self._give_back(conn)
+
+    def _begin(self) -> psycopg.Connection[Any]:
+        """A pooled connection with a transaction begun. One that died while it sat in the pool
+        (the server restarted since the last tick) fails at BEGIN, before anything was done:
+        it is dropped, with any other dead one, and a fresh one taken, which the pool waits for
+        (up to its timeout) while the server comes back."""
+        for attempt in range(2):
+            conn = self.pool.getconn()
+            try:
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.OperationalError:
+                self._give_back(conn)  # closed: the pool discards it
+                if attempt:
+                    raise
+                self.pool.check()  # the others sat there as long: drop the dead ones too
+        raise AssertionError("unreachable")
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        self._used[id(conn)] = time.monotonic()
+        self.pool.putconn(conn)
 
     def sync(self) -> None:
         """Nothing to do: a PostgreSQL commit is durable when it returns (synchronous_commit)."""

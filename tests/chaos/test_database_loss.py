@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import journal as j
 from tests.chaos.executions import start_gated
 from tests.conftest import Daemon, wait_gone, writable
 from tests.pg import DATABASE, Cluster
@@ -39,3 +40,25 @@ def test_a_node_whose_database_dies_stops_and_resumes_after_it(
     h = c.history("acme", "g")
     assert [e["status"] for e in h["entries"]] == ["ok", "ok"]
     assert [a["outcome"] for a in h["activations"]].count("interrupted") == 1
+
+
+def test_connections_a_server_restart_left_dead_are_replaced(own_pg_cluster: Cluster) -> None:
+    """Between two ticks the server restarted: the pooled connections are dead. A transaction
+    finds out at BEGIN, before it did anything, and starts again on a fresh connection; a read
+    outside one is tried again once. (A restart in the middle of a tick stops the node: see
+    above.)"""
+    db = j.connect(own_pg_cluster.url(DATABASE))
+    try:
+        with j.transaction(db):
+            j.ensure_tenant(db, "acme", 1.0)
+        assert j.tenant_names(db) == ["acme"]
+        own_pg_cluster.halt()
+        own_pg_cluster.resume()
+        assert j.tenant_names(db) == ["acme"]  # a read outside a transaction
+        own_pg_cluster.halt()
+        own_pg_cluster.resume()
+        with j.transaction(db):
+            j.ensure_tenant(db, "beta", 2.0)
+        assert j.tenant_names(db) == ["acme", "beta"]
+    finally:
+        db.close()
