@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -31,8 +32,16 @@ def _since_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("stepvisor")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepvisor", description=__doc__)
+    p.add_argument("--version", action="version", version=f"stepvisor {_version()}")
     p.add_argument(
         "--socket",
         help="API endpoint (ipc://PATH or a path); default "
@@ -382,7 +391,10 @@ def _run(args: argparse.Namespace) -> int:
         elif args.cmd == "run":
             r = c.create(args.tenant, args.workflow, args.params, id=args.id)
             if args.wait:
-                _print(args, c.wait(args.tenant, r["id"], timeout_s=args.wait_timeout))
+                st = c.wait(args.tenant, r["id"], timeout_s=args.wait_timeout)
+                _print(args, st)
+                # as a shell's `&&` expects: the run did not succeed
+                return EXIT_ERROR if st["status"] in ("errored", "terminated") else 0
             else:
                 _print(args, r, r["id"])
         elif args.cmd == "status":

@@ -94,6 +94,16 @@ def test_cli_run_wait_prints_final_status(daemon: Daemon, tmp_short: Path) -> No
     assert r.returncode == 1 and r.stderr.startswith("error INVALID_STATE: ")
     r = cli(daemon, "delete", "acme", st["id"])
     assert r.returncode == 0 and "deleted" in r.stdout
+    # a run that ends errored fails the command, as `&&` in a shell expects
+    f.write_text(
+        "from stepvisor import workflow, NonRetryableError\n\n@workflow('hi')\n"
+        "def hi(event, step):\n    raise NonRetryableError('no')\n"
+    )
+    assert cli(daemon, "deploy", "acme", str(f)).returncode == 0
+    r = cli(daemon, "--json", "run", "acme", "hi", "--wait")
+    assert r.returncode == 1 and json.loads(r.stdout)["status"] == "errored"
+    r = cli(daemon, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("stepvisor ")
 
 
 def test_cli_errors_are_one_line_with_a_code(daemon: Daemon, tmp_short: Path) -> None:
