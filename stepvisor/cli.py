@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -450,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
+    except BrokenPipeError:
+        # The reader went away (`stepvisor list acme | head`): stop quietly, as `cat` does, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except StepVisorError as exc:
         # a deploy's error quotes the tenant's code and its exception: escaped like any output
         print(render.visible(f"error {exc.code}: {exc.message}"), file=sys.stderr)

@@ -6,6 +6,7 @@ import builtins
 import itertools
 import json
 import os
+import socket
 import time
 import types
 from collections.abc import Callable, Iterable
@@ -122,6 +123,8 @@ class Client:
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
+            if self.endpoint.startswith("ipc://"):
+                _check_listening(self.endpoint)
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             if self.credentials is not None:
@@ -378,3 +381,22 @@ class Client:
                     f"{json.dumps(st)[:500]}",
                 )
             time.sleep(poll_s)
+
+
+def _check_listening(endpoint: str) -> None:
+    """Fail now, not after the call's timeout, when nobody listens at an ipc:// endpoint: no
+    socket file, or one a killed supervisor left behind (ZeroMQ would queue the request and
+    wait). One connect(2) on the socket file tells."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(endpoint.removeprefix("ipc://"))
+    except FileNotFoundError:
+        why = "no socket there: is `stepvisor serve` running? (--socket or STEPVISOR_SOCKET)"
+        raise StepVisorError(ErrorCode.UNAVAILABLE.value, f"{endpoint}: {why}") from None
+    except ConnectionRefusedError:
+        why = "nothing listens on the socket (a supervisor that was killed left it)"
+        raise StepVisorError(ErrorCode.UNAVAILABLE.value, f"{endpoint}: {why}") from None
+    except OSError as exc:
+        raise StepVisorError(ErrorCode.UNAVAILABLE.value, f"{endpoint}: {exc.strerror}") from None
+    finally:
+        probe.close()

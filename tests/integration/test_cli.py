@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,10 +113,27 @@ def test_cli_errors_are_one_line_with_a_code(daemon: Daemon, tmp_short: Path) ->
     assert r.stderr.startswith("error UNKNOWN_TENANT: ")
     r = cli(daemon, "run", "acme", "w", "--params", "{oops")
     assert r.returncode == 2 and "not valid JSON" in r.stderr
-    r = cli(None, "--timeout", "0.5", "status", "acme", "x", socket=str(tmp_short / "no.sock"))
-    assert r.returncode == 1 and r.stderr.startswith("error TIMEOUT: ")
+    # nobody listening: said at once (not after the 60 s timeout), naming the endpoint
+    r = cli(None, "status", "acme", "x", socket=str(tmp_short / "no.sock"))
+    assert r.returncode == 1 and r.stderr.startswith("error UNAVAILABLE: ")
+    assert f"ipc://{tmp_short / 'no.sock'}" in r.stderr and "no socket there" in r.stderr
     r = cli(daemon, "deploy", "acme", str(tmp_short / "missing.py"))
     assert r.returncode == 1 and r.stderr.startswith("error IO: ")
+    # a reader that went away: a quiet stop, as `cat` makes, not a traceback or an IO error
+    r_end, w_end = os.pipe()
+    os.close(r_end)
+    env = {**os.environ, "STEPVISOR_SOCKET": str(daemon.run_dir / "api.sock")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stepvisor.cli", "--json", "nodes"],
+        stdout=w_end, stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    os.close(w_end)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
+    daemon.stop(signal.SIGKILL)  # leaves its socket file behind
+    assert (daemon.run_dir / "api.sock").exists()
+    r = cli(daemon, "status", "acme", "x")
+    assert r.returncode == 1 and r.stderr.startswith("error UNAVAILABLE: ")
+    assert "nothing listens" in r.stderr
 
 
 def test_serve_rejects_an_invalid_config(tmp_short: Path) -> None:
