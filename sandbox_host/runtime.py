@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import io
 import os
 import re
 import sys
 import time
 import types
 from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import msgspec
 
@@ -41,7 +42,6 @@ from protocol.messages import (
     StepStarted,
     WaitEventCmd,
 )
-from sandbox_host.channel import Channel
 from stepvisor.sdk import WORKFLOW_ATTR, NonRetryableError, StepFailed, WaitTimeout
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,11 +193,19 @@ def error_info(exc: BaseException, code: str | None = None) -> ErrorInfo:
     )
 
 
+class _Discard(io.TextIOBase):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 class Output:
-    """Silence stdout/stderr at the fd level while replaying, so each line is emitted once."""
+    """Silence stdout/stderr while replaying, so each line is emitted once: at the fd level (C
+    extensions, child processes) and at the level of `sys.stdout` (which, under the test harness
+    and pytest's capture, need not write to fd 1)."""
 
     def __init__(self) -> None:
         self._saved: tuple[int, int] | None = None
+        self._streams: tuple[Any, Any] | None = None
 
     def mute(self) -> None:
         if self._saved is None:
@@ -208,9 +216,14 @@ class Output:
             os.dup2(null, 1)
             os.dup2(null, 2)
             os.close(null)
+            self._streams = (sys.stdout, sys.stderr)
+            sys.stdout = sys.stderr = _Discard()
 
     def unmute(self) -> None:
         if self._saved is not None:
+            if self._streams is not None:
+                sys.stdout, sys.stderr = self._streams
+                self._streams = None
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(self._saved[0], 1)
@@ -333,6 +346,14 @@ def exit_process() -> NoReturn:
     os._exit(0)
 
 
+class Channel(Protocol):
+    """Where the runtime's messages go: the activation's socket (`sandbox_host.channel`), or,
+    under `stepvisor.testing`, straight to the supervisor's engine."""
+
+    def send(self, msg: object) -> None: ...
+    def wait_ack(self) -> None: ...
+
+
 class Runtime:
     """One activation's view of one instance."""
 
@@ -342,8 +363,12 @@ class Runtime:
         channel: Channel,
         exit: Callable[[], NoReturn] = exit_process,
         marks: tuple[float, float, float] | None = None,
+        run_callable: StepRunner | None = None,
     ) -> None:
         self.act = act
+        # How a step's callable is called: in an activation, directly; `stepvisor.testing`
+        # passes one that injects failures and stand-ins by step name and attempt.
+        self.run_callable = run_callable or call_step
         self.marks = marks  # started, hello, activated (CLOCK_MONOTONIC), when timed
         self.replayed: float | None = None
         self.channel = channel
@@ -423,7 +448,7 @@ class Runtime:
         self.channel.wait_ack()  # the supervisor now attributes our output to this step
         t0 = time.perf_counter()
         try:
-            value = fn(StepContext(attempt=attempt, step=name)) if _wants_ctx(fn) else fn()
+            value = self.run_callable(fn, StepContext(attempt=attempt, step=name))
             data = dump_json(value, what=f"the result of step {name!r}")
         except ProtocolError as exc:
             result = StepResult(
@@ -523,6 +548,14 @@ class Runtime:
         except ProtocolError as exc:
             self.finish(FailCmd(error=ErrorInfo(type="OutputError", message=exc.message)))
         self.finish(CompleteCmd(output=output))
+
+
+StepRunner = Callable[[Callable[..., Any], StepContext], Any]
+
+
+def call_step(fn: Callable[..., Any], ctx: StepContext) -> Any:
+    """Call a step's callable, with the context when it takes an argument."""
+    return fn(ctx) if _wants_ctx(fn) else fn()
 
 
 def _wants_ctx(fn: Callable[..., Any]) -> bool:

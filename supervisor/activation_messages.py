@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from protocol.codec import decode_from_activation, encode, load_json
+from protocol.codec import decode_from_activation, encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_REPLY_BYTES, MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
 from protocol.messages import (
@@ -45,11 +45,6 @@ from supervisor.remote_api import RemoteApi
 
 MAX_MESSAGES_PER_TICK = 1000
 MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
-_CRASH_TYPES = {
-    outcome.OOM: "OutOfMemory",
-    outcome.CPU_LIMIT: "CpuLimitExceeded",
-    outcome.WALL_TIMEOUT: "StepTimeout",
-}
 
 
 # `workflow("name")` or `workflow(name='name')` with a plain literal: what a source file that
@@ -218,117 +213,51 @@ class ActivationMessages:
             self._fenced(act, mono)
             return
         if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd) and act.state == CONNECTED:
-            over = engine.over_step_limit(msg.seq, act.limits)
-            if over is not None:
-                self._limit_exceeded(act, over, now, mono)
-                return
-        if isinstance(msg, StepStarted) and act.state == CONNECTED:
             if msg.seq != act.expected_seq:
+                kind = "step" if isinstance(msg, StepStarted) else "command"
                 self._protocol_error(
-                    act, f"step at seq {msg.seq}, expected {act.expected_seq}", mono
+                    act, f"{kind} at seq {msg.seq}, expected {act.expected_seq}", mono
                 )
                 return
-            if self._diverged(act, msg, now, mono):
+            act.seq, act.step = msg.seq, msg.name
+            refused = engine.command(self.conn, tenant, instance, msg, act.limits, now)
+            if refused is not None:
+                # Over the tenant's step limit, or not the command journaled at this seq (the
+                # runtime checks that too, but it runs beside tenant code that can speak on its
+                # socket: the supervisor decides from its own journal).
+                launcher.kill_group(act.pid)
+                how = outcome.ERROR if refused.code == "LIMIT_EXCEEDED" else outcome.PROTOCOL_ERROR
+                detail = f"{refused.type}: {refused.message}"[:500]
+                self._settle(act, how, detail, mono, committed=True)
                 return
-            engine.step_started(self.conn, tenant, instance, msg, now)
-            act.state, act.seq, act.step = IN_STEP, msg.seq, msg.name
-            act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
-            j.update_activation(self.conn, act.aid, seq=msg.seq, step=msg.name)
-            # Acked at once, not after commit: this ack only orders the step's output after this
-            # point in our log. Durability does not need it: if we die before committing, the
-            # activation dies with us and the attempt re-runs as interrupted.
-            self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
+            if isinstance(msg, StepStarted):
+                act.state = IN_STEP
+                act.deadline_mono = mono + min(msg.timeout_s, act.limits.timeout_s)
+                j.update_activation(self.conn, act.aid, seq=msg.seq, step=msg.name)
+                # Acked at once, not after commit: this ack only orders the step's output after
+                # this point in our log. Durability does not need it: if we die before
+                # committing, the activation dies with us and the attempt re-runs as interrupted.
+                self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
+            else:
+                self._settle(act, outcome.OK, "", mono, committed=True)
+                self._ack(act)
         elif isinstance(msg, StepResult) and act.state == IN_STEP:
             if msg.seq != act.seq:
                 self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
                 return
-            if msg.ok:
-                value = msg.value or b""
-                try:
-                    load_json(value, what="step result")
-                    error = engine.over_state_limit(
-                        self.conn, tenant, instance, len(value), act.limits
-                    )
-                except ProtocolError as exc:
-                    error = ErrorInfo(type="StepResultError", message=exc.message)
-                if error is not None:  # a failed step, not retried: the workflow may catch it
-                    msg = StepResult(
-                        seq=msg.seq,
-                        ok=False,
-                        retryable=False,
-                        duration_ms=msg.duration_ms,
-                        error=error,
-                    )
-            engine.step_result(self.conn, tenant, instance, msg, now)
+            msg = engine.step_finished(self.conn, tenant, instance, msg, act.limits, now)
             self._settle(act, self._result_outcome(msg), "", mono, committed=True)
             self._ack(act)
-        elif isinstance(msg, SleepCmd | WaitEventCmd) and act.state == CONNECTED:
-            if msg.seq != act.expected_seq:
-                self._protocol_error(
-                    act, f"command at seq {msg.seq}, expected {act.expected_seq}", mono
-                )
-                return
-            if self._diverged(act, msg, now, mono):
-                return
-            act.seq, act.step = msg.seq, msg.name
-            if isinstance(msg, SleepCmd):
-                engine.sleep(self.conn, tenant, instance, msg, now)
+        elif isinstance(msg, CompleteCmd | FailCmd) and act.state == CONNECTED:
+            engine.workflow_finished(self.conn, tenant, instance, msg, now)
+            if isinstance(msg, FailCmd):
+                detail = f"{msg.error.type}: {msg.error.message}"[:500]
+                self._settle(act, outcome.ERROR, detail, mono, committed=True)
             else:
-                engine.wait_event(self.conn, tenant, instance, msg, now)
-            self._settle(act, outcome.OK, "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, CompleteCmd) and act.state == CONNECTED:
-            try:
-                load_json(msg.output, what="workflow output")
-            except ProtocolError as exc:
-                engine.fail(
-                    self.conn,
-                    tenant,
-                    instance,
-                    ErrorInfo(type="OutputError", message=exc.message),
-                    now,
-                )
-            else:
-                engine.complete(self.conn, tenant, instance, msg.output, now)
-            self._settle(act, outcome.OK, "", mono, committed=True)
-            self._ack(act)
-        elif isinstance(msg, FailCmd) and act.state == CONNECTED:
-            engine.fail(self.conn, tenant, instance, msg.error, now)
-            self._settle(
-                act,
-                outcome.ERROR,
-                f"{msg.error.type}: {msg.error.message}"[:500],
-                mono,
-                committed=True,
-            )
+                self._settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
-
-    def _limit_exceeded(self, act: Activation, err: ErrorInfo, now: float, mono: float) -> None:
-        """The instance asked for more than its tenant may have: it ends `errored` with `err`,
-        and the activation is told no and stopped."""
-        assert act.instance is not None
-        engine.fail(self.conn, act.tenant, act.instance, err, now)
-        launcher.kill_group(act.pid)
-        self._settle(act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True)
-
-    def _diverged(
-        self, act: Activation, msg: StepStarted | SleepCmd | WaitEventCmd, now: float, mono: float
-    ) -> bool:
-        """True (and the instance failed) when a command at a journaled seq is not the command
-        the journal holds there. The runtime checks this too, but it runs beside tenant code
-        that can speak on its socket: the supervisor decides from its own journal."""
-        assert act.instance is not None
-        why = engine.divergence(self.conn, act.tenant, act.instance, msg)
-        if why is None:
-            return False
-        launcher.kill_group(act.pid)
-        act.seq, act.step = msg.seq, msg.name
-        err = ErrorInfo(type="NondeterminismError", code=ErrorCode.NONDETERMINISM, message=why)
-        engine.fail(self.conn, act.tenant, act.instance, err, now)
-        self._settle(act, outcome.PROTOCOL_ERROR, why[:500], mono, committed=True)
-        return True
 
     @staticmethod
     def _result_outcome(msg: StepResult) -> str:
@@ -460,12 +389,7 @@ class ActivationMessages:
         if how == outcome.INTERRUPTED:
             engine.interrupted(self.conn, act.tenant, instance, now)
             return
-        err = ErrorInfo(
-            type=_CRASH_TYPES.get(how, "ActivationCrashed"),
-            message=outcome.failure_message(how, detail),
-            traceback=act.stderr_tail.decode("utf-8", "replace")[-8000:],
-            code=None,
-        )
+        err = outcome.crash_error(how, detail, act.stderr_tail.decode("utf-8", "replace"))
         if was_step and act.seq is not None:
             result = engine.step_failed(
                 self.conn, act.tenant, instance, act.seq, err, now, retryable=True

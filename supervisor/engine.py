@@ -14,12 +14,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_TIMEOUT_S
 from protocol.messages import (
     TERMINAL_STATUSES,
     Activate,
+    CompleteCmd,
     ErrorInfo,
+    FailCmd,
     SleepCmd,
     Status,
     StepResult,
@@ -206,6 +209,70 @@ def divergence(
             f"holds a wait for {entry['event_type']!r}"
         )
     return None
+
+
+def command(
+    conn: Db,
+    tenant: str,
+    instance: str,
+    msg: StepStarted | SleepCmd | WaitEventCmd,
+    limits: Limits,
+    now: float,
+) -> ErrorInfo | None:
+    """An activation's new command: a step starting, a sleep or a wait. Checked against the
+    tenant's `max_steps` and against the journal (a command at a journaled seq must be the one
+    journaled there), then journaled. On a violation nothing is journaled, the instance ends
+    `errored`, and the error is returned (its code says which: LIMIT_EXCEEDED or NONDETERMINISM).
+    """
+    error = over_step_limit(msg.seq, limits)
+    if error is None and (why := divergence(conn, tenant, instance, msg)) is not None:
+        error = ErrorInfo(type="NondeterminismError", code=ErrorCode.NONDETERMINISM, message=why)
+    if error is not None:
+        fail(conn, tenant, instance, error, now)
+        return error
+    if isinstance(msg, StepStarted):
+        step_started(conn, tenant, instance, msg, now)
+    elif isinstance(msg, SleepCmd):
+        sleep(conn, tenant, instance, msg, now)
+    else:
+        wait_event(conn, tenant, instance, msg, now)
+    return None
+
+
+def step_finished(
+    conn: Db, tenant: str, instance: str, msg: StepResult, limits: Limits, now: float
+) -> StepResult:
+    """A step's result, journaled; returns it as journaled. A value that is not JSON, or that
+    would bring the instance past `max_state_mib`, is journaled as a failed step instead, not
+    retried (the workflow may catch it)."""
+    if msg.ok:
+        value = msg.value or b""
+        try:
+            load_json(value, what="step result")
+            error = over_state_limit(conn, tenant, instance, len(value), limits)
+        except ProtocolError as exc:
+            error = ErrorInfo(type="StepResultError", message=exc.message)
+        if error is not None:
+            msg = StepResult(
+                seq=msg.seq, ok=False, retryable=False, duration_ms=msg.duration_ms, error=error
+            )
+    step_result(conn, tenant, instance, msg, now)
+    return msg
+
+
+def workflow_finished(
+    conn: Db, tenant: str, instance: str, msg: CompleteCmd | FailCmd, now: float
+) -> None:
+    """The workflow returned (its output must be JSON) or raised."""
+    if isinstance(msg, FailCmd):
+        fail(conn, tenant, instance, msg.error, now)
+        return
+    try:
+        load_json(msg.output, what="workflow output")
+    except ProtocolError as exc:
+        fail(conn, tenant, instance, ErrorInfo(type="OutputError", message=exc.message), now)
+    else:
+        complete(conn, tenant, instance, msg.output, now)
 
 
 def step_started(conn: Db, tenant: str, instance: str, msg: StepStarted, now: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 from protocol.launch import ExitCode
+from protocol.messages import ErrorInfo
 
 OK = "ok"
 ERROR = "error"  # the activation reported a failed step or a failed workflow
@@ -56,3 +57,18 @@ def _signame(signum: int) -> str:
 
 def failure_message(outcome: str, detail: str) -> str:
     return f"activation {outcome}: {detail}"
+
+
+# The error type a step's attempt records when its activation died this way.
+_CRASH_TYPES = {OOM: "OutOfMemory", CPU_LIMIT: "CpuLimitExceeded", WALL_TIMEOUT: "StepTimeout"}
+
+
+def crash_error(outcome: str, detail: str, stderr_tail: str = "") -> ErrorInfo:
+    """What users see of an activation that died without reporting: its outcome as an error
+    type, the detail, and the last of what it wrote to stderr."""
+    return ErrorInfo(
+        type=_CRASH_TYPES.get(outcome, "ActivationCrashed"),
+        message=failure_message(outcome, detail),
+        traceback=stderr_tail[-8000:],
+        code=None,
+    )

@@ -274,6 +274,14 @@ def connect(
     return conn
 
 
+def memory() -> SqliteDb:
+    """A private in-memory database with the current schema (`stepvisor.testing`'s journal)."""
+    conn = open_sqlite(Path(":memory:"))
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
+    return conn
+
+
 def migrate(conn: SqliteDb) -> None:
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
