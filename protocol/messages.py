@@ -129,6 +129,8 @@ class Control(Base, frozen=True, tag="control"):
     tenant: Tenant
     id: InstanceId
     op: ControlOp
+    # restart only: keep the journal before the first command of this name, re-run from there
+    from_step: Name | None = None
 
 
 class GetHistory(Base, frozen=True, tag="history"):

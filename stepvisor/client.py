@@ -284,8 +284,12 @@ class Client:
             lambda rid: SendEvent(rid=rid, tenant=tenant, id=id, type=type, payload=data)
         )
 
-    def control(self, tenant: str, id: str, op: str) -> dict[str, Any]:
-        return self.call(lambda rid: Control(rid=rid, tenant=tenant, id=id, op=op))  # type: ignore[arg-type]
+    def control(
+        self, tenant: str, id: str, op: str, *, from_step: str | None = None
+    ) -> dict[str, Any]:
+        return self.call(
+            lambda rid: Control(rid=rid, tenant=tenant, id=id, op=op, from_step=from_step)  # type: ignore[arg-type]
+        )
 
     def pause(self, tenant: str, id: str) -> dict[str, Any]:
         return self.control(tenant, id, "pause")
@@ -296,8 +300,10 @@ class Client:
     def terminate(self, tenant: str, id: str) -> dict[str, Any]:
         return self.control(tenant, id, "terminate")
 
-    def restart(self, tenant: str, id: str) -> dict[str, Any]:
-        return self.control(tenant, id, "restart")
+    def restart(self, tenant: str, id: str, *, from_step: str | None = None) -> dict[str, Any]:
+        """Run it again from the start, or from the first step (sleep, wait) called
+        `from_step`, keeping the journal before it."""
+        return self.control(tenant, id, "restart", from_step=from_step)
 
     def delete(self, tenant: str, id: str) -> dict[str, Any]:
         return self.control(tenant, id, "delete")

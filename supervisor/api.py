@@ -330,6 +330,8 @@ def send_event(host: Host, req: SendEvent, identity: bytes, now: float) -> objec
 
 
 def control(host: Host, req: Control, identity: bytes, now: float) -> object:
+    if req.from_step is not None and req.op != "restart":
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "from_step goes with restart only")
     inst = _instance(host, req.tenant, req.id)
     tenant, iid = req.tenant, req.id
 
@@ -343,7 +345,7 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
     elif req.op == "terminate":
         engine.terminate(host.conn, inst, now, stop)
     elif req.op == "restart":
-        engine.restart(host.conn, inst, now, stop)
+        engine.restart(host.conn, inst, now, stop, req.from_step)
     elif req.op == "delete":
         if inst["lease"] is not None:
             stop()

@@ -599,8 +599,21 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None
     )
 
 
-def restart(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None:
-    """From the start: journal and consumed events dropped, params and pinned code kept."""
+def restart(
+    conn: Db, inst: Row, now: float, stop: Callable[[], None], from_step: str | None = None
+) -> None:
+    """From the start, or from the first command called `from_step`: the journal from there on
+    and the events its waits consumed are dropped; what came before, the params and the pinned
+    code are kept. Any status may restart."""
+    tenant, iid = inst["tenant"], inst["id"]
+    seq = 0
+    if from_step is not None:
+        found = j.first_entry_named(conn, tenant, iid, from_step)
+        if found is None:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"instance {iid!r} has journaled no step named {from_step!r}"
+            )
+        seq = found
     if inst["lease"] is not None:
         stop()
-    j.reset_instance(conn, inst["tenant"], inst["id"], now, Status.QUEUED)
+    j.reset_instance(conn, tenant, iid, now, Status.RUNNING if seq else Status.QUEUED, seq)

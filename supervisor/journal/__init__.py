@@ -274,14 +274,15 @@ def delete_inspections(conn: Db, tenant: str, launched_before: float, limit: int
     return cur.rowcount
 
 
-def reset_instance(conn: Db, tenant: str, instance: str, now: float, status: str) -> None:
-    """Restart from scratch: drop the journal and consumed events, keep params and pinned code."""
-    args = (tenant, instance)
-    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ?", args)
-    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ?", args)
-    conn.execute(
-        "DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq IS NOT NULL", args
-    )
+def reset_instance(
+    conn: Db, tenant: str, instance: str, now: float, status: str, from_seq: int = 0
+) -> None:
+    """Restart from `from_seq` (0: from scratch): drop the journal from there on and the events
+    its waits consumed; keep what came before, the params and the pinned code."""
+    args = (tenant, instance, from_seq)
+    conn.execute("DELETE FROM journal WHERE tenant = ? AND instance = ? AND seq >= ?", args)
+    conn.execute("DELETE FROM attempt_errors WHERE tenant = ? AND instance = ? AND seq >= ?", args)
+    conn.execute("DELETE FROM events WHERE tenant = ? AND instance = ? AND consumed_seq >= ?", args)
     update_instance(
         conn,
         tenant,
@@ -293,7 +294,7 @@ def reset_instance(conn: Db, tenant: str, instance: str, now: float, status: str
         lease=None,
         pause_requested=0,
         failures=0,
-        steps=0,
+        steps=from_seq,
         updated_at=now,
     )
 
@@ -407,6 +408,15 @@ def get_entry(conn: Db, tenant: str, instance: str, seq: int) -> Row | None:
         (tenant, instance, seq),
     ).fetchone()
     return row
+
+
+def first_entry_named(conn: Db, tenant: str, instance: str, name: str) -> int | None:
+    """The seq of the first command called `name`, or None."""
+    row = conn.execute(
+        "SELECT MIN(seq) FROM journal WHERE tenant = ? AND instance = ? AND name = ?",
+        (tenant, instance, name),
+    ).fetchone()
+    return None if row[0] is None else int(row[0])
 
 
 def journal_length(conn: Db, tenant: str, instance: str) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from stepvisor import workflow
 from stepvisor.client import StepVisorError
-from tests.conftest import Daemon, deploy_source, wait_for
+from tests.conftest import Daemon, deploy_source, wait_for, writable
 
 SLEEPY = """
 import time
@@ -233,3 +233,52 @@ def test_deploy_a_function_by_value(daemon: Daemon) -> None:
     assert c.wait("acme", "v", timeout_s=30)["output"] == {"doubled": 42, "helper": "n=42"}
     with pytest.raises(TypeError):
         c.deploy("acme", _helper)
+
+
+EFFECTS = """
+from stepvisor import workflow
+
+def effect(name):
+    with open(LOG, "a") as f:
+        f.write(name + "\\n")
+    return name
+
+@workflow("w")
+def w(event, step):
+    a = step.do("a", lambda: effect("a"))
+    go = step.wait_for_event("go", type="go", timeout=60)
+    b = step.do("b", lambda: effect("b"))
+    c = step.do("c", lambda: effect("c"))
+    return [a, go["payload"], b, c]
+"""
+
+
+def test_restart_from_a_step_keeps_the_journal_before_it(make_daemon, shared) -> None:
+
+    daemon = make_daemon(writable(shared))
+    log = shared / "effects.log"
+    c = daemon.client()
+    deploy_source(c, "acme", f"LOG = {str(log)!r}\n" + EFFECTS)
+    c.create("acme", "w", id="i1")
+    c.send_event("acme", "i1", "go", 1)
+    assert c.wait("acme", "i1", timeout_s=30)["output"] == ["a", 1, "b", "c"]
+
+    restarted = c.restart("acme", "i1", from_step="b")
+    assert (restarted["status"], restarted["steps"]) == ("running", 2)
+    assert c.wait("acme", "i1", timeout_s=30)["output"] == ["a", 1, "b", "c"]
+    assert log.read_text().split() == ["a", "b", "c", "b", "c"]  # a and the wait were kept
+
+    # From the wait: the event it consumed goes with it, so it waits for a new one.
+    c.restart("acme", "i1", from_step="go")
+    wait_for(lambda: c.status("acme", "i1")["status"] == "waiting", 30, "the wait again")
+    assert [e["name"] for e in c.history("acme", "i1")["entries"]] == ["a", "go"]
+    c.send_event("acme", "i1", "go", 2)
+    assert c.wait("acme", "i1", timeout_s=30)["output"] == ["a", 2, "b", "c"]
+
+    with pytest.raises(StepVisorError) as exc:
+        c.restart("acme", "i1", from_step="nope")
+    assert code(exc) == "NOT_FOUND"
+    assert "no step named 'nope'" in str(exc.value)
+    with pytest.raises(StepVisorError) as exc:
+        c.control("acme", "i1", "pause", from_step="a")
+    assert code(exc) == "BAD_REQUEST"
