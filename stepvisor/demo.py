@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from stepvisor.cli import format_history
+from stepvisor import views
 from stepvisor.client import Client, StepVisorError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -74,11 +74,7 @@ def main(keep: bool = False) -> int:
             c.wait(tenant, iid, timeout_s=120)
         for tenant, iid in runs:
             print()
-            print(format_history(c.history(tenant, iid)))
-            st = c.status(tenant, iid)
-            if st["error"] and st["error"]["traceback"]:
-                print("  tenant traceback:")
-                print("    " + st["error"]["traceback"].strip().replace("\n", "\n    "))
+            print(views.history(c.history(tenant, iid)))  # the tenant's traceback too
         print("\ntenant output, attributed by the supervisor:")
         for line in log_path.read_bytes().splitlines():
             if line.startswith(b"{"):

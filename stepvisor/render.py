@@ -83,7 +83,7 @@ def nodes(rows: list[dict[str, Any]]) -> str:
                 r["started_at"],
             )
         )
-    return "\n".join([*_table(table, right_from=2), "* the node that answered"])
+    return "\n".join([*columns(table, right_from=2), "* the node that answered"])
 
 
 def stats(s: dict[str, Any]) -> str:
@@ -127,11 +127,11 @@ def stats(s: dict[str, Any]) -> str:
                 _counts(t["failures"]) if t["failures"] else "-",
             )
         )
-    lines += _table(rows)
+    lines += columns(rows)
     return "\n".join(lines).rstrip()
 
 
-def _table(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:
+def columns(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:
     """Columns padded to their widest cell (right-aligned from column `right_from` on); the last
     column is not padded."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -180,4 +180,4 @@ def usage(rows: list[dict[str, Any]]) -> str:
                 f"{r.get('scratch_max_kib', 0) / 1024:,.1f}",
             )
         )
-    return "\n".join(_table(table, right_from=2))
+    return "\n".join(columns(table, right_from=2))

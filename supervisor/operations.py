@@ -140,6 +140,8 @@ class Operations:
             "pid": os.getpid(),
             "config": None if self.config_path is None else os.path.abspath(self.config_path),
             "state_dir": str(self.paths.state_dir),
+            "runtime_dir": str(self.paths.runtime_dir),
+            "python": self.paths.python,
             "api": self.paths.api_endpoint,
             "tcp": None if self.remote is None else self.remote.endpoint,
             "server_key": None if self.remote is None else self.remote.public.decode(),

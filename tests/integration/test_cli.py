@@ -217,8 +217,10 @@ def test_the_quick_start_demo_runs_both_tenants() -> None:
     r = subprocess.run([sys.executable, "-m", "stepvisor.cli", "demo"], capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "acme/ann  workflow=onboard" in r.stdout and "globex/night-1" in r.stdout
-    assert r.stdout.count("status=complete") == 2
-    assert "acme/bob  workflow=onboard" in r.stdout and "status=errored" in r.stdout
+    assert "instance:    acme/ann\nworkflow:    onboard\n" in r.stdout
+    assert "instance:    globex/night-1\n" in r.stdout
+    assert r.stdout.count("\nstatus:      complete\n") == 2
+    assert "instance:    acme/bob\nworkflow:    onboard\n" in r.stdout
+    assert "\nstatus:      errored\n" in r.stdout and "\ntraceback:   Traceback" in r.stdout
     assert "[acme/ann step 'create account'] creating account" in r.stdout
     assert "supervisor stopped (exit 0)" in r.stdout

@@ -8,8 +8,7 @@ import unicodedata
 
 import pytest
 
-from stepvisor import logview
-from stepvisor.cli import format_history
+from stepvisor import logview, views
 from stepvisor.render import visible
 
 # ESC sequences (erase line, cursor up, colour, OSC title), \r overwrite, a fake newline
@@ -102,9 +101,16 @@ def test_history_escapes_names_and_errors() -> None:
             "workflow": "wf\x1b[2K",
             "version": "v1",
             "status": "errored",
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "updated_at": "2026-01-01T00:00:01+00:00",
+            "steps": 1,
             "activations": 1,
             "output": None,
-            "error": {"type": "Boom", "message": "line1\nglobex/x  status=complete\x1b[1A"},
+            "error": {
+                "type": "Boom",
+                "message": "line1\nglobex/x  status=complete\x1b[1A",
+                "traceback": "Traceback\x1b[2J\n  line\u202e two\n",
+            },
         },
         "entries": [
             {
@@ -119,7 +125,13 @@ def test_history_escapes_names_and_errors() -> None:
         ],
         "activations": [],
     }
-    lines = format_history(h).split("\n")
-    assert len(lines) == 4  # header, column heads, the entry, the error: no injected line
+    lines = views.history(h).split("\n")
+    # 8 fields, the error, the traceback's 2 lines, a gap, "journal:", column heads, the entry:
+    # no injected line
+    assert len(lines) == 15, lines
     assert all(_terminal_safe(line) for line in lines)
-    assert "wf\\x1b[2K" in lines[0] and "s\\rtep" in lines[2] and "line1\\nglobex" in lines[3]
+    assert lines[1] == "workflow:    wf\\x1b[2K"
+    assert lines[8].startswith("error:") and "line1\\nglobex" in lines[8]
+    assert lines[9] == "traceback:   Traceback\\x1b[2J"
+    assert lines[10] == "               line\\u202e two"
+    assert "s\\rtep" in lines[14] and "m\\x1b]0;t\\x07" in lines[14]
