@@ -169,6 +169,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return msgspec.structs.replace(self.defaults, **changes)
 
 
+EMBEDDED_LOG = "stepvisor.log"  # the embedded default's log file, in its state dir
+
+
 class Paths(msgspec.Struct, frozen=True):
     """Where things live, resolved from `[server]` and the environment."""
 
@@ -180,6 +183,12 @@ class Paths(msgspec.Struct, frozen=True):
     python: str
 
 
+# One rule for the embedded default's directories: root's are the system's, the ones the unit
+# file makes (so `stepvisor` as root finds the service's socket); anyone else's are the XDG
+# ones. Root ignores XDG_* on purpose: a login shell's XDG_RUNTIME_DIR (/run/user/0) is 0700,
+# and sandbox uids could not reach the sandbox socket in it.
+
+
 def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/stepvisor")
@@ -188,10 +197,10 @@ def default_state_dir() -> Path:
 
 
 def default_runtime_dir() -> Path:
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "stepvisor"
     if os.geteuid() == 0:
         return Path("/run/stepvisor")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "stepvisor"
     return Path(tempfile.gettempdir()) / f"stepvisor-{os.getuid()}"
 
 
@@ -271,6 +280,13 @@ def database_error(url: str) -> str | None:
     except psycopg.ProgrammingError as exc:
         return f"not a valid libpq URL: {exc}"
     return None
+
+
+def with_embedded_log(cfg: Config, paths: Paths) -> Config:
+    """The embedded default keeps a log file in its state dir (`stepvisor logs` reads it), as a
+    config file may say with `log_file`."""
+    server = msgspec.structs.replace(cfg.server, log_file=str(paths.state_dir / EMBEDDED_LOG))
+    return msgspec.structs.replace(cfg, server=server)
 
 
 def with_dirs(cfg: Config, state_dir: str | None, runtime_dir: str | None) -> Config:

@@ -58,6 +58,7 @@ from supervisor.config import (
     load,
     resolve_paths,
     with_dirs,
+    with_embedded_log,
 )
 from supervisor.fork_servers import ForkServers
 from supervisor.janitor import Janitor
@@ -131,7 +132,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.config_path is None:
             print(
                 f"stepvisor: embedded default config; state in {self.paths.state_dir}, "
-                f"API at {self.paths.api_endpoint}",
+                f"API at {self.paths.api_endpoint}, log in {self.cfg.server.log_file}",
                 file=sys.stderr,
             )
         self._make_dirs()
@@ -142,6 +143,15 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             raise StartupError(
                 f"another supervisor is running on state dir {self.paths.state_dir}"
             ) from None
+        if self.config_path is None:
+            if why := logs.add_file(self.cfg.server.log_file):
+                raise StartupError(why)
+            self.log.info(
+                "config.embedded_default",
+                state_dir=str(self.paths.state_dir),
+                api=self.paths.api_endpoint,
+                log_file=self.cfg.server.log_file,
+            )
         if errors := isolation.tenant_interpreter_errors(self.cfg):
             raise StartupError("; ".join(errors))
         try:
@@ -907,11 +917,12 @@ def serve(
     except ConfigError as exc:
         print(f"error CONFIG: {exc}", file=sys.stderr)
         return 2
-    logs.configure(cfg.server.log_level, cfg.server.log_file)
+    readable = sys.stdout.isatty()  # people read a terminal; a pipe or the journal gets JSON
     if config_path is None:
-        logs.get().info(
-            "config.embedded_default", state_dir=str(paths.state_dir), api=paths.api_endpoint
-        )
+        cfg = with_embedded_log(cfg, paths)  # opened once `start` has made the state dir
+        logs.configure(cfg.server.log_level, readable=readable)
+    else:
+        logs.configure(cfg.server.log_level, cfg.server.log_file, readable=readable)
     try:
         return Supervisor(cfg, paths, config_path, (state_dir, runtime_dir)).run()
     except StartupError as exc:

@@ -1,19 +1,24 @@
 """The `stepvisor` command as people use it: options where they put them, params from files and
-stdin, output to read, doctor on the supervisor it is pointed at."""
+stdin, output to read, a log to read on the embedded default, a root login shell's runtime dir."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pty
+import select
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from stepvisor import cli, commands
-from tests.conftest import Daemon, deploy_source
+from tests.conftest import Daemon, deploy_source, wait_for
 
 pytestmark = pytest.mark.sqlite_only  # the command line, not the database, is under test
 
@@ -159,6 +164,111 @@ def test_the_cli_is_in_no_import_cycle() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def _read_until(fd: int, done: str, deadline_s: float) -> str:
+    """What a terminal shows of `fd` until `done` appears (or the deadline passes)."""
+    seen = b""
+    deadline = time.monotonic() + deadline_s
+    while done.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_serve_is_readable_on_a_terminal_and_logs_reads_the_embedded_default(
+    tmp_short: Path,
+) -> None:
+    state, run = tmp_short / "st", tmp_short / "rt"
+    main, tty = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stepvisor.cli", "serve", "--state-dir", str(state),
+         "--runtime-dir", str(run)],
+        stdin=subprocess.DEVNULL, stdout=tty, stderr=tty,
+    )  # fmt: skip
+    os.close(tty)
+    try:
+        shown = _read_until(main, "supervisor.ready", 60)
+        assert " info " in shown and "supervisor.ready" in shown, shown
+        assert '{"' not in shown  # not JSON
+        sock = str(run / "api.sock")
+        # the embedded default keeps its log in its state dir, and `logs` finds it there
+        r = cli_run("--socket", sock, "logs", "--level", "info")
+        assert r.returncode == 0, r.stderr
+        assert "supervisor.ready" in r.stdout and not r.stdout.startswith("{")
+        assert json.loads(cli_run("--socket", sock, "--json", "logs").stdout.splitlines()[0])
+        assert (state / "stepvisor.log").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        os.close(main)
+    assert proc.returncode == 0
+    # the file stays JSON, whatever stdout got
+    last = json.loads((state / "stepvisor.log").read_text().splitlines()[-1])
+    assert last["event"] == "supervisor.stopped"
+
+
+def test_serve_writes_json_when_stdout_is_not_a_terminal(tmp_short: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stepvisor.cli", "serve", "--state-dir", str(tmp_short / "st"),
+         "--runtime-dir", str(tmp_short / "rt")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert json.loads(first)["event"] == "config.embedded_default"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's default directories")
+def test_root_with_a_login_runtime_dir_serves_the_embedded_default(tmp_short: Path) -> None:
+    """As root in a login shell (logind made XDG_RUNTIME_DIR, 0700), `serve` with no options
+    uses root's directories, /var/lib/stepvisor and /run/stepvisor, which sandbox uids can
+    reach, and `stepvisor` finds it there. Run in a private mount namespace with both bound to
+    directories of the test's, so the host's are never touched."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    login = tmp_short / "user0"
+    login.mkdir(mode=0o700)
+    login.chmod(0o700)
+    var_lib, run = tmp_short / "var-lib", tmp_short / "run"
+    for d in (var_lib, run):
+        d.mkdir(mode=0o755)
+        d.chmod(0o755)
+    script = (
+        f"mount --bind {var_lib} /var/lib && mount --bind {run} /run && "
+        f"exec {sys.executable} -m stepvisor.cli serve"
+    )
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(login), "XDG_STATE_HOME": str(login / "state")}
+    env.pop("STEPVISOR_SOCKET", None)
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    sock = run / "stepvisor" / "api.sock"
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 60, "the API socket")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        r = cli_run("--socket", str(sock), "--json", "nodes")
+        assert r.returncode == 0, r.stderr
+        assert (var_lib / "stepvisor" / "stepvisor.db").exists()
+        assert (var_lib / "stepvisor").stat().st_mode & 0o777 == 0o700
+        assert (run / "stepvisor").stat().st_mode & 0o777 == 0o755
+        assert not (login / "stepvisor").exists() and not (login / "state").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0
 
 
 def test_doctor_checks_the_supervisor_it_is_pointed_at(daemon: Daemon, tmp_short: Path) -> None:

@@ -159,18 +159,24 @@ def test_a_tenant_interpreter_made_unreadable_later_stops_its_launches_only(
 
 
 @root_only
-@pytest.mark.parametrize("owner", [OTHER_UID, 0])
+@pytest.mark.parametrize("owner", [OTHER_UID, NOBODY])
 def test_a_runtime_dir_someone_else_could_write_is_refused(tmp_short: Path, owner: int) -> None:
-    xdg = tmp_short / "xdg"
+    # A user's default runtime dir is under XDG_RUNTIME_DIR (root's is /run/stepvisor, which
+    # this test must not touch): serve as nobody, with one planted where nobody's would be.
+    base = tmp_short / "nobody"
+    base.mkdir()
+    os.chown(base, NOBODY, NOBODY)
+    xdg = base / "xdg"
     xdg.mkdir(mode=0o711)
     xdg.chmod(0o711)
+    os.chown(xdg, NOBODY, NOBODY)
     planted = xdg / "stepvisor"
     planted.mkdir()
     planted.chmod(0o777)
     os.chown(planted, owner, owner)
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     env["XDG_RUNTIME_DIR"] = str(xdg)
-    r = serve(None, "--state-dir", str(tmp_short / "state"), env=env)
+    r = serve(None, "--state-dir", str(base / "state"), env=env, user=NOBODY)
     assert r.returncode == 1, r.stderr
     if owner == OTHER_UID:
         assert f"error STARTUP: server.runtime_dir {planted} belongs to uid {OTHER_UID}" in r.stderr
