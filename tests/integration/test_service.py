@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -274,5 +275,31 @@ def test_sysusers_and_tmpfiles_make_the_group_and_directories(tmp_path: Path) ->
     state = (tmp_path / "var/lib/stepvisor").stat()
     assert stat.S_IMODE(state.st_mode) == 0o700 and state.st_uid == 0
     logs = (tmp_path / "var/log/stepvisor").stat()
-    assert stat.S_IMODE(logs.st_mode) == 0o750 and logs.st_gid == groups["stepvisor"]
+    assert stat.S_IMODE(logs.st_mode) == 0o750 and logs.st_gid == 0  # as LogsDirectory= makes it
     assert (tmp_path / "etc/stepvisor").is_dir()
+
+
+def _unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (SYSTEMD / "stepvisor.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_unit_lets_the_example_log_file_be_written() -> None:
+    """ProtectSystem=strict makes /var read-only for the service but for the directories the
+    unit names: the example config's log_file must be in one of them, as tmpfiles makes it."""
+    settings = _unit_settings()
+    assert settings["ProtectSystem"] == ["strict"]
+    example = (SYSTEMD / "stepvisor.toml").read_text()
+    (log_file,) = re.findall(r'^# log_file = "([^"]+)"', example, re.MULTILINE)
+    writable = [f"/var/log/{d}" for d in settings.get("LogsDirectory", [])]
+    writable += [f"/var/lib/{d}" for d in settings.get("StateDirectory", [])]
+    writable += settings.get("ReadWritePaths", [])
+    assert str(Path(log_file).parent) in writable, (log_file, writable)
+    # made with the mode and owner tmpfiles gives it, so neither changes what the other made
+    tmpfiles = (SYSTEMD / "stepvisor.tmpfiles").read_text()
+    mode = settings["LogsDirectoryMode"][0]
+    assert f"d {Path(log_file).parent} {mode} root root -" in tmpfiles
