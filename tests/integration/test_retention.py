@@ -86,8 +86,17 @@ def test_stepvisor_gc_deletes_what_outlived_its_retention(
 
 
 def test_the_loop_runs_retention_by_itself(make_daemon: Callable[..., Daemon]) -> None:
-    daemon = make_daemon(CONFIG, server="retention_interval_s = 0.5\n")
+    # Set up with everything kept, then shorten `short`'s retention by a reload: with it short
+    # from the start, the loop could delete short/done (2 s after it finished) while `setup`
+    # was still waiting for its activations to be reaped, and setup then failed on NOT_FOUND.
+    server = "retention_interval_s = 0.5\n"
+    daemon = make_daemon(
+        CONFIG.replace(f"retention_days = {SHORT!r}", "retention_days = 0"), server
+    )
     c = setup(daemon)
+    assert not daemon.events("retention.deleted")  # nothing went before the reload
+    daemon.write_config(CONFIG, server)
+    assert c.reload()["changes"] == {"tenants.short.retention_days": {"old": 0, "new": SHORT}}
     wait_for(lambda: gone(c, "short", "done"), 30, "the loop's retention pass")
     assert_deleted_whole(daemon, c)
     assert daemon.events("retention.deleted")
