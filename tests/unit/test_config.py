@@ -339,3 +339,17 @@ def test_database_urls_are_checked_and_never_shown_with_their_password() -> None
     assert "hunter2" not in repr(changes) and "swordfish" not in repr(changes)
     assert config.needs_restart(changes) == ["server.database"]
     assert parse("").server.lease_s == 10.0
+
+
+def test_default_dirs_follow_one_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # root: the system's dirs, whatever a login shell's XDG_* say (logind's /run/user/0 is 0700,
+    # out of the sandbox uids' reach); anyone else: the XDG ones
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/ann/.local/state")
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert config.default_state_dir() == Path("/var/lib/stepvisor")
+    assert config.default_runtime_dir() == Path("/run/stepvisor")
+    assert config.default_api_endpoint() == "ipc:///run/stepvisor/api.sock"
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    assert config.default_state_dir() == Path("/home/ann/.local/state/stepvisor")
+    assert config.default_runtime_dir() == Path("/run/user/1000/stepvisor")
