@@ -27,6 +27,10 @@ MAX_EPOCH_S = 1e11  # latest instant a sleep may end (year 5138), epoch seconds 
 MAX_TIMEOUT_S = 366 * 86_400.0  # longest step timeout, event wait or retry delay: a year
 MAX_MONOTONIC_S = 1e10  # CLOCK_MONOTONIC readings (three centuries of uptime)
 MAX_ATTEMPTS = 1_000_000  # attempts of one step
+# A compatibility check (deploy --check, upgrade, replay) replays at most this many instances'
+# journals, of at most this many bytes together, in one activation.
+MAX_CHECK_INSTANCES = 100
+MAX_CHECK_JOURNAL_BYTES = 32 * MIB
 
 # \Z, not $: `$` also matches before a trailing newline.
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")

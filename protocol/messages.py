@@ -13,6 +13,7 @@ import msgspec
 
 from protocol.limits import (
     MAX_ATTEMPTS,
+    MAX_CHECK_INSTANCES,
     MAX_CODE_BYTES,
     MAX_EPOCH_S,
     MAX_ERROR_CHARS,
@@ -81,6 +82,47 @@ class Deploy(Base, frozen=True, tag="deploy"):
     filename: Name
     source: Code | None = None  # UTF-8 Python source defining @workflow functions
     pickled: Code | None = None  # cloudpickle bytes of one @workflow function
+    # deploy nothing: replay the tenant's in-flight and recent instances of the workflows the
+    # code defines against it, and report which would hit nondeterminism
+    check: bool = False
+
+
+Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}\Z")]
+
+
+class Upgrade(Base, frozen=True, tag="upgrade"):
+    """Move in-flight instances of `workflow` to `version` (default: the deployed one), each
+    only when its journal replays against that code without nondeterminism."""
+
+    rid: int
+    tenant: Tenant
+    workflow: Name
+    ids: Annotated[list[InstanceId], msgspec.Meta(max_length=MAX_CHECK_INSTANCES)] | None = None
+    version: Version | None = None
+
+
+class CheckReplay(Base, frozen=True, tag="replay"):
+    """Replay one instance's journal in a sandbox against `version` (default: its own)."""
+
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+    version: Version | None = None
+
+
+class GetJournal(Base, frozen=True, tag="journal"):
+    """What replaying one instance needs: its workflow, params, creation time and journal."""
+
+    rid: int
+    tenant: Tenant
+    id: InstanceId
+
+
+class ListWorkflows(Base, frozen=True, tag="workflows"):
+    """The tenant's deployed workflows and every version of each, with instances pinned."""
+
+    rid: int
+    tenant: Tenant
 
 
 class BatchItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -219,6 +261,10 @@ class Reload(Base, frozen=True, tag="reload"):
 
 Request = (
     Deploy
+    | Upgrade
+    | CheckReplay
+    | GetJournal
+    | ListWorkflows
     | Create
     | CreateBatch
     | GetStatus
@@ -270,8 +316,18 @@ class Hello(Base, frozen=True, tag="hello"):
     protocol_version: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
 
 
+class Replay(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One instance a compatibility check replays."""
+
+    instance: str
+    workflow: str
+    params: Json
+    created_at: float
+    journal: list[JournalEntry]
+
+
 class Activate(Base, frozen=True, tag="activate"):
-    mode: Literal["run", "inspect"]
+    mode: Literal["run", "inspect", "check"]
     tenant: str
     filename: str
     code_kind: Literal["source", "pickle"]
@@ -283,6 +339,7 @@ class Activate(Base, frozen=True, tag="activate"):
     journal: list[JournalEntry] = []
     now: float = 0.0
     max_timeout_s: float = 600.0
+    replays: list[Replay] = []  # mode "check": the instances to replay against the code
 
 
 class Marks(msgspec.Struct, frozen=True, array_like=True):
@@ -349,12 +406,38 @@ class Inspected(Final, frozen=True, tag="inspected"):
     workflows: Annotated[list[Name], msgspec.Meta(max_length=MAX_WORKFLOWS)]
 
 
+Verdict = Literal["compatible", "nondeterministic", "fails", "not_in_code"]
+
+
+class CheckResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How one instance's journal replayed against the checked code."""
+
+    instance: InstanceId
+    verdict: Verdict
+    replayed: Seq  # journal entries the code asked for, in order, before it stopped
+    # compatible: the command the code goes on with ("step 'charge'", "return"); otherwise why
+    message: Text = ""
+
+
+class Checked(Final, frozen=True, tag="checked"):
+    workflows: Annotated[list[Name], msgspec.Meta(max_length=MAX_WORKFLOWS)]
+    results: Annotated[list[CheckResult], msgspec.Meta(max_length=MAX_CHECK_INSTANCES)]
+
+
 class Ack(Base, frozen=True, tag="ack"):
     ok: bool = True
     error: ErrorInfo | None = None
 
 
 FromActivation = (
-    Hello | StepStarted | StepResult | SleepCmd | WaitEventCmd | CompleteCmd | FailCmd | Inspected
+    Hello
+    | StepStarted
+    | StepResult
+    | SleepCmd
+    | WaitEventCmd
+    | CompleteCmd
+    | FailCmd
+    | Inspected
+    | Checked
 )
 ToActivation = Activate | Ack

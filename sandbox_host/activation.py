@@ -88,7 +88,12 @@ def run(
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     runtime = Runtime(act, channel, marks=(started, hello, activated))
     with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit
-        runtime.inspect() if act.mode == "inspect" else runtime.run()
+        if act.mode == "inspect":
+            runtime.inspect()
+        elif act.mode == "check":
+            runtime.check()
+        else:
+            runtime.run()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

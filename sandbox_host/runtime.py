@@ -23,6 +23,7 @@ from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import (
     MAX_EPOCH_S,
+    MAX_ERROR_CHARS,
     MAX_NAME_CHARS,
     MAX_RESULT_BYTES,
     MAX_TIMEOUT_S,
@@ -30,6 +31,8 @@ from protocol.limits import (
 )
 from protocol.messages import (
     Activate,
+    Checked,
+    CheckResult,
     CompleteCmd,
     ErrorInfo,
     FailCmd,
@@ -37,9 +40,11 @@ from protocol.messages import (
     Inspected,
     JournalEntry,
     Marks,
+    Replay,
     SleepCmd,
     StepResult,
     StepStarted,
+    Verdict,
     WaitEventCmd,
 )
 from stepvisor.sdk import WORKFLOW_ATTR, NonRetryableError, StepFailed, WaitTimeout
@@ -376,6 +381,7 @@ class Runtime:
         self.finished = False
         self.journal: list[JournalEntry] = act.journal
         self.cursor = 0
+        self.matched = 0  # journal entries replay asked for, in order, so far
         self.output = Output()
 
     # -- replay bookkeeping
@@ -399,6 +405,7 @@ class Runtime:
                 f"{entry.kind} {entry.name!r}: the workflow's code outside steps is not "
                 "deterministic"
             )
+        self.matched = seq + 1
         if seq == len(self.journal) - 1:
             self.output.unmute()
         return entry
@@ -475,11 +482,24 @@ class Runtime:
     # -- entry points
 
     def inspect(self) -> NoReturn:
+        names = sorted(self._load())
+        self.finish(Inspected(workflows=names))
+
+    def check(self) -> NoReturn:
+        """Replay each of the activation's `replays` against its code, up to the first command
+        that is not journaled yet, and report how far each got. No step runs."""
+        workflows = self._load()
+        results = [check_replay(self.act, workflows, r) for r in self.act.replays]
+        self.finish(Checked(workflows=sorted(workflows), results=results))
+
+    def _load(self) -> dict[str, Callable[..., Any]]:
+        """The code's workflows, or the deploy's failure reported (and the process gone)."""
         try:
-            names = sorted(load_workflows(self.act))
+            workflows = load_workflows(self.act)
         except BaseException as exc:
             self.finish(FailCmd(error=error_info(exc, ErrorCode.DEPLOY_FAILED)))
         self.replayed = time.monotonic()
+        names = list(workflows)
         if len(names) > MAX_WORKFLOWS:
             self.finish(
                 FailCmd(
@@ -501,13 +521,15 @@ class Runtime:
                     )
                 )
             )
-        self.finish(Inspected(workflows=names))
+        return workflows
 
-    def run(self) -> NoReturn:
+    def run(self, workflows: dict[str, Callable[..., Any]] | None = None) -> NoReturn:
+        """Replay the journal and send the one new command; `workflows`: the code, loaded."""
         if self.journal:
             self.output.mute()
         try:
-            workflows = load_workflows(self.act)
+            if workflows is None:
+                workflows = load_workflows(self.act)
             fn = workflows.get(self.act.workflow)
             if fn is None:
                 raise LookupError(f"workflow {self.act.workflow!r} is not in the pinned code")
@@ -551,6 +573,89 @@ class Runtime:
 
 
 StepRunner = Callable[[Callable[..., Any], StepContext], Any]
+
+
+class _FirstCommand:
+    """A check's channel: keeps the first command the replay would send, and stops it there."""
+
+    def __init__(self) -> None:
+        self.msg: object = None
+
+    def send(self, msg: object) -> None:
+        if self.msg is None:
+            self.msg = msg
+        raise _Stop
+
+    def wait_ack(self) -> None:
+        return None
+
+
+def _never_exits() -> NoReturn:
+    raise _Stop
+
+
+def check_replay(
+    act: Activate, workflows: dict[str, Callable[..., Any]], replay: Replay
+) -> CheckResult:
+    """Replay one instance's journal against `workflows` until the first command not journaled
+    yet (which is not run), and say whether the journal held up."""
+    if replay.workflow not in workflows:
+        return CheckResult(
+            instance=replay.instance,
+            verdict="not_in_code",
+            replayed=0,
+            message=f"the code defines no workflow {replay.workflow!r}",
+        )
+    channel = _FirstCommand()
+    runtime = Runtime(
+        msgspec.structs.replace(
+            act,
+            mode="run",
+            instance=replay.instance,
+            workflow=replay.workflow,
+            params=replay.params,
+            created_at=replay.created_at,
+            journal=replay.journal,
+            replays=[],
+        ),
+        channel,
+        exit=_never_exits,
+    )
+    try:
+        runtime.run(workflows)
+    except _Stop:
+        pass
+    finally:
+        runtime.output.unmute()
+    msg, journaled = channel.msg, len(replay.journal)
+    if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd):
+        kind = {StepStarted: "step", SleepCmd: "sleep", WaitEventCmd: "wait_event"}[type(msg)]
+        return CheckResult(
+            instance=replay.instance,
+            verdict="compatible",
+            replayed=min(msg.seq + 1, journaled),
+            message=f"goes on with {kind} {msg.name!r} at seq {msg.seq}"[:MAX_ERROR_CHARS],
+        )
+    if isinstance(msg, CompleteCmd):
+        return CheckResult(
+            instance=replay.instance, verdict="compatible", replayed=journaled, message="returns"
+        )
+    if isinstance(msg, FailCmd):
+        err = msg.error
+        verdict: Verdict = "nondeterministic" if err.code == ErrorCode.NONDETERMINISM else "fails"
+        text = err.message if verdict == "nondeterministic" else f"{err.type}: {err.message}"
+        return CheckResult(
+            instance=replay.instance,
+            verdict=verdict,
+            replayed=runtime.matched,
+            message=text[:MAX_ERROR_CHARS],
+        )
+    return CheckResult(
+        instance=replay.instance,
+        verdict="fails",
+        replayed=runtime.matched,
+        message="the replay stopped without asking for a command",
+    )
 
 
 def call_step(fn: Callable[..., Any], ctx: StepContext) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -22,6 +23,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     TERMINAL_STATUSES,
     BatchItem,
+    CheckReplay,
     CollectGarbage,
     Control,
     Create,
@@ -30,16 +32,20 @@ from protocol.messages import (
     Deploy,
     GetHistory,
     GetInfo,
+    GetJournal,
     GetStats,
     GetStatus,
     GetUsage,
+    JournalEntry,
     ListInstances,
     ListKeys,
     ListNodes,
+    ListWorkflows,
     Ping,
     Reload,
     RevokeKey,
     SendEvent,
+    Upgrade,
 )
 from stepvisor.sdk import WORKFLOW_ATTR
 
@@ -213,8 +219,13 @@ class Client:
         code: str | os.PathLike[str] | Callable[..., Any],
         *,
         filename: str | None = None,
+        check: bool = False,
     ) -> dict[str, Any]:
-        """Deploy a workflow file (path or source text) or one `@workflow` function by value."""
+        """Deploy a workflow file (path or source text) or one `@workflow` function by value.
+
+        `check`: deploy nothing; replay the tenant's in-flight (and recently finished) instances
+        of the workflows the code defines against it, in a sandbox, and report for each whether
+        its journal holds up (`verdict`: compatible, nondeterministic, fails)."""
         if callable(code):
             name = getattr(code, WORKFLOW_ATTR, None)
             if name is None:
@@ -231,7 +242,9 @@ class Client:
                     cloudpickle.unregister_pickle_by_value(mod)
             fname = filename or f"{name}.pickle"
             return self.call(
-                lambda rid: Deploy(rid=rid, tenant=tenant, filename=fname, pickled=blob)
+                lambda rid: Deploy(
+                    rid=rid, tenant=tenant, filename=fname, pickled=blob, check=check
+                )
             )
         if isinstance(code, Path) or (
             isinstance(code, str) and "\n" not in code and code.endswith(".py")
@@ -242,7 +255,43 @@ class Client:
         else:
             source = str(code).encode()
             fname = filename or "workflows.py"
-        return self.call(lambda rid: Deploy(rid=rid, tenant=tenant, filename=fname, source=source))
+        return self.call(
+            lambda rid: Deploy(rid=rid, tenant=tenant, filename=fname, source=source, check=check)
+        )
+
+    def workflows(self, tenant: str) -> dict[str, Any]:
+        """The deployed version of each workflow, and every code version with its workflows,
+        deploy time and the instances pinned to it (live and all)."""
+        return self.call(lambda rid: ListWorkflows(rid=rid, tenant=tenant))
+
+    def upgrade(
+        self,
+        tenant: str,
+        workflow: str,
+        ids: builtins.list[str] | None = None,
+        *,
+        version: str | None = None,
+    ) -> dict[str, Any]:
+        """Move in-flight instances of `workflow` (`ids`, or all of them not on the version
+        yet, up to 100 a call: `more` says to call again) to `version` (default: the deployed
+        one), each only where its journal replays against that code. Each checked instance
+        says `upgrade`: upgraded, refused (the check failed), busy (it moved on meanwhile:
+        call again), changed or ended."""
+        return self.call(
+            lambda rid: Upgrade(rid=rid, tenant=tenant, workflow=workflow, ids=ids, version=version)
+        )
+
+    def replay(self, tenant: str, id: str, *, version: str | None = None) -> dict[str, Any]:
+        """Replay one instance's journal in a sandbox against its code (or `version`): how
+        many entries held up, and the verdict."""
+        return self.call(lambda rid: CheckReplay(rid=rid, tenant=tenant, id=id, version=version))
+
+    def journal(self, tenant: str, id: str) -> dict[str, Any]:
+        """What replaying the instance needs: workflow, version, params (JSON bytes), creation
+        time, and its journal as `JournalEntry`s."""
+        out = self.call(lambda rid: GetJournal(rid=rid, tenant=tenant, id=id))
+        out["journal"] = msgspec.convert(out["journal"], builtins.list[JournalEntry])
+        return out
 
     # -- instances
 

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from protocol.messages import Marks
+from supervisor.checks import CheckPlan
 from supervisor.config import Limits
 
 LAUNCHED = "launched"  # process started, no Hello yet
@@ -22,7 +23,8 @@ SETTLED = "settled"  # fate decided; any further message with this token is drop
 
 @dataclass
 class DeployRequest:
-    """A deploy waiting on its inspection activation for the reply."""
+    """A deploy waiting on its inspection activation for the reply; with a `plan`, a check
+    (deploy --check, upgrade, replay) waiting on its check activation."""
 
     identity: bytes
     rid: int
@@ -30,6 +32,7 @@ class DeployRequest:
     filename: str
     code: bytes
     version: str
+    plan: CheckPlan | None = None
 
 
 @dataclass

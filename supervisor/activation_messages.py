@@ -17,6 +17,7 @@ from protocol.limits import MAX_REPLY_BYTES, MAX_WORKFLOWS, PROTOCOL_VERSION, WO
 from protocol.messages import (
     Ack,
     Activate,
+    Checked,
     CompleteCmd,
     ErrorInfo,
     FailCmd,
@@ -29,7 +30,7 @@ from protocol.messages import (
     StepStarted,
     WaitEventCmd,
 )
-from supervisor import engine, launcher, outcome
+from supervisor import checks, engine, launcher, outcome
 from supervisor import journal as j
 from supervisor.activation import (
     CONNECTED,
@@ -283,12 +284,14 @@ class ActivationMessages:
             d = act.deploy
             assert d is not None
             activate = Activate(
-                mode="inspect",
+                mode="inspect" if d.plan is None else "check",
                 tenant=act.tenant,
                 filename=d.filename,
                 code_kind=d.kind,  # type: ignore[arg-type]
                 code=d.code,
                 now=now,
+                max_timeout_s=act.limits.timeout_s,
+                replays=[] if d.plan is None else d.plan.replays,
             )
         else:
             assert act.instance is not None
@@ -306,7 +309,28 @@ class ActivationMessages:
     def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         d = act.deploy
         assert d is not None
-        if isinstance(msg, Inspected) and act.state == CONNECTED:
+        if isinstance(msg, Checked) and d.plan is not None and act.state == CONNECTED:
+            try:
+                workflows = deployed_workflows(d, msg.workflows)
+                results = checks.results_of(d.plan, msg.results)
+            except ProtocolError as exc:
+                self._reply(d.identity, d.rid, error=exc)
+                launcher.kill_group(act.pid)
+                self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
+                return
+            report = checks.conclude(self.conn, act.tenant, d.plan, workflows, results, now)
+            self._reply(d.identity, d.rid, report)
+            self.log.info(
+                "code.checked",
+                tenant=act.tenant,
+                version=d.version,
+                purpose=d.plan.purpose,
+                instances=len(results),
+                compatible=report["compatible"],
+            )
+            self._settle(act, outcome.OK, "", mono, committed=True)
+            self._ack(act)
+        elif isinstance(msg, Inspected) and d.plan is None and act.state == CONNECTED:
             try:
                 workflows = deployed_workflows(d, msg.workflows)
             except ProtocolError as exc:

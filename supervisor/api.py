@@ -16,10 +16,17 @@ import zmq
 
 from protocol.codec import load_json
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_BATCH_ITEMS, MAX_REPLY_BYTES, MAX_RESULT_BYTES
+from protocol.limits import (
+    MAX_BATCH_ITEMS,
+    MAX_CHECK_INSTANCES,
+    MAX_CHECK_JOURNAL_BYTES,
+    MAX_REPLY_BYTES,
+    MAX_RESULT_BYTES,
+)
 from protocol.messages import (
     TERMINAL_STATUSES,
     USAGE_FIELDS,
+    CheckReplay,
     CollectGarbage,
     Control,
     Create,
@@ -28,18 +35,21 @@ from protocol.messages import (
     Deploy,
     GetHistory,
     GetInfo,
+    GetJournal,
     GetStats,
     GetStatus,
     GetUsage,
     ListInstances,
     ListKeys,
     ListNodes,
+    ListWorkflows,
     Ping,
     Reload,
     RevokeKey,
     SendEvent,
+    Upgrade,
 )
-from supervisor import engine
+from supervisor import checks, engine
 from supervisor import journal as j
 from supervisor.activation import DeployRequest
 from supervisor.cluster import Node
@@ -140,6 +150,24 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
         except UnicodeDecodeError:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "source is not UTF-8") from None
     version = hashlib.sha256(kind.encode() + b"\0" + code).hexdigest()[:16]
+    if req.check:
+        _tenant(host, req.tenant)
+        # The instances of the tenant's workflows the code may define: a definition names its
+        # workflow literally (inspections are held to that), so a byte search finds them all.
+        names = [d["workflow"] for d in j.deployments(host.conn, req.tenant)]
+        named = [n for n in names if n.encode() in code]
+        rows = j.instances_to_check(
+            host.conn,
+            req.tenant,
+            named,
+            MAX_CHECK_INSTANCES + 1,
+            finished_since=now - checks.RECENT_S,
+        )
+        p = checks.plan(host.conn, req.tenant, "deploy", version, rows)
+        host.launch_inspection(
+            req.tenant, DeployRequest(identity, req.rid, kind, req.filename, code, version, p)
+        )
+        return DEFERRED
     existing = j.get_code(host.conn, req.tenant, version)
     if existing is not None:
         workflows = existing["workflows"].split(",")
@@ -149,6 +177,111 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
     request = DeployRequest(identity, req.rid, kind, req.filename, code, version)
     host.launch_inspection(req.tenant, request)
     return DEFERRED
+
+
+def _code(host: Host, tenant: str, version: str, workflow: str | None = None) -> Row:
+    code = j.get_code(host.conn, tenant, version)
+    if code is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"tenant {tenant!r} has no code version {version}")
+    if workflow is not None and workflow not in code["workflows"].split(","):
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_WORKFLOW, f"code version {version} defines no workflow {workflow!r}"
+        )
+    return code
+
+
+def _check(
+    host: Host, tenant: str, identity: bytes, rid: int, code: Row, p: checks.CheckPlan
+) -> object:
+    request = DeployRequest(
+        identity, rid, code["kind"], code["filename"], bytes(code["code"]), p.version, p
+    )
+    host.launch_inspection(tenant, request)
+    return DEFERRED
+
+
+def upgrade(host: Host, req: Upgrade, identity: bytes, now: float) -> object:
+    _tenant(host, req.tenant)
+    version = req.version or _deployed(host, req.tenant, req.workflow)
+    code = _code(host, req.tenant, version, req.workflow)
+    if req.ids is None:
+        rows = j.instances_to_check(
+            host.conn,
+            req.tenant,
+            [req.workflow],
+            MAX_CHECK_INSTANCES + 1,
+            other_than_version=version,
+        )
+    else:
+        rows = []
+        for iid in dict.fromkeys(req.ids):
+            row = _instance(host, req.tenant, iid)
+            if row["workflow"] != req.workflow:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"instance {iid!r} runs workflow {row['workflow']!r}, not {req.workflow!r}",
+                )
+            if row["status"] in TERMINAL_STATUSES:
+                raise ProtocolError(ErrorCode.INVALID_STATE, f"instance {iid!r} is {row['status']}")
+            rows.append(row)
+    return _check(
+        host,
+        req.tenant,
+        identity,
+        req.rid,
+        code,
+        checks.plan(host.conn, req.tenant, "upgrade", version, rows),
+    )
+
+
+def replay(host: Host, req: CheckReplay, identity: bytes, now: float) -> object:
+    row = _instance(host, req.tenant, req.id)
+    version = req.version or row["version"]
+    code = _code(host, req.tenant, version, row["workflow"])
+    p = checks.plan(host.conn, req.tenant, "replay", version, [row])
+    if p.more:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"instance {req.id!r} journals more than a check replays "
+            f"({MAX_CHECK_JOURNAL_BYTES // (1024 * 1024)} MiB)",
+        )
+    return _check(host, req.tenant, identity, req.rid, code, p)
+
+
+def journal(host: Host, req: GetJournal, identity: bytes, now: float) -> object:
+    """What replaying the instance elsewhere needs (`stepvisor replay --file`)."""
+    row = _instance(host, req.tenant, req.id)
+    return {
+        "instance": req.id,
+        "workflow": row["workflow"],
+        "version": row["version"],
+        "status": row["status"],
+        "params": bytes(row["params"]),
+        "created_at": row["created_at"],
+        "journal": j.journal_entries(host.conn, req.tenant, req.id),
+    }
+
+
+def workflows(host: Host, req: ListWorkflows, identity: bytes, now: float) -> object:
+    _tenant(host, req.tenant)
+    deployed = {d["workflow"]: d["version"] for d in j.deployments(host.conn, req.tenant)}
+    out = []
+    for v in j.code_versions(host.conn, req.tenant):
+        names = v["workflows"].split(",")
+        out.append(
+            {
+                "version": v["hash"],
+                "filename": v["filename"],
+                "kind": v["kind"],
+                "bytes": v["bytes"],
+                "deployed_at": engine.iso(v["created_at"]),
+                "workflows": names,
+                "current": sorted(n for n in names if deployed.get(n) == v["hash"]),
+                "live_instances": v["live"],
+                "instances": v["pinned"],
+            }
+        )
+    return {"tenant": req.tenant, "deployments": deployed, "versions": out}
 
 
 def _existing(host: Host, tenant: str, workflow: str, instance: str, params: bytes) -> Row | None:
@@ -464,6 +597,10 @@ WAKES_WORK = frozenset({Create, CreateBatch, SendEvent, Control})
 
 HANDLERS: dict[type, Handler] = {
     Deploy: deploy,
+    Upgrade: upgrade,
+    CheckReplay: replay,
+    GetJournal: journal,
+    ListWorkflows: workflows,
     Create: create,
     CreateBatch: create_batch,
     GetStatus: status,

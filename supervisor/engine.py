@@ -599,6 +599,25 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None
     )
 
 
+def upgrade(
+    conn: Db, tenant: str, instance: str, was: str, version: str, checked_steps: int, now: float
+) -> str:
+    """Pin an in-flight instance to `version`, whose check replayed its `checked_steps` journal
+    entries. Only if it is as checked: still on `was`, no further entry, and no activation of
+    the old code holding it (its command is not journaled yet, so it was not checked)."""
+    row = j.get_instance(conn, tenant, instance)
+    if row is None:
+        return "deleted"
+    if row["status"] in TERMINAL_STATUSES:
+        return "ended"
+    if row["version"] != was:
+        return "changed"  # another upgrade got there first
+    if row["lease"] is not None or j.journal_length(conn, tenant, instance) != checked_steps:
+        return "busy"  # it moved on during the check: check again
+    j.update_instance(conn, tenant, instance, version=version, updated_at=now)
+    return "upgraded"
+
+
 def restart(
     conn: Db, inst: Row, now: float, stop: Callable[[], None], from_step: str | None = None
 ) -> None:

@@ -194,6 +194,70 @@ def count_live_instances(conn: Db, tenant: str) -> int:
     return int(row[0])
 
 
+LIVE_STATUSES = ("queued", "running", "paused", "waiting")
+
+
+def instances_to_check(
+    conn: Db,
+    tenant: str,
+    workflows: list[str],
+    limit: int,
+    *,
+    finished_since: float | None = None,
+    other_than_version: str | None = None,
+) -> list[Row]:
+    """Instances of `workflows` a compatibility check replays: in-flight ones, oldest first,
+    then (with `finished_since`) those that finished since then, newest first; at most `limit`.
+    One index-ordered query per status, so a tenant's millions of instances are never sorted."""
+    if not workflows:
+        return []
+    cols = "id, workflow, version, status, params, created_at"
+    marks = ", ".join("?" * len(workflows))
+    where = f"tenant = ? AND workflow IN ({marks})"
+    args: list[Any] = [tenant, *workflows]
+    if other_than_version is not None:
+        where += " AND version <> ?"
+        args.append(other_than_version)
+    rows: list[Row] = []
+    for status in LIVE_STATUSES:
+        rows += conn.execute(
+            f"SELECT {cols} FROM instances WHERE {where} AND status = ?"
+            " ORDER BY created_at LIMIT ?",
+            (*args, status, limit),
+        ).fetchall()
+    rows = sorted(rows, key=lambda r: (r["created_at"], r["id"]))[:limit]
+    if finished_since is not None and len(rows) < limit:
+        rows += conn.execute(
+            f"SELECT {cols} FROM instances WHERE {where}"
+            " AND status IN ('complete', 'errored', 'terminated') AND updated_at >= ?"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (*args, finished_since, limit - len(rows)),
+        ).fetchall()
+    return rows
+
+
+def code_versions(conn: Db, tenant: str) -> list[Row]:
+    """Every version of the tenant's code, newest first, with the live and all instances
+    pinned to it."""
+    return conn.execute(
+        "SELECT c.hash, c.kind, c.filename, c.workflows, c.created_at, LENGTH(c.code) AS bytes,"
+        " (SELECT count(*) FROM instances i WHERE i.tenant = c.tenant AND i.version = c.hash"
+        "   AND i.status NOT IN ('complete', 'errored', 'terminated')) AS live,"
+        " (SELECT count(*) FROM instances i WHERE i.tenant = c.tenant AND i.version = c.hash)"
+        "   AS pinned"
+        " FROM code_versions c WHERE c.tenant = ? ORDER BY c.created_at DESC, c.hash",
+        (tenant,),
+    ).fetchall()
+
+
+def deployments(conn: Db, tenant: str) -> list[Row]:
+    """The version each of the tenant's workflows is deployed at."""
+    return conn.execute(
+        "SELECT workflow, version, updated_at FROM deployments WHERE tenant = ? ORDER BY workflow",
+        (tenant,),
+    ).fetchall()
+
+
 def insert_instance(
     conn: Db,
     tenant: str,

@@ -170,6 +170,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX activations_node_open ON activations (node) WHERE finished_at IS NULL;
     CREATE INDEX instances_tenant_leased ON instances (tenant) WHERE lease IS NOT NULL
     """,
+    # 3: instances by pinned code version, for `stepvisor workflows` and upgrades
+    """
+    CREATE INDEX instances_version ON instances (tenant, version, status)
+    """,
 ]
 
 
