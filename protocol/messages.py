@@ -301,9 +301,11 @@ class JournalEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     """What replay needs of one journaled command."""
 
     seq: int
-    kind: Literal["step", "sleep", "wait_event"]
+    kind: Literal["step", "sleep", "wait_event", "invoke"]
     name: str
-    status: str  # step: ok|error|retry|running; sleep: sleeping; wait_event: ok|waiting|timeout
+    # step: ok|error|retry|running; sleep: sleeping|ok; wait_event: ok|waiting|timeout;
+    # invoke: waiting|ok|error
+    status: str
     attempts: int = 0
     result: Json | None = None
     error: ErrorInfo | None = None
@@ -394,6 +396,16 @@ class WaitEventCmd(Final, frozen=True, tag="wait_event"):
     timeout_s: TimeoutS
 
 
+class InvokeCmd(Final, frozen=True, tag="invoke"):
+    """Start a child instance of the same tenant and wait for it (`step.invoke`)."""
+
+    seq: Seq
+    name: Name
+    workflow: Name
+    params: Payload = b"null"
+    id: InstanceId | None = None  # the child's id; by default one made from the parent's
+
+
 class CompleteCmd(Final, frozen=True, tag="complete"):
     output: Payload
 
@@ -435,6 +447,7 @@ FromActivation = (
     | StepResult
     | SleepCmd
     | WaitEventCmd
+    | InvokeCmd
     | CompleteCmd
     | FailCmd
     | Inspected

@@ -22,12 +22,14 @@ import msgspec
 from protocol.codec import dump_json, load_json
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import (
+    INSTANCE_ID_RE,
     MAX_EPOCH_S,
     MAX_ERROR_CHARS,
     MAX_NAME_CHARS,
     MAX_RESULT_BYTES,
     MAX_TIMEOUT_S,
     MAX_WORKFLOWS,
+    WORKFLOW_NAME_RE,
 )
 from protocol.messages import (
     Activate,
@@ -38,6 +40,7 @@ from protocol.messages import (
     FailCmd,
     Final,
     Inspected,
+    InvokeCmd,
     JournalEntry,
     Marks,
     Replay,
@@ -343,6 +346,24 @@ class Step:
         )
         raise AssertionError("unreachable")
 
+    def invoke(self, name: str, workflow: str, params: Any = None, *, id: str | None = None) -> Any:
+        """Start an instance of the tenant's `workflow` with `params` and wait, durably, for its
+        output. Its error (or its termination) is raised here as `StepFailed`."""
+        if not isinstance(workflow, str) or not WORKFLOW_NAME_RE.match(workflow):
+            raise TypeError("workflow must be a workflow name")
+        if id is not None and (not isinstance(id, str) or not INSTANCE_ID_RE.match(id)):
+            raise ValueError("id must match ^[A-Za-z0-9_][A-Za-z0-9_-]{0,99}$")
+        entry = self._rt.claim("invoke", name)
+        if entry is not None and entry.status == "ok":
+            return load_json(entry.result or b"null", what="the child's output")
+        if entry is not None and entry.status == "error":
+            err = entry.error or ErrorInfo(type="Error", message="")
+            raise StepFailed(name, err.type, err.message, err.traceback)
+        data = dump_json(params, what="the child's params") if entry is None else b"null"
+        self._rt.finish(
+            InvokeCmd(seq=self._rt.cursor - 1, name=name, workflow=workflow, params=data, id=id)
+        )
+
 
 def exit_process() -> NoReturn:
     """Leave at once: no tenant `finally:` or `except:` may run after the one new command."""
@@ -628,8 +649,9 @@ def check_replay(
     finally:
         runtime.output.unmute()
     msg, journaled = channel.msg, len(replay.journal)
-    if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd):
-        kind = {StepStarted: "step", SleepCmd: "sleep", WaitEventCmd: "wait_event"}[type(msg)]
+    if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd | InvokeCmd):
+        kinds = {StepStarted: "step", SleepCmd: "sleep", WaitEventCmd: "wait_event"}
+        kind = kinds.get(type(msg), "invoke")
         return CheckResult(
             instance=replay.instance,
             verdict="compatible",

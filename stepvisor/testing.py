@@ -42,6 +42,7 @@ from protocol.messages import (
     ErrorInfo,
     FailCmd,
     Inspected,
+    InvokeCmd,
     SleepCmd,
     Status,
     StepResult,
@@ -108,15 +109,18 @@ class Entry:
     """One journaled command, as `stepvisor history` shows it."""
 
     seq: int
-    kind: str  # step | sleep | wait_event
+    kind: str  # step | sleep | wait_event | invoke
     name: str
-    status: str  # step: ok|error|retry|running; sleep: sleeping|ok; wait_event: ok|waiting|timeout
+    # step: ok|error|retry|running; sleep: sleeping|ok; wait_event: ok|waiting|timeout;
+    # invoke: waiting|ok|error
+    status: str
     attempts: int
     result: Any  # the step's value; a wait's {"type", "payload", "timestamp"}; else None
     error: ErrorInfo | None
     until: dt.datetime | None  # a sleep's end, a wait's deadline
     event_type: str | None
     failed_attempts: tuple[ErrorInfo, ...]  # every failed attempt's error, oldest first
+    child: str | None  # an invoke's child instance (`env.instance(entry.child)`)
 
 
 def _epoch(when: dt.datetime | float) -> float:
@@ -150,6 +154,8 @@ class WorkflowEnv:
         self.clock = _epoch(start)
         self.db = sqlite_schema.memory()
         self._ids = itertools.count(1)
+        self._runs: dict[str, Run] = {}
+        self.failures: dict[tuple[str, int], BaseException] = {}
         self._kind, self._filename, self._code = kind, filename, code
         self.version = hashlib.sha256(kind.encode() + b"\0" + code).hexdigest()[:16]
         self.workflows = self._deploy()
@@ -175,6 +181,18 @@ class WorkflowEnv:
         if not isinstance(name, str):
             raise TypeError("from_function needs a function decorated with @workflow")
         return cls("pickle", f"{name}.pkl", cloudpickle.dumps(fn), **options)
+
+    def fail_step(
+        self,
+        step: str,
+        *,
+        attempts: Iterable[int] = (1,),
+        error: BaseException | type[BaseException] = RuntimeError,
+    ) -> None:
+        """`Run.fail_step` for every instance of the environment (children included)."""
+        exc = error(f"injected failure of {step!r}") if isinstance(error, type) else error
+        for attempt in attempts:
+            self.failures[(step, attempt)] = exc
 
     @property
     def now(self) -> dt.datetime:
@@ -203,7 +221,15 @@ class WorkflowEnv:
                 self.clock,
             ):
                 raise ValueError(f"instance {instance!r} exists")
-        return Run(self, instance)
+        return self.instance(instance)
+
+    def instance(self, id: str) -> Run:
+        """The instance `id` of this environment (a child a workflow started, say)."""
+        if id not in self._runs:
+            if j.get_instance(self.db, self.tenant, id) is None:
+                raise LookupError(f"no instance {id!r}")
+            self._runs[id] = Run(self, id)
+        return self._runs[id]
 
     def run(self, workflow: str, params: Any = None) -> Any:
         """Start an instance and drive it to its end: its output, or `WorkflowFailed`."""
@@ -357,6 +383,7 @@ class Run:
                 until=_date(r["until"]),
                 event_type=r["event_type"],
                 failed_attempts=tuple(failed.get(int(r["seq"]), ())),
+                child=r["child"],
             )
             for r in j.journal_rows(db, tenant, self.id)
         ]
@@ -385,7 +412,9 @@ class Run:
             engine.deliver_event(db, inst, type_, self.env.clock)
 
     def _drive(self, *, stop_at_wait: bool, max_activations: int) -> None:
-        env = self.env
+        """Run whatever is due in the environment (this instance, its children, any other)
+        until this instance ends, skipping the clock ahead whenever nothing is due."""
+        env, db = self.env, self.env.db
         for _ in range(max_activations):
             while self._scheduled and self._scheduled[0][0] <= env.clock:
                 _, type_, payload = self._scheduled.pop(0)
@@ -394,16 +423,17 @@ class Run:
             row = self._row()
             if row["status"] in TERMINAL_STATUSES or row["status"] == Status.PAUSED:
                 return
-            wake = row["wake_at"]
-            if wake is not None and wake <= env.clock:
-                self._activate()
+            due = j.due_instances(db, env.tenant, env.clock, 1)
+            if due:
+                env.instance(due[0])._activate()
                 continue
             if stop_at_wait and self._parked():
                 return
-            due = [t for t in (wake, self._scheduled[0][0] if self._scheduled else None) if t]
-            if not due:
+            wake = j.next_wake(db)
+            later = [t for t in (wake, self._scheduled[0][0] if self._scheduled else None) if t]
+            if not later:
                 return
-            env.clock = max(env.clock, min(due))  # nothing to do before then: skip ahead
+            env.clock = max(env.clock, min(later))  # nothing to do before then: skip ahead
         raise RuntimeError(f"instance {self.id!r} took more than {max_activations} activations")
 
     def _parked(self) -> bool:
@@ -443,6 +473,8 @@ class Run:
 
     def _call(self, fn: Callable[..., Any], ctx: StepContext) -> Any:
         injected = self._failures.get((ctx.step, ctx.attempt))
+        if injected is None:
+            injected = self.env.failures.get((ctx.step, ctx.attempt))
         if isinstance(injected, Crash):
             raise _Crashed(injected.how)
         if injected is not None:
@@ -469,7 +501,7 @@ class Run:
             self._died(outcome.PROTOCOL_ERROR, exc.message)
             return False
         with db.transaction():
-            if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd):
+            if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd | InvokeCmd):
                 if engine.command(db, tenant, self.id, msg, limits, now) is not None:
                     return False
                 if isinstance(msg, StepStarted):

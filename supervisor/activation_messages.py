@@ -24,6 +24,7 @@ from protocol.messages import (
     Final,
     Hello,
     Inspected,
+    InvokeCmd,
     Reply,
     SleepCmd,
     StepResult,
@@ -213,7 +214,10 @@ class ActivationMessages:
             # terminated through another node): nothing it says may be journaled.
             self._fenced(act, mono)
             return
-        if isinstance(msg, StepStarted | SleepCmd | WaitEventCmd) and act.state == CONNECTED:
+        if (
+            isinstance(msg, StepStarted | SleepCmd | WaitEventCmd | InvokeCmd)
+            and act.state == CONNECTED
+        ):
             if msg.seq != act.expected_seq:
                 kind = "step" if isinstance(msg, StepStarted) else "command"
                 self._protocol_error(

@@ -104,6 +104,7 @@ def status_view(row: Row, *, full: bool = True) -> dict[str, Any]:
         "wake_at": engine.iso(row["wake_at"]),
         "steps": row["steps"],
         "activations": row["activations"],
+        "parent": row["parent"],  # the instance that started it with step.invoke, if one did
     }
 
 
@@ -413,6 +414,7 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
             "result": None,
             "error": _error_view(r["error"]),
             "event_type": r["event_type"],
+            "child": r["child"],
             "until": engine.iso(r["until"]),
             "started_at": engine.iso(r["started_at"]),
             "finished_at": engine.iso(r["finished_at"]),
@@ -468,8 +470,8 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
     inst = _instance(host, req.tenant, req.id)
     tenant, iid = req.tenant, req.id
 
-    def stop() -> None:
-        host.kill_instance_activation(tenant, iid, "killed_by_operator")
+    def stop(instance: str) -> None:
+        host.kill_instance_activation(tenant, instance, "killed_by_operator")
 
     if req.op == "pause":
         engine.pause(host.conn, inst, now)
@@ -481,7 +483,7 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
         engine.restart(host.conn, inst, now, stop, req.from_step)
     elif req.op == "delete":
         if inst["lease"] is not None:
-            stop()
+            stop(iid)
         j.delete_instance(host.conn, tenant, iid)
         return {"tenant": tenant, "id": iid, "deleted": True}
     row = j.get_instance(host.conn, tenant, iid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from protocol.messages import (
     CompleteCmd,
     ErrorInfo,
     FailCmd,
+    InvokeCmd,
     SleepCmd,
     Status,
     StepResult,
@@ -91,6 +93,44 @@ def release(
         updated_at=now,
         **fields,
     )
+    if status in TERMINAL_STATUSES:
+        _tell_parent(conn, row, status, fields.get("output"), fields.get("error"), now)
+
+
+def _tell_parent(
+    conn: Db, child: Row, status: str, output: bytes | None, error: str | None, now: float
+) -> None:
+    """A child instance ended: journal its outcome at the parent's `invoke` and wake the
+    parent, in the same transaction (so a crash between the two cannot lose it)."""
+    tenant, parent, seq = child["tenant"], child["parent"], child["parent_seq"]
+    if parent is None:
+        return
+    entry = j.get_entry(conn, tenant, parent, int(seq))
+    if entry is None or entry["status"] != "waiting" or entry["child"] != child["id"]:
+        return  # the parent was restarted or deleted meanwhile: nobody waits for this child
+    if status == Status.COMPLETE:
+        j.upsert_entry(conn, tenant, parent, int(seq), status="ok", result=output, finished_at=now)
+    else:
+        err = j.decode_error(error) if status == Status.ERRORED else None
+        failure = ErrorInfo(
+            type=err.type if err else "ChildTerminated",
+            message=f"child instance {child['id']!r} ({child['workflow']}) ended {status}"
+            + (f": {err.message}" if err else ""),
+            traceback=err.traceback if err else "",
+            code=err.code if err else None,
+        )
+        j.upsert_entry(
+            conn,
+            tenant,
+            parent,
+            int(seq),
+            status="error",
+            error=j.encode_error(failure),
+            finished_at=now,
+        )
+    row = j.get_instance(conn, tenant, parent)
+    if row is not None and row["status"] == Status.WAITING and row["lease"] is None:
+        j.update_instance(conn, tenant, parent, status=Status.RUNNING, wake_at=now, updated_at=now)
 
 
 def prepare_replay(conn: Db, tenant: str, instance: str, now: float) -> int:
@@ -188,15 +228,14 @@ def divergence(
     conn: Db,
     tenant: str,
     instance: str,
-    msg: StepStarted | SleepCmd | WaitEventCmd,
+    msg: StepStarted | SleepCmd | WaitEventCmd | InvokeCmd,
 ) -> str | None:
     """Why a command at an already journaled seq is not the one journaled there, or None."""
     entry = j.get_entry(conn, tenant, instance, msg.seq)
     if entry is None:
         return None
-    kind = "step" if isinstance(msg, StepStarted) else "wait_event"
-    if isinstance(msg, SleepCmd):
-        kind = "sleep"
+    kinds = {StepStarted: "step", SleepCmd: "sleep", WaitEventCmd: "wait_event"}
+    kind = kinds.get(type(msg), "invoke")
     if entry["kind"] != kind or entry["name"] != msg.name:
         return (
             f"the workflow asked for {kind} {msg.name!r} at seq {msg.seq}, but the journal "
@@ -215,15 +254,15 @@ def command(
     conn: Db,
     tenant: str,
     instance: str,
-    msg: StepStarted | SleepCmd | WaitEventCmd,
+    msg: StepStarted | SleepCmd | WaitEventCmd | InvokeCmd,
     limits: Limits,
     now: float,
 ) -> ErrorInfo | None:
-    """An activation's new command: a step starting, a sleep or a wait. Checked against the
-    tenant's `max_steps` and against the journal (a command at a journaled seq must be the one
-    journaled there), then journaled. On a violation nothing is journaled, the instance ends
-    `errored`, and the error is returned (its code says which: LIMIT_EXCEEDED or NONDETERMINISM).
-    """
+    """An activation's new command: a step starting, a sleep, a wait or a child instance.
+    Checked against the tenant's `max_steps` and against the journal (a command at a journaled
+    seq must be the one journaled there), then journaled. On a violation nothing is journaled,
+    the instance ends `errored`, and the error is returned (its code says which:
+    LIMIT_EXCEEDED or NONDETERMINISM)."""
     error = over_step_limit(msg.seq, limits)
     if error is None and (why := divergence(conn, tenant, instance, msg)) is not None:
         error = ErrorInfo(type="NondeterminismError", code=ErrorCode.NONDETERMINISM, message=why)
@@ -234,8 +273,10 @@ def command(
         step_started(conn, tenant, instance, msg, now)
     elif isinstance(msg, SleepCmd):
         sleep(conn, tenant, instance, msg, now)
-    else:
+    elif isinstance(msg, WaitEventCmd):
         wait_event(conn, tenant, instance, msg, now)
+    else:
+        invoke(conn, tenant, instance, msg, limits, now)
     return None
 
 
@@ -418,6 +459,76 @@ def wait_event(conn: Db, tenant: str, instance: str, msg: WaitEventCmd, now: flo
     release(conn, tenant, instance, now, status=Status.WAITING, wake_at=deadline, failures=0)
 
 
+def invoke(
+    conn: Db, tenant: str, instance: str, msg: InvokeCmd, limits: Limits, now: float
+) -> None:
+    """Start a child instance and park the parent until it ends (`_tell_parent` wakes it). A
+    child that cannot start (workflow not deployed, id taken, too many instances, params not
+    JSON) is a failed command: the parent's replay raises `StepFailed` there."""
+    existing = j.get_entry(conn, tenant, instance, msg.seq)
+    if existing is not None:
+        # Re-sent by a replay (after a resume): wait on, or go on if the child ended meanwhile.
+        waiting = existing["status"] == "waiting"
+        status = Status.WAITING if waiting else Status.RUNNING
+        release(conn, tenant, instance, now, status=status, wake_at=None if waiting else now)
+        return
+    entry: dict[str, Any] = {"kind": "invoke", "name": msg.name, "started_at": now}
+    child = msg.id or f"{instance[:80]}-{msg.seq}"
+    error = _child_refusal(conn, tenant, msg, limits)
+    if error is None:
+        version = j.get_deployment(conn, tenant, msg.workflow)
+        assert version is not None
+        parent = (instance, msg.seq)
+        created = j.insert_instance(
+            conn, tenant, child, msg.workflow, version, msg.params, now, Status.QUEUED, parent
+        )
+        if not created and msg.id is None:  # the default id is taken: make another one
+            child = f"{child}-{secrets.token_hex(4)}"
+            created = j.insert_instance(
+                conn, tenant, child, msg.workflow, version, msg.params, now, Status.QUEUED, parent
+            )
+        if not created:
+            error = ErrorInfo(
+                type="ChildNotStarted",
+                code=ErrorCode.ALREADY_EXISTS,
+                message=f"an instance {child!r} exists already",
+            )
+    if error is not None:
+        j.upsert_entry(
+            conn,
+            tenant,
+            instance,
+            msg.seq,
+            status="error",
+            error=j.encode_error(error),
+            finished_at=now,
+            **entry,
+        )
+        release(conn, tenant, instance, now, status=Status.RUNNING, wake_at=now, failures=0)
+        return
+    j.upsert_entry(conn, tenant, instance, msg.seq, status="waiting", child=child, **entry)
+    release(conn, tenant, instance, now, status=Status.WAITING, wake_at=None, failures=0)
+
+
+def _child_refusal(conn: Db, tenant: str, msg: InvokeCmd, limits: Limits) -> ErrorInfo | None:
+    def refused(code: ErrorCode, message: str) -> ErrorInfo:
+        return ErrorInfo(type="ChildNotStarted", code=code, message=message)
+
+    try:
+        load_json(msg.params, what="the child's params")
+    except ProtocolError as exc:
+        return refused(exc.code, exc.message)
+    if j.get_deployment(conn, tenant, msg.workflow) is None:
+        return refused(ErrorCode.UNKNOWN_WORKFLOW, f"no workflow {msg.workflow!r} is deployed")
+    j.lock_tenant(conn, tenant)  # the instance cap is cluster-wide, as for a create
+    if j.count_live_instances(conn, tenant) >= limits.max_instances:
+        return refused(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"tenant {tenant!r} may have at most {limits.max_instances} live instances",
+        )
+    return None
+
+
 def deliver_event(conn: Db, inst: Row, type_: str, now: float) -> bool:
     """After storing an event: if the instance is parked waiting for this type, wake it now."""
     if inst["status"] != Status.WAITING or inst["lease"] is not None:
@@ -581,12 +692,14 @@ def resume(conn: Db, inst: Row, now: float) -> None:
         j.update_instance(conn, tenant, iid, status=resumed, wake_at=now, updated_at=now)
 
 
-def terminate(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None:
-    """End it for good; `stop` kills the activation that holds it, if one does."""
+def terminate(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> None:
+    """End it for good, and its children with it; `stop(id)` kills the activation that holds
+    an instance, if one does."""
     if inst["status"] in TERMINAL_STATUSES:
         raise _refuse(inst, "terminate")
+    _terminate_children(conn, inst, 0, now, stop)
     if inst["lease"] is not None:
-        stop()
+        stop(inst["id"])
     j.update_instance(
         conn,
         inst["tenant"],
@@ -597,6 +710,28 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[], None]) -> None
         pause_requested=0,
         updated_at=now,
     )
+    _tell_parent(conn, inst, Status.TERMINATED, None, None, now)
+
+
+def _terminate_children(
+    conn: Db, inst: Row, from_seq: int, now: float, stop: Callable[[str], None]
+) -> None:
+    """Terminate the live children the instance started at `from_seq` or later (and theirs):
+    nobody will wait for them any more."""
+    for child in j.live_children(conn, inst["tenant"], inst["id"], from_seq):
+        _terminate_children(conn, child, 0, now, stop)
+        if child["lease"] is not None:
+            stop(child["id"])
+        j.update_instance(
+            conn,
+            child["tenant"],
+            child["id"],
+            status=Status.TERMINATED,
+            wake_at=None,
+            lease=None,
+            pause_requested=0,
+            updated_at=now,
+        )
 
 
 def upgrade(
@@ -619,11 +754,11 @@ def upgrade(
 
 
 def restart(
-    conn: Db, inst: Row, now: float, stop: Callable[[], None], from_step: str | None = None
+    conn: Db, inst: Row, now: float, stop: Callable[[str], None], from_step: str | None = None
 ) -> None:
-    """From the start, or from the first command called `from_step`: the journal from there on
-    and the events its waits consumed are dropped; what came before, the params and the pinned
-    code are kept. Any status may restart."""
+    """From the start, or from the first command called `from_step`: the journal from there on,
+    the events its waits consumed and the children it started (terminated) are dropped; what
+    came before, the params and the pinned code are kept. Any status may restart."""
     tenant, iid = inst["tenant"], inst["id"]
     seq = 0
     if from_step is not None:
@@ -633,6 +768,7 @@ def restart(
                 ErrorCode.NOT_FOUND, f"instance {iid!r} has journaled no step named {from_step!r}"
             )
         seq = found
+    _terminate_children(conn, inst, seq, now, stop)
     if inst["lease"] is not None:
-        stop()
+        stop(iid)
     j.reset_instance(conn, tenant, iid, now, Status.RUNNING if seq else Status.QUEUED, seq)

@@ -267,16 +267,27 @@ def insert_instance(
     params: bytes,
     now: float,
     status: str,
+    parent: tuple[str, int] | None = None,
 ) -> bool:
-    """Create an instance, due now. False when the id is already taken (the row is left
-    untouched)."""
+    """Create an instance, due now; `parent`: the instance and seq waiting for it. False when
+    the id is already taken (the row is left untouched)."""
+    parent_id, parent_seq = parent or (None, None)
     cur = conn.execute(
         "INSERT INTO instances (tenant, id, workflow, version, status, params, wake_at,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " created_at, updated_at, parent, parent_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT DO NOTHING",
-        (tenant, instance, workflow, version, status, params, now, now, now),
+        (tenant, instance, workflow, version, status, params, now, now, now, parent_id, parent_seq),
     )
     return cur.rowcount == 1
+
+
+def live_children(conn: Db, tenant: str, instance: str, from_seq: int = 0) -> list[Row]:
+    """The instance's children still running, started at `from_seq` or later."""
+    return conn.execute(
+        "SELECT * FROM instances WHERE tenant = ? AND parent = ? AND parent_seq >= ?"
+        " AND status NOT IN ('complete', 'errored', 'terminated') ORDER BY created_at, id",
+        (tenant, instance, from_seq),
+    ).fetchall()
 
 
 def list_instances(
@@ -290,7 +301,7 @@ def list_instances(
     (NULL; `output_bytes` says its size), so a listing never reads every instance's megabyte."""
     cols = (
         "tenant, id, workflow, version, status, error, created_at, updated_at, wake_at, steps, "
-        "activations, LENGTH(output) AS output_bytes, "
+        "activations, parent, LENGTH(output) AS output_bytes, "
         "CASE WHEN LENGTH(output) <= :inline THEN output END AS output"
     )
     where = "tenant = :tenant" + ("" if status is None else " AND status = :status")

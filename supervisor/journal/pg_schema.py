@@ -174,6 +174,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX instances_version ON instances (tenant, version, status)
     """,
+    # 4: child workflows (see the SQLite schema's migration 12)
+    """
+    ALTER TABLE journal DROP CONSTRAINT journal_kind_check;
+    ALTER TABLE journal ADD CONSTRAINT journal_kind_check
+        CHECK (kind IN ('step', 'sleep', 'wait_event', 'invoke'));
+    ALTER TABLE journal ADD COLUMN child TEXT;
+    ALTER TABLE instances ADD COLUMN parent TEXT;
+    ALTER TABLE instances ADD COLUMN parent_seq INTEGER;
+    CREATE INDEX instances_parent ON instances (tenant, parent) WHERE parent IS NOT NULL
+    """,
 ]
 
 

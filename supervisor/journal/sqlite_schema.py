@@ -241,6 +241,47 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX instances_version ON instances (tenant, version, status)
     """,
+    # 12: child workflows. A journal entry of kind 'invoke' names its child instance; a child
+    # names its parent and the seq waiting for it. SQLite cannot alter a CHECK constraint, so
+    # the journal is rebuilt.
+    """
+    CREATE TABLE journal_v12 (
+        tenant TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('step', 'sleep', 'wait_event', 'invoke')),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        result BLOB,
+        error TEXT,
+        until REAL,
+        event_type TEXT,
+        retry_limit INTEGER,
+        retry_delay_s REAL,
+        backoff TEXT,
+        timeout_s REAL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        duration_ms REAL,
+        child TEXT,
+        PRIMARY KEY (tenant, instance, seq)
+    );
+    INSERT INTO journal_v12 (
+        tenant, instance, seq, kind, name, status, attempts, result, error, until,
+        event_type, retry_limit, retry_delay_s, backoff, timeout_s, started_at, finished_at,
+        duration_ms
+    ) SELECT
+        tenant, instance, seq, kind, name, status, attempts, result, error, until,
+        event_type, retry_limit, retry_delay_s, backoff, timeout_s, started_at, finished_at,
+        duration_ms
+    FROM journal;
+    DROP TABLE journal;
+    ALTER TABLE journal_v12 RENAME TO journal;
+    ALTER TABLE instances ADD COLUMN parent TEXT;
+    ALTER TABLE instances ADD COLUMN parent_seq INTEGER;
+    CREATE INDEX instances_parent ON instances (tenant, parent) WHERE parent IS NOT NULL
+    """,
 ]
 
 CONVERT_AT_START_MAX_BYTES = 1 << 30  # larger databases are not rebuilt at start (see connect)

@@ -119,3 +119,38 @@ def test_drain_deadline_kills_and_the_step_reruns_after_restart(make_daemon, sha
         "the re-run to be journaled as started",
     )
     assert entry["attempts"] == 1  # the interrupted attempt did not count
+
+
+PARENT_AND_CHILD = """
+import time
+from stepvisor import workflow
+
+@workflow("child")
+def child(event, step):
+    return step.do("work", lambda: time.sleep(1.0) or event.payload * 2)
+
+@workflow("parent")
+def parent(event, step):
+    return [step.invoke(f"call {i}", "child", event.payload + i) for i in range(2)]
+"""
+
+
+def test_a_parent_and_its_child_survive_sigkill(make_daemon) -> None:
+    daemon = make_daemon()
+    c = daemon.client()
+    deploy_source(c, "acme", PARENT_AND_CHILD)
+    c.create("acme", "parent", 10, id="p")
+
+    def child_step_running() -> bool:
+        listed = {i["id"]: i for i in c.list("acme")}
+        return "p-0" in listed and bool(c.history("acme", "p-0")["entries"])
+
+    wait_for(child_step_running, 30, "the first child's step to start")
+    daemon.stop(signal.SIGKILL)
+    wait_for(lambda: not sandbox_processes(daemon), 10, "orphaned activations to die")
+    daemon.start()
+    c = daemon.client()
+    st = c.wait("acme", "p", timeout_s=60)
+    assert (st["status"], st["output"]) == ("complete", [20, 22])
+    assert [c.status("acme", f"p-{i}")["status"] for i in range(2)] == ["complete"] * 2
+    assert [e["child"] for e in c.history("acme", "p")["entries"]] == ["p-0", "p-1"]

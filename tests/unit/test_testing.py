@@ -231,3 +231,44 @@ def test_unknown_workflows_and_taken_ids_are_clear_errors() -> None:
     env.start("w", id="x")
     with pytest.raises(ValueError, match="exists"):
         env.start("w", id="x")
+
+
+FAMILY = """
+def double(n):
+    if not isinstance(n, int):
+        raise NonRetryableError("no strings")
+    return n * 2
+
+@workflow("child")
+def child(event, step):
+    step.sleep("think", 30)
+    return step.do("double", lambda: double(event.payload))
+
+@workflow("parent")
+def parent(event, step):
+    a = step.invoke("first", "child", 2)
+    try:
+        step.invoke("second", "child", "x", id="named-child")
+    except StepFailed as exc:
+        b = [exc.error_type, exc.error_message]
+    return [a, b]
+"""
+
+
+def test_a_child_workflow_runs_and_its_output_or_error_reaches_the_parent() -> None:
+    env = env_of(FAMILY)
+    env.fail_step("double", attempts=[1], error=ConnectionError("flaky"))  # in every child
+    run = env.start("parent", id="p")
+    four, (error_type, message) = run.result()
+    assert (four, error_type) == (4, "StepFailed")  # the child's own uncaught error
+    assert "'named-child' (child) ended errored" in message
+    assert "NonRetryableError: no strings" in message
+    first, second = run.journal
+    assert (first.kind, first.status, first.child) == ("invoke", "ok", "p-0")
+    assert (second.status, second.child) == ("error", "named-child")
+    assert second.error is not None and "ended errored" in second.error.message
+    assert env.instance("p-0").status == "complete"
+    assert env.instance("named-child").status == "errored"
+    assert env.instance("p-0").entry("double").attempts == 2
+    # each child's sleep and retry delay, one after the other, on the simulated clock
+    assert env.clock - START.timestamp() == 2 * (30 + 10)
