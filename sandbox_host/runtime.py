@@ -615,6 +615,34 @@ def _never_exits() -> NoReturn:
     raise _Stop
 
 
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+    def wait_ack(self) -> None:
+        return None
+
+
+def in_this_process(act: Activate) -> Inspected | Checked | FailCmd:
+    """Run an inspection or a check here, not in a sandbox (the test harness; `stepvisor replay
+    --file`, on the user's own file): its final message. The tenant module is forgotten after."""
+    channel = _Recorder()
+    runtime = Runtime(act, channel, exit=_never_exits)
+    try:
+        runtime.check() if act.mode == "check" else runtime.inspect()
+    except _Stop:
+        pass
+    finally:
+        runtime.output.unmute()
+        sys.modules.pop("tenant_workflows", None)
+    last = channel.sent[-1]
+    assert isinstance(last, Inspected | Checked | FailCmd)
+    return last
+
+
 def check_replay(
     act: Activate, workflows: dict[str, Callable[..., Any]], replay: Replay
 ) -> CheckResult:

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from protocol.codec import load_json
 from protocol.errors import ProtocolError
-from stepvisor import commands, logview, render
+from stepvisor import code_commands, commands, logview, render
 
 EXIT_ERROR = commands.EXIT_ERROR
 EXIT_USAGE = commands.EXIT_USAGE
@@ -127,6 +127,38 @@ def _parser() -> argparse.ArgumentParser:
     s = command("deploy", "deploy every @workflow in a Python file")
     s.add_argument("tenant", help="the tenant to deploy for")
     s.add_argument("file", help="a Python file with @workflow functions")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="deploy nothing: replay the tenant's in-flight and recent instances against the "
+        "file in a sandbox and report which would break (exit 1 if any would)",
+    )
+
+    s = command("workflows", "a tenant's code versions: workflows, deploy time, instances pinned")
+    s.add_argument("tenant", help="whose workflows")
+
+    s = command(
+        "upgrade",
+        "move in-flight instances to another code version, each only if its journal replays",
+    )
+    s.usage = "stepvisor upgrade TENANT (ID... | --all) WORKFLOW [--to VERSION] [options]"
+    s.add_argument("tenant", help="whose instances")
+    s.add_argument(
+        "targets", nargs="+", metavar="ID... WORKFLOW", help="instance ids, then the workflow"
+    )
+    s.add_argument("--all", action="store_true", help="every in-flight instance of WORKFLOW")
+    s.add_argument(
+        "--to", metavar="VERSION", help="the version to move to (default: the deployed one)"
+    )
+
+    s = command("replay", "replay one instance's journal, entry by entry, and say if it holds")
+    instance(s)
+    s.add_argument(
+        "--file",
+        help="replay against this Python file, in this process (default: against the "
+        "instance's own code, in a sandbox)",
+    )
+    s.add_argument("--version", help="replay in a sandbox against this deployed version")
 
     s = command("run", "create an instance of a deployed workflow")
     s.add_argument("tenant", help="the tenant to run it for")
@@ -167,7 +199,16 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for op in commands.CONTROLS:
-        instance(command(op, f"{op} an instance"))
+        s = command(op, f"{op} an instance")
+        instance(s)
+        if op == "restart":
+            s.add_argument(
+                "--from",
+                dest="from_step",
+                metavar="STEP",
+                help="run again from the first step (sleep, wait) of this name, keeping the "
+                "journal before it (default: from the start)",
+            )
 
     s = command("stats", "live figures: rates, latencies, failures, fork servers")
     s.add_argument("--tenant", help="one tenant's figures only")
@@ -229,12 +270,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMANDS = {**commands.COMMANDS, **code_commands.COMMANDS}
+
+
 def main(argv: list[str] | None = None) -> int:
     from stepvisor.client import StepVisorError
 
     args = _parser().parse_args(argv)
     try:
-        return commands.COMMANDS[args.cmd](args)
+        return COMMANDS[args.cmd](args)
     except BrokenPipeError:
         # The reader went away (`stepvisor list acme | head`): stop quietly, as `cat` does, and
         # keep Python from failing again when it flushes stdout at exit.

@@ -168,14 +168,6 @@ def logs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- instance commands
 
 
-def deploy(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        r = c.deploy(args.tenant, args.file)
-    human = f"deployed {', '.join(r['workflows'])} for {r['tenant']} as version {r['version']}"
-    _print(args, r, human)
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     with _client(args) as c:
         r = c.create(args.tenant, args.workflow, args.params, id=args.id)
@@ -219,7 +211,7 @@ def event(args: argparse.Namespace) -> int:
 def control(args: argparse.Namespace) -> int:
     """pause, resume, terminate, restart, delete."""
     with _client(args) as c:
-        r = c.control(args.tenant, args.id, args.cmd)
+        r = c.control(args.tenant, args.id, args.cmd, from_step=getattr(args, "from_step", None))
     done = "deleted" if r.get("deleted") else r["status"]
     _print(args, r, f"{args.tenant}/{args.id}: {done}")
     return 0
@@ -334,7 +326,6 @@ COMMANDS: dict[str, Handler] = {
     "serve": serve,
     "migrate": migrate,
     "doctor": doctor,
-    "deploy": deploy,
     "run": run,
     "status": status,
     "list": list_,

@@ -49,7 +49,7 @@ from protocol.messages import (
     StepStarted,
     WaitEventCmd,
 )
-from sandbox_host.runtime import Runtime, StepContext, _Stop, call_step
+from sandbox_host.runtime import Runtime, StepContext, _Stop, call_step, in_this_process
 from stepvisor.sdk import WORKFLOW_ATTR
 from supervisor import engine, outcome
 from supervisor import journal as j
@@ -253,16 +253,7 @@ class WorkflowEnv:
             code=self._code,
             now=self.clock,
         )
-        sent: list[object] = []
-        runtime = Runtime(act, _Recorder(sent), exit=_stop)
-        try:
-            runtime.inspect()
-        except _Stop:
-            pass
-        finally:
-            runtime.output.unmute()
-            sys.modules.pop("tenant_workflows", None)
-        last = sent[-1]
+        last = in_this_process(act)
         if isinstance(last, FailCmd):
             raise ImportError(f"{self._filename}: {last.error.message}\n{last.error.traceback}")
         assert isinstance(last, Inspected)
@@ -522,17 +513,6 @@ class _EngineChannel:
     def send(self, msg: object) -> None:
         if not self.run.apply(msg):
             raise _Stop  # the supervisor would kill the activation here
-
-    def wait_ack(self) -> None:
-        return None
-
-
-class _Recorder:
-    def __init__(self, sent: list[object]) -> None:
-        self.sent = sent
-
-    def send(self, msg: object) -> None:
-        self.sent.append(msg)
 
     def wait_ack(self) -> None:
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stepvisor.client import StepVisorError
@@ -141,3 +143,52 @@ def test_replay_in_a_sandbox_and_the_journal_for_a_local_one(daemon: Daemon) -> 
         ("step", "reserve", "ok"),
         ("wait_event", "paid", "waiting"),
     ]
+
+
+def test_the_commands_as_a_user_runs_them(daemon: Daemon, tmp_path) -> None:
+    c = daemon.client()
+    v1 = deploy_source(c, "shop", V1)["version"]
+    waiting_instances(daemon, "o1", "o2")
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text(ADDED_AFTER)
+    bad.write_text(RENAMED)
+
+    r = daemon.cli("deploy", "shop", str(bad), "--check")
+    assert r.returncode == 1, r.stderr  # `--check && deploy` stops here
+    assert "BREAKS  o1" in r.stdout and "2 would break" in r.stdout
+    assert "the journal holds step 'reserve'" in r.stdout
+    r = daemon.cli("deploy", "shop", str(good), "--check", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["compatible"] is True
+
+    r = daemon.cli("replay", "shop", "o1")
+    assert r.returncode == 0, r.stderr
+    assert 'replayed #0    step       reserve: "reserved"' in r.stdout
+    assert "ok: goes on with wait_event 'paid' at seq 1" in r.stdout
+    r = daemon.cli("replay", "shop", "o1", "--file", str(bad))  # here, against the user's file
+    assert r.returncode == 1
+    assert (
+        "in this process" in r.stdout and "BREAKS: replay asked for step 'hold stock'" in r.stdout
+    )
+
+    v2 = daemon.cli("deploy", "shop", str(good)).stdout.split()[-1]
+    r = daemon.cli("workflows", "shop")
+    assert r.returncode == 0, r.stderr
+    assert f"{v2}" in r.stdout and "order*" in r.stdout and v1 in r.stdout
+    r = daemon.cli("upgrade", "shop", "--all", "order")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "upgraded 2 of 2" in r.stdout
+    assert c.status("shop", "o2")["version"] == v2
+
+    c.send_event("shop", "o1", "paid", 1)
+    c.wait("shop", "o1", timeout_s=30)
+    r = daemon.cli("restart", "shop", "o1", "--from", "ship")
+    assert r.returncode == 0, r.stderr
+    assert c.wait("shop", "o1", timeout_s=30)["output"] == ["reserved", "shipped", "told"]
+    assert [e["name"] for e in c.history("shop", "o1")["entries"]] == [
+        "reserve",
+        "paid",
+        "ship",
+        "notify",
+    ]
+    r = daemon.cli("upgrade", "shop", "order")  # which instances?
+    assert r.returncode == 2 and "give the instance ids or --all" in r.stderr
