@@ -187,6 +187,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
 
     instance(command("history", "an instance's journal and activations"))
+    instance(
+        command(
+            "show",
+            "an instance's timeline: steps, attempts and their errors, cold start and "
+            "execution times, sleeps and waits, payloads, traceback",
+        )
+    )
+    s = command("top", "a live view of tenants, running and queued steps, latencies, failures")
+    s.add_argument("--tenant", help="one tenant's figures only")
+    s.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh every (1 s)"
+    )
 
     s = command("event", "send an event to an instance")
     instance(s)

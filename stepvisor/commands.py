@@ -201,6 +201,32 @@ def history(args: argparse.Namespace) -> int:
     return 0
 
 
+def show(args: argparse.Namespace) -> int:
+    """The instance's timeline (rich); --json: its history as `history --json` prints it."""
+    with _client(args) as c:
+        h = c.history(args.tenant, args.id)
+    if args.json:
+        _print(args, h)
+        return 0
+    from stepvisor.show import print_timeline  # rich: only for this command
+
+    print_timeline(h)
+    return 0
+
+
+def top(args: argparse.Namespace) -> int:
+    """A live terminal view (textual) of the stats API; on no terminal, `stats` once."""
+    with _client(args) as c:
+        if not sys.stdout.isatty() or args.json:
+            s = c.stats(args.tenant)
+            _print(args, s, render.stats(s))
+            return 0
+        from stepvisor.top import Top  # textual: only for this command
+
+        Top(lambda: c.stats(args.tenant), args.interval).run()
+    return 0
+
+
 def event(args: argparse.Namespace) -> int:
     with _client(args) as c:
         r = c.send_event(args.tenant, args.id, args.type, args.payload)
@@ -330,6 +356,8 @@ COMMANDS: dict[str, Handler] = {
     "status": status,
     "list": list_,
     "history": history,
+    "show": show,
+    "top": top,
     "event": event,
     **dict.fromkeys(CONTROLS, control),
     "stats": stats,
