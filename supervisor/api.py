@@ -482,9 +482,7 @@ def control(host: Host, req: Control, identity: bytes, now: float) -> object:
     elif req.op == "restart":
         engine.restart(host.conn, inst, now, stop, req.from_step)
     elif req.op == "delete":
-        if inst["lease"] is not None:
-            stop(iid)
-        j.delete_instance(host.conn, tenant, iid)
+        engine.delete(host.conn, inst, now, stop)
         return {"tenant": tenant, "id": iid, "deleted": True}
     row = j.get_instance(host.conn, tenant, iid)
     assert row is not None

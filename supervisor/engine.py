@@ -175,6 +175,8 @@ def prepare_replay(conn: Db, tenant: str, instance: str, now: float) -> int:
         return seq + 1
     if last["kind"] == "step" and last["status"] in PENDING_STEP:
         return seq
+    if last["kind"] == "invoke" and last["status"] == "waiting":
+        return seq  # resumed while its child runs: the replay asks again, and waits on
     return seq + 1
 
 
@@ -711,6 +713,17 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> N
         updated_at=now,
     )
     _tell_parent(conn, inst, Status.TERMINATED, None, None, now)
+
+
+def delete(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> None:
+    """Delete it with its journal; a parent waiting for it hears it was terminated, and the
+    children it started, whom nobody would wait for any more, are terminated."""
+    _terminate_children(conn, inst, 0, now, stop)
+    if inst["lease"] is not None:
+        stop(inst["id"])
+    if inst["status"] not in TERMINAL_STATUSES:
+        _tell_parent(conn, inst, Status.TERMINATED, None, None, now)
+    j.delete_instance(conn, inst["tenant"], inst["id"])
 
 
 def _terminate_children(

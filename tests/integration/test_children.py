@@ -85,3 +85,55 @@ def test_restarting_a_parent_from_a_call_terminates_the_child_it_drops(daemon: D
     c.restart("acme", "p1", from_step="call 1")
     assert c.status("acme", "p1-0")["status"] == "complete"  # before the restart point: kept
     assert c.status("acme", "p1-1")["status"] == "terminated"
+
+
+WAITING_CHILD = """
+from stepvisor import workflow
+
+@workflow("child")
+def child(event, step):
+    return step.wait_for_event("go", type="go", timeout=60)["payload"]
+
+@workflow("parent")
+def parent(event, step):
+    return step.invoke("call", "child", None, id=event.payload)
+"""
+
+
+def test_a_parent_paused_and_resumed_while_its_child_runs_waits_on(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(c, "acme", WAITING_CHILD)
+    c.create("acme", "parent", "kid", id="p1")
+    wait_for(lambda: c.status("acme", "p1")["status"] == "waiting", 30, "the parent to wait")
+    c.pause("acme", "p1")
+    c.resume("acme", "p1")  # due again: its replay asks for the child again and waits on
+    wait_for(
+        lambda: (
+            c.status("acme", "p1")["status"] == "waiting"
+            and c.status("acme", "p1")["activations"] == 2
+        ),
+        30,
+        "the resumed parent to wait again",
+    )
+    wait_for(lambda: c.status("acme", "kid")["status"] == "waiting", 30, "the child's wait")
+    c.send_event("acme", "kid", "go", "done")
+    st = c.wait("acme", "p1", timeout_s=30)
+    assert (st["status"], st["output"]) == ("complete", "done")
+    assert [a["outcome"] for a in c.history("acme", "p1")["activations"]] == ["ok"] * 3
+
+
+def test_deleting_a_child_fails_the_parent_call_instead_of_hanging(daemon: Daemon) -> None:
+    c = daemon.client()
+    deploy_source(
+        c,
+        "acme",
+        WAITING_CHILD.replace(
+            'return step.invoke("call", "child", None, id=event.payload)',
+            'try:\n        return step.invoke("call", "child", None, id=event.payload)\n'
+            "    except StepFailed as exc:\n        return exc.error_type",
+        ).replace("import workflow", "import workflow, StepFailed"),
+    )
+    c.create("acme", "parent", "kid", id="p1")
+    wait_for(lambda: c.status("acme", "p1")["status"] == "waiting", 30, "the parent to wait")
+    c.delete("acme", "kid")
+    assert c.wait("acme", "p1", timeout_s=30)["output"] == "ChildTerminated"
