@@ -87,6 +87,47 @@ def nodes(rows: list[dict[str, Any]]) -> str:
 
 
 def stats(s: dict[str, Any]) -> str:
+    lines = stats_summary(s)
+    if lines:
+        lines.append("")
+    lines += columns([TENANT_COLUMNS, *tenant_rows(s)])
+    return "\n".join(lines).rstrip()
+
+
+TENANT_COLUMNS = (
+    "tenant",
+    "act/s",
+    "running",
+    "queued",
+    "waiting",
+    "cold p50/95/99",
+    "exec p50/95/99",
+    "failures",
+)
+
+
+def tenant_rows(s: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per tenant of the stats API's answer, in `TENANT_COLUMNS`."""
+    rows: list[tuple[str, ...]] = []
+    for name, t in s["tenants"].items():
+        inst = t["instances"]
+        rows.append(
+            (
+                visible(name),
+                f"{t['activations_per_s']:.1f}",
+                str(t["running"]),
+                f"{inst.get('queued', 0):,}",
+                f"{inst.get('waiting', 0):,}",
+                _pcts(t["cold_start_ms"]),
+                _pcts(t["exec_ms"]),
+                _counts(t["failures"]) if t["failures"] else "-",
+            )
+        )
+    return rows
+
+
+def stats_summary(s: dict[str, Any]) -> list[str]:
+    """The supervisor as a whole (an answer for one tenant has none of it)."""
     lines = []
     window = f"last {s['window_s']:g} s"
     if "running" in s:
@@ -110,25 +151,7 @@ def stats(s: dict[str, Any]) -> str:
                 else "stopped"
             )
             lines.append(f"fork server {z['python']}: {detail}, {z['failures']} failures")
-        lines.append("")
-    head = ("tenant", "act/s", "running", "queued", "waiting", "cold p50/95/99", "exec p50/95/99")
-    rows: list[tuple[str, ...]] = [(*head, "failures")]
-    for name, t in s["tenants"].items():
-        inst = t["instances"]
-        rows.append(
-            (
-                name,
-                f"{t['activations_per_s']:.1f}",
-                str(t["running"]),
-                f"{inst.get('queued', 0):,}",
-                f"{inst.get('waiting', 0):,}",
-                _pcts(t["cold_start_ms"]),
-                _pcts(t["exec_ms"]),
-                _counts(t["failures"]) if t["failures"] else "-",
-            )
-        )
-    lines += columns(rows)
-    return "\n".join(lines).rstrip()
+    return lines
 
 
 def columns(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:

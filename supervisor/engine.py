@@ -699,6 +699,12 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> N
     an instance, if one does."""
     if inst["status"] in TERMINAL_STATUSES:
         raise _refuse(inst, "terminate")
+    _end(conn, inst, now, stop)
+    _tell_parent(conn, inst, Status.TERMINATED, None, None, now)
+
+
+def _end(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> None:
+    """Terminate the instance and, first, the live children it started (and theirs)."""
     _terminate_children(conn, inst, 0, now, stop)
     if inst["lease"] is not None:
         stop(inst["id"])
@@ -712,7 +718,6 @@ def terminate(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> N
         pause_requested=0,
         updated_at=now,
     )
-    _tell_parent(conn, inst, Status.TERMINATED, None, None, now)
 
 
 def delete(conn: Db, inst: Row, now: float, stop: Callable[[str], None]) -> None:
@@ -732,19 +737,7 @@ def _terminate_children(
     """Terminate the live children the instance started at `from_seq` or later (and theirs):
     nobody will wait for them any more."""
     for child in j.live_children(conn, inst["tenant"], inst["id"], from_seq):
-        _terminate_children(conn, child, 0, now, stop)
-        if child["lease"] is not None:
-            stop(child["id"])
-        j.update_instance(
-            conn,
-            child["tenant"],
-            child["id"],
-            status=Status.TERMINATED,
-            wake_at=None,
-            lease=None,
-            pause_requested=0,
-            updated_at=now,
-        )
+        _end(conn, child, now, stop)
 
 
 def upgrade(

@@ -51,7 +51,10 @@ class Tmux:
         subprocess.run([*self.base, "set-option", "-t", "t", "remain-on-exit", "on"], check=True)
 
     def screen(self, colours: bool = False) -> str:
-        args = [*self.base, "capture-pane", "-p", "-t", "t"] + (["-e"] if colours else [])
+        """The pane, scrolled-back lines included."""
+        args = [*self.base, "capture-pane", "-p", "-S", "-", "-t", "t"] + (
+            ["-e"] if colours else []
+        )
         return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
     def keys(self, *keys: str) -> None:
