@@ -123,6 +123,13 @@ class Entry:
     child: str | None  # an invoke's child instance (`env.instance(entry.child)`)
 
 
+def _injected(
+    step: str, attempts: Iterable[int], error: BaseException | type[BaseException]
+) -> dict[tuple[str, int], BaseException]:
+    exc = error(f"injected failure of {step!r}") if isinstance(error, type) else error
+    return {(step, attempt): exc for attempt in attempts}
+
+
 def _epoch(when: dt.datetime | float) -> float:
     if isinstance(when, dt.datetime):
         return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
@@ -190,9 +197,7 @@ class WorkflowEnv:
         error: BaseException | type[BaseException] = RuntimeError,
     ) -> None:
         """`Run.fail_step` for every instance of the environment (children included)."""
-        exc = error(f"injected failure of {step!r}") if isinstance(error, type) else error
-        for attempt in attempts:
-            self.failures[(step, attempt)] = exc
+        self.failures.update(_injected(step, attempts, error))
 
     @property
     def now(self) -> dt.datetime:
@@ -297,9 +302,7 @@ class Run:
     ) -> None:
         """Make the given attempts (from 1) of `step` raise `error` instead of running; a
         `Crash` makes the activation die instead, as a server would record it."""
-        exc = error(f"injected failure of {step!r}") if isinstance(error, type) else error
-        for attempt in attempts:
-            self._failures[(step, attempt)] = exc
+        self._failures.update(_injected(step, attempts, error))
 
     def replace_step(self, step: str, fn: Callable[..., Any]) -> None:
         """Run `fn` (taking no argument, or the step's context) in place of `step`'s callable."""
