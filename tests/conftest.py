@@ -254,12 +254,27 @@ def unmount_scratch(run_dir: Path) -> None:
             disk.unmount(point)
 
 
+def _listed(walk: Callable[[], list[Path]]) -> list[Path]:
+    """A directory walk over cgroups that are being removed as it runs: a directory that
+    vanishes between being listed and being entered means walking again."""
+    for _ in range(20):
+        try:
+            return walk()
+        except FileNotFoundError:
+            continue
+    return walk()
+
+
 def remove_cgroups(state_dir: Path) -> None:
     """What a SIGKILLed supervisor leaves: its activations' cgroups, emptied as they die."""
     name = "stepvisor-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
-    for base in Path("/sys/fs/cgroup").glob(f"*/**/{name}"):
-        tenants = [t for t in base.iterdir() if t.is_dir()]
-        for leaf in [a for t in tenants for a in t.iterdir() if a.is_dir()] + tenants + [base]:
+    for base in _listed(lambda: list(Path("/sys/fs/cgroup").glob(f"*/**/{name}"))):
+        try:
+            tenants = [t for t in base.iterdir() if t.is_dir()]
+            leaves = [a for t in tenants for a in t.iterdir() if a.is_dir()]
+        except FileNotFoundError:  # removed meanwhile: what is left is retried below
+            tenants, leaves = [], []
+        for leaf in leaves + tenants + [base]:
 
             def gone(leaf: Path = leaf) -> bool:
                 with contextlib.suppress(OSError):
