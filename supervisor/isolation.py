@@ -287,6 +287,12 @@ class Cgroups:
     bases: dict[str, Path]  # controller → this supervisor's directory (v2: one shared dir)
     applied: dict[str, Limits] = field(default_factory=dict)
     refused: dict[str, Limits] = field(default_factory=dict)  # limits the kernel would not take
+    # The distinct base directories as strings: an activation's cgroups are made, read and
+    # removed on every launch and reap, where pathlib's objects cost more than the syscalls.
+    roots: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.roots = sorted({str(base) for base in self.bases.values()})
 
     @classmethod
     def detect(cls, state_dir: Path) -> tuple[Cgroups | None, str]:
@@ -399,7 +405,8 @@ class Cgroups:
         only, and it cannot be confused with a sibling activation's kill."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
-            text = (self.bases["memory"] / tenant / f"act-{activation}" / name).read_text()
+            with open(f"{self.bases['memory']}/{tenant}/act-{activation}/{name}") as f:
+                text = f.read()
         except OSError:
             return False
         for line in text.splitlines():
@@ -410,22 +417,23 @@ class Cgroups:
 
     # -- activations
 
-    def _dirs(self, tenant: str, activation: int) -> list[Path]:
-        leaf = f"act-{activation}"
-        return sorted({base / tenant / leaf for base in self.bases.values()})
+    def _dirs(self, tenant: str, activation: int) -> list[str]:
+        return [f"{root}/{tenant}/act-{activation}" for root in self.roots]
 
     def prepare(self, tenant: str, activation: int) -> tuple[str, ...]:
         """Make the activation's own cgroups; returns their cgroup.procs files."""
         procs = []
         for d in self._dirs(tenant, activation):
-            d.mkdir(exist_ok=True)
-            procs.append(str(d / "cgroup.procs"))
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d)
+            procs.append(f"{d}/cgroup.procs")
         return tuple(procs)
 
     def add(self, tenant: str, activation: int, pid: int) -> None:
         """Put a just-started activation (still waiting for its token) in its cgroups."""
         for procs in self.prepare(tenant, activation):
-            _write(Path(procs), str(pid))
+            with open(procs, "w") as f:
+                f.write(str(pid))
 
     def kill(self, tenant: str, activation: int) -> None:
         """SIGKILL every process left in the activation's cgroup, including ones that left its
@@ -442,17 +450,18 @@ class Cgroups:
 
     def sweep(self) -> int:
         """Recovery: kill whatever a previous run left in any activation cgroup."""
-        dirs = [leaf for base in self.bases.values() for leaf in base.glob("*/act-*")]
-        return _kill_and_remove(sorted(set(dirs)))
+        dirs = {str(leaf) for base in self.bases.values() for leaf in base.glob("*/act-*")}
+        return _kill_and_remove(sorted(dirs))
 
 
-def _kill_and_remove(dirs: list[Path]) -> int:
+def _kill_and_remove(dirs: list[str]) -> int:
     killed = 0
     deadline = time.monotonic() + 5.0
     for d in dirs:
         while True:
             try:
-                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                with open(f"{d}/cgroup.procs") as f:
+                    pids = [int(p) for p in f.read().split()]
             except OSError:
                 break
             for pid in pids:
@@ -460,7 +469,7 @@ def _kill_and_remove(dirs: list[Path]) -> int:
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
             try:
-                d.rmdir()  # fails with EBUSY until every process is gone
+                os.rmdir(d)  # fails with EBUSY until every process is gone
                 break
             except FileNotFoundError:
                 break
