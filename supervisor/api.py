@@ -151,8 +151,7 @@ def deploy(host: Host, req: Deploy, identity: bytes, now: float) -> object:
         except UnicodeDecodeError:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "source is not UTF-8") from None
     version = hashlib.sha256(kind.encode() + b"\0" + code).hexdigest()[:16]
-    if req.check:
-        _tenant(host, req.tenant)
+    if req.check:  # a tenant's first file may be checked too: it has no instances to replay
         # The instances of the tenant's workflows the code may define: a definition names its
         # workflow literally (inspections are held to that), so a byte search finds them all.
         names = [d["workflow"] for d in j.deployments(host.conn, req.tenant)]

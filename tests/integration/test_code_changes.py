@@ -159,6 +159,10 @@ def test_the_commands_as_a_user_runs_them(daemon: Daemon, tmp_path) -> None:
     assert "the journal holds step 'reserve'" in r.stdout
     r = daemon.cli("deploy", "shop", str(good), "--check", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["compatible"] is True
+    r = daemon.cli("deploy", "newcomer", str(good), "--check")  # a first deploy, checked
+    assert r.returncode == 0, r.stderr
+    assert "checked 0 instance(s) of order" in r.stdout
+    assert daemon.cli("workflows", "newcomer").returncode == 1  # and nothing deployed
 
     r = daemon.cli("replay", "shop", "o1")
     assert r.returncode == 0, r.stderr
