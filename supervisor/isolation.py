@@ -484,23 +484,26 @@ class Cgroups:
         return _kill_and_remove(sorted(dirs))
 
 
+def _kill_in(d: str) -> int | None:
+    """SIGKILL every process in cgroup `d`; how many there were, None when `d` is gone."""
+    try:
+        with open(f"{d}/cgroup.procs") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return None
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
 def _emptied(dirs: list[str]) -> bool:
     """SIGKILL what is in these cgroups until none holds a process (True), or a deadline passes
     or one is gone (False)."""
     deadline = time.monotonic() + 5.0
     for d in dirs:
-        while True:
-            try:
-                with open(f"{d}/cgroup.procs") as f:
-                    pids = [int(p) for p in f.read().split()]
-            except OSError:
-                return False
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
+        while (found := _kill_in(d)) != 0:
+            if found is None or time.monotonic() > deadline:
                 return False
             time.sleep(0.001)  # bounded: SIGKILLed processes leave within microseconds
     return True
@@ -510,16 +513,8 @@ def _kill_and_remove(dirs: list[str]) -> int:
     killed = 0
     deadline = time.monotonic() + 5.0
     for d in dirs:
-        while True:
-            try:
-                with open(f"{d}/cgroup.procs") as f:
-                    pids = [int(p) for p in f.read().split()]
-            except OSError:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
+        while (found := _kill_in(d)) is not None:
+            killed += found
             try:
                 os.rmdir(d)  # fails with EBUSY until every process is gone
                 break
