@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import io
 import os
 import re
 import sys
@@ -201,9 +200,24 @@ def error_info(exc: BaseException, code: str | None = None) -> ErrorInfo:
     )
 
 
-class _Discard(io.TextIOBase):
+class _Gate:
+    """Stands in for sys.stdout or sys.stderr while an activation replays: drops what is
+    written while shut, passes it on otherwise. Tenant code that keeps a reference made during
+    replay (a logging handler made at import, say) keeps writing to the real stream after."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.shut = False
+
     def write(self, text: str) -> int:
-        return len(text)
+        return len(text) if self.shut else int(self.stream.write(text))
+
+    def flush(self) -> None:
+        if not self.shut:
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty, buffer, ...
+        return getattr(self.stream, name)
 
 
 class Output:
@@ -214,6 +228,7 @@ class Output:
     def __init__(self) -> None:
         self._saved: tuple[int, int] | None = None
         self._streams: tuple[Any, Any] | None = None
+        self._gates: tuple[_Gate, _Gate] | None = None
 
     def mute(self) -> None:
         if self._saved is None:
@@ -225,10 +240,16 @@ class Output:
             os.dup2(null, 2)
             os.close(null)
             self._streams = (sys.stdout, sys.stderr)
-            sys.stdout = sys.stderr = _Discard()
+            self._gates = (_Gate(sys.stdout), _Gate(sys.stderr))
+            for gate in self._gates:
+                gate.shut = True
+            sys.stdout, sys.stderr = self._gates
 
     def unmute(self) -> None:
         if self._saved is not None:
+            if self._gates is not None:
+                for gate in self._gates:
+                    gate.shut = False  # a reference kept to one writes through from now on
             if self._streams is not None:
                 sys.stdout, sys.stderr = self._streams
                 self._streams = None

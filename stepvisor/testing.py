@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -258,7 +259,11 @@ class WorkflowEnv:
             code=self._code,
             now=self.clock,
         )
-        last = in_this_process(act)
+        handlers = _log_handlers()
+        try:
+            last = in_this_process(act)
+        finally:
+            _restore_log_handlers(handlers)
         if isinstance(last, FailCmd):
             raise ImportError(f"{self._filename}: {last.error.message}\n{last.error.traceback}")
         assert isinstance(last, Inspected)
@@ -453,6 +458,7 @@ class Run:
         self.activations += 1
         self._step = None
         runtime = Runtime(act, _EngineChannel(self), exit=_stop, run_callable=self._call)
+        handlers = _log_handlers()
         try:
             runtime.run()
         except _Crashed as crash:
@@ -462,6 +468,7 @@ class Run:
         finally:
             runtime.output.unmute()
             sys.modules.pop("tenant_workflows", None)
+            _restore_log_handlers(handlers)
         if self._row()["lease"] is not None:  # it stopped without a final message
             self._died(outcome.PROTOCOL_ERROR, "exited without reporting a result")
 
@@ -519,6 +526,23 @@ class _EngineChannel:
 
     def wait_ack(self) -> None:
         return None
+
+
+def _log_handlers() -> dict[str, list[logging.Handler]]:
+    """Every logger's handlers. An activation is a fresh process: handlers its module adds at
+    import (loaded again on every activation) must not pile up across activations here."""
+    loggers = [("", logging.getLogger())] + [
+        (name, logger)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    ]
+    return {name: list(logger.handlers) for name, logger in loggers}
+
+
+def _restore_log_handlers(saved: dict[str, list[logging.Handler]]) -> None:
+    for name, logger in [("", logging.getLogger()), *logging.Logger.manager.loggerDict.items()]:
+        if isinstance(logger, logging.Logger):
+            logger.handlers[:] = saved.get(name, [])
 
 
 def _stop() -> NoReturn:

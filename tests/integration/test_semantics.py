@@ -279,6 +279,31 @@ def test_replayed_output_is_logged_once(daemon: Daemon) -> None:
     assert step1["step"] == "s1" and step1["tenant"] == "acme"
 
 
+def test_a_log_handler_made_at_import_logs_the_new_steps_once(daemon: Daemon) -> None:
+    # The module runs again on every replay, with output muted: a handler it makes then must
+    # still reach the supervisor once the new step runs.
+    st = run(
+        daemon,
+        """
+        import logging, sys
+        from stepvisor import workflow
+
+        log = logging.getLogger("tenant")
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
+
+        @workflow("w")
+        def w(event, step):
+            for i in range(3):
+                step.do(f"s{i}", lambda i=i: log.info("logged by step %d", i) or i)
+            return "done"
+    """,
+    )
+    assert st["status"] == "complete"
+    lines = [e["line"] for e in daemon.events("tenant.output", instance="i1")]
+    assert sorted(lines) == ["logged by step 0", "logged by step 1", "logged by step 2"]
+
+
 def test_code_is_pinned_per_instance(daemon: Daemon) -> None:
     c = daemon.client()
     v1 = deploy_source(

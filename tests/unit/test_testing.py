@@ -272,3 +272,27 @@ def test_a_child_workflow_runs_and_its_output_or_error_reaches_the_parent() -> N
     assert env.instance("p-0").entry("double").attempts == 2
     # each child's sleep and retry delay, one after the other, on the simulated clock
     assert env.clock - START.timestamp() == 2 * (30 + 10)
+
+
+def test_a_log_handler_made_at_import_logs_each_step_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = env_of("""
+import logging, sys
+log = logging.getLogger("tenant-under-test")
+log.addHandler(logging.StreamHandler(sys.stderr))
+log.setLevel(logging.INFO)
+log.propagate = False
+
+@workflow("w")
+def w(event, step):
+    for i in range(3):
+        step.do(f"s{i}", lambda i=i: log.info("logged by step %d", i) or i)
+""")
+    env.run("w")
+    err = capsys.readouterr().err.splitlines()
+    assert sorted(line for line in err if line.startswith("logged")) == [
+        "logged by step 0",
+        "logged by step 1",
+        "logged by step 2",
+    ]
