@@ -372,10 +372,12 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     self._stop_remaining(outcome.FENCED, str(exc))
                     code = cluster.EXIT_FENCED
                     break
-                except psycopg.OperationalError as exc:
-                    # The database is gone (server down, connection cut): this tick's writes
-                    # were rolled back, so what the loop holds in memory no longer matches what
-                    # is committed. Stop, and let a restart recover from the database.
+                except j.CONNECTION_LOST as exc:
+                    # The database is gone (server down, connection cut, or our session ended
+                    # by the server: paused past half a lease inside this tick's transaction):
+                    # this tick's writes were rolled back, so what the loop holds in memory no
+                    # longer matches what is committed. Stop, and let a restart recover from
+                    # the database.
                     self.log.error("database.lost", error=str(exc).strip()[:500])
                     self._kill_all()
                     code = cluster.EXIT_FENCED

@@ -166,6 +166,13 @@ class Daemon:
                     out.append(orjson.loads(line))
         return out
 
+    def stray_output(self, limit: int = 6000) -> str:
+        """The tail of what its output holds besides JSON log lines: a traceback, a library's
+        warning on stderr. `logs` drops those; an assertion on how it exited should show them."""
+        lines = self.log_path.read_bytes().splitlines()
+        stray = b"\n".join(line for line in lines if not line.startswith(b"{"))
+        return stray.decode(errors="replace")[-limit:]
+
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
         return [
             e

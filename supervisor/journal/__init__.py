@@ -18,6 +18,7 @@ import msgspec
 from protocol.messages import ErrorInfo, JournalEntry
 from supervisor.journal import pg_schema, sqlite_schema
 from supervisor.journal.db import (
+    CONNECTION_LOST,
     CONTENDED,
     Db,
     IntegrityError,
@@ -30,6 +31,7 @@ from supervisor.journal.sqlite_schema import MIGRATIONS
 
 # Re-exported: what callers use of db.py and sqlite_schema through `journal`.
 __all__ = [
+    "CONNECTION_LOST",
     "CONTENDED",
     "MIGRATIONS",
     "Db",

@@ -32,6 +32,11 @@ IntegrityError = (sqlite3.IntegrityError, psycopg.IntegrityError)
 # Another node's transaction was in the way (PostgreSQL): a deadlock, a serialization failure, or
 # a lock not granted within lock_timeout. The statement failed; the connection is fine.
 CONTENDED = (psycopg.errors.TransactionRollback, psycopg.errors.LockNotAvailable)
+# The connection is gone (PostgreSQL): the server is down or the connection was cut, or the server
+# ended the session, as it does to a transaction left idle past idle_in_transaction_session_timeout
+# (a node paused inside one). That last one fails the next statement with 25P03, which psycopg
+# files under InternalError, not OperationalError. The transaction did not commit.
+CONNECTION_LOST = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
 
 
 class Row(Protocol):

@@ -4,6 +4,7 @@ restarted node re-runs the interrupted step; nothing journaled is lost."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,5 +61,25 @@ def test_connections_a_server_restart_left_dead_are_replaced(own_pg_cluster: Clu
         with j.transaction(db):
             j.ensure_tenant(db, "beta", 2.0)
         assert j.tenant_names(db) == ["acme", "beta"]
+    finally:
+        db.close()
+
+
+def test_a_session_the_server_ended_mid_transaction_is_a_lost_connection(pg_db: str) -> None:
+    """A node paused inside a transaction (SIGSTOP) has its session ended by the server after half
+    a lease (idle_in_transaction_session_timeout). When it wakes its next statement fails with
+    25P03, which psycopg files under InternalError: the loop must take it for a lost connection
+    (`database.lost`, exit 75), like any other, not die on it. Nothing of the transaction commits,
+    and the pool hands out a fresh connection afterwards."""
+    db = j.connect(pg_db, lease_s=1.0)  # the server ends an idle transaction after 0.5 s
+    try:
+        with pytest.raises(j.CONNECTION_LOST), j.transaction(db):
+            j.ensure_tenant(db, "acme", 1.0)
+            time.sleep(1.5)  # "paused"
+            j.ensure_tenant(db, "beta", 2.0)
+        assert j.tenant_names(db) == []
+        with j.transaction(db):
+            j.ensure_tenant(db, "beta", 2.0)
+        assert j.tenant_names(db) == ["beta"]
     finally:
         db.close()

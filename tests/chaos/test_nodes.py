@@ -132,7 +132,7 @@ def test_a_node_paused_past_its_lease_is_fenced_and_never_commits(
         a.proc.send_signal(signal.SIGCONT)
     assert st["status"] == "complete"
     # node0 comes back, finds it was fenced, and stops without journaling its attempt.
-    assert a.proc.wait(30) == 75
+    assert a.proc.wait(30) == 75, a.stray_output()
     # Fenced at its next heartbeat; or, paused mid-transaction, its session was ended by the
     # server meanwhile (so that it held no lock the others waited on) and it stops on that.
     assert a.events("node.fenced", node="node0") or a.events("database.lost")
@@ -222,7 +222,7 @@ def test_three_nodes_under_load_survive_a_kill_and_a_pause(
             wait_for(lambda: nodes_by_name(c3)["node1"]["state"] == "fenced", 60, "node1 fenced")
         finally:
             b.proc.send_signal(signal.SIGCONT)
-        assert b.proc.wait(30) == 75
+        assert b.proc.wait(30) == 75, b.stray_output()
         finals = {i: c.wait("acme", i, timeout_s=180) for i in ids}
     assert {st["status"] for st in finals.values()} == {"complete"}
     runs = executions(log)
