@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -254,7 +255,14 @@ def test_terminate_through_another_node_kills_the_step_where_it_runs(
     cb.terminate("acme", "g")
     assert cb.status("acme", "g")["status"] == "terminated"
     wait_gone(pid, 10, "the step node0 runs, stopped through node1")
-    [act] = [x for x in cb.history("acme", "g")["activations"] if x["seq"] == GATED_SEQ]
+
+    def gated() -> dict[str, Any]:
+        [act] = [x for x in cb.history("acme", "g")["activations"] if x["seq"] == GATED_SEQ]
+        return act
+
+    # node0 records the outcome when it reaps the process, a moment after the process is gone.
+    wait_for(lambda: gated()["outcome"] is not None, 10, "node0 recording the killed step")
+    act = gated()
     assert (act["node"], act["outcome"]) == ("node0", "killed_by_operator")
     assert "through another node" in act["detail"]
     assert ca.status("acme", "g")["status"] == "terminated"
