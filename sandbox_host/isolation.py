@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
 import sys
 from collections.abc import Iterable
@@ -19,6 +20,10 @@ from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# ctypes looks a function up on its first call; do it here, at import in the fork server, and
+# not again in every activation.
+for _name in ("unshare", "setns", "prctl", "capset"):
+    getattr(_libc, _name)
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
@@ -116,7 +121,7 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
     except OSError:
         return  # a path this host lacks (say /lib64) grants nothing
     try:
-        if not os.path.isdir(path):
+        if not stat.S_ISDIR(os.fstat(target).st_mode):  # what was opened, not the path again
             rights &= _FILE_RIGHTS  # directory rights on a file are EINVAL
         attr = struct.pack("=Qi", rights, target)  # landlock_path_beneath_attr is packed
         if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, attr, 0):

@@ -13,6 +13,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl  # noqa: B018 -- looked up now, in the fork server, not in each activation
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -37,9 +38,6 @@ def apply_rlimits(
     size = max_file_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if max_processes is not None:
-        # Counted per uid, so only meaningful when this activation has a uid of its own.
-        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
     if max_processes is not None:
         # Counted per uid, so only meaningful when this activation has a uid of its own.
         resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))

@@ -6,7 +6,6 @@ import itertools
 import math
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -43,7 +42,7 @@ class Activation:
     kind: str  # run | inspect
     instance: str | None
     limits: Limits
-    scratch: Path
+    scratch: str
     launched_at: float  # wall clock, for the record
     launched_mono: float
     deadline_mono: float

@@ -69,6 +69,9 @@ from supervisor.stats import Stats
 from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
+# Exits are looked for when SIGCHLD says a child changed state, and at least this often anyway
+# (one waitid per running activation per tick was a tenth of the loop's time when busy).
+REAP_SCAN_S = 1.0
 SANDBOX_HWM = 16  # messages queued per activation connection (it needs three or four)
 
 
@@ -110,6 +113,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.notify = sdnotify.Notifier()
         self.stats = Stats(time.monotonic())
         self.next_gc = time.monotonic() + 1.0  # the first retention pass, after start-up
+        self.child_exited = True  # SIGCHLD came since the last look for exits
+        # What `_schedule` found as the next wake-up, with the connection's change count then:
+        # the tick's poll timeout reuses it when nothing was written since.
+        self.wake_seen: tuple[int, float | None] | None = None
+        self.next_reap_scan = 0.0  # look for exits by then even without a SIGCHLD
         self.next_tenants = 0.0  # when to re-read the tenant list (others deploy too)
         self.vacuum_due = False  # retention freed pages: give some back after the commit
         self.zygote_failures: Counter[str] = Counter()
@@ -475,7 +483,11 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             wait = min(wait, limit - mono)
         if not self.draining:
             wait = min(wait, self.next_gc - mono)
-            nxt = j.next_wake(self.conn)
+            seen, self.wake_seen = self.wake_seen, None
+            if seen is not None and seen[0] == self.conn.total_changes:
+                nxt = seen[1]
+            else:
+                nxt = j.next_wake(self.conn)
             # A due instance blocked by concurrency waits for a result or a reap: both wake us.
             if nxt is not None and nxt > now:
                 wait = min(wait, nxt - now)
@@ -511,6 +523,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 )
             elif signum == signal.SIGHUP:
                 self._reload()
+            elif signum == signal.SIGCHLD:
+                self.child_exited = True
 
     # ------------------------------------------------------------------ recovery
 
@@ -553,6 +567,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
 
     def _schedule(self, now: float, mono: float) -> None:
         nxt = j.next_wake(self.conn)
+        self.wake_seen = (self.conn.total_changes, nxt)
         self.more_due = False
         if nxt is None or nxt > now:
             return
@@ -739,11 +754,20 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         """Kill what the activation left outside its process group (setsid, double fork): by
         its cgroup, or without cgroups by its sandbox uid, before that uid is handed out again."""
         if self.cgroups is not None:
-            self.cgroups.kill(act.tenant, act.aid)
+            act.oom_killed |= self.cgroups.kill(act.tenant, act.aid)
         elif act.uid is not None:
             launcher.kill_uid(act.uid)
 
     def _reap(self, now: float, mono: float) -> None:
+        if not self.child_exited and mono < self.next_reap_scan:
+            return
+        # Cleared before looking: a child that exits during this pass sends a SIGCHLD the next
+        # tick handles.
+        self.child_exited = False
+        self.next_reap_scan = mono + REAP_SCAN_S
+        self._reap_exited(now, mono)
+
+    def _reap_exited(self, now: float, mono: float) -> None:
         for pid, act in list(self.by_pid.items()):
             try:
                 # Look without reaping: while the exited leader is a zombie its pid, and so its
@@ -753,8 +777,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     continue
                 launcher.kill_group(pid)
                 if self.cgroups is not None:  # also what left the group (setsid, double fork)
-                    act.oom_killed = self.cgroups.oom_killed(act.tenant, act.aid)
-                    self.cgroups.kill(act.tenant, act.aid)
+                    act.oom_killed |= self.cgroups.kill(act.tenant, act.aid)
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
                 status, usage = 0, None
@@ -887,7 +910,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         deadline = mono + 5.0
         while self.by_pid and time.monotonic() < deadline:
             with j.transaction(self.conn):
-                self._reap(time.time(), time.monotonic())
+                self._reap_exited(time.time(), time.monotonic())
             if self.by_pid:
                 time.sleep(0.01)  # bounded: waiting for killed children to become reapable
         self.log.info("supervisor.drained")

@@ -69,12 +69,12 @@ def mounts_under(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
-def scratch_bytes(scratch: Path) -> tuple[int, int]:
+def scratch_bytes(scratch: str) -> tuple[int, int]:
     """Bytes the files under `scratch` occupy (allocated blocks, each inode once) and how many
     entries were seen, walking at most MEASURE_MAX_ENTRIES so a tenant's million empty files
     cost us little."""
     total, seen, entries = 0, set(), 0
-    stack = [scratch]
+    stack: list[str] = [scratch]
     while stack and entries < MEASURE_MAX_ENTRIES:
         try:
             with os.scandir(stack.pop()) as it:
@@ -84,7 +84,7 @@ def scratch_bytes(scratch: Path) -> tuple[int, int]:
                         break
                     st = entry.stat(follow_symlinks=False)
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
+                        stack.append(entry.path)
                     if st.st_ino not in seen:
                         seen.add(st.st_ino)
                         total += st.st_blocks * 512
@@ -102,6 +102,7 @@ class ScratchSpace:
     quota: bool
     mounted: dict[str, int] = field(default_factory=dict)  # tenant → its tmpfs size, MiB
     refused: dict[str, int] = field(default_factory=dict)  # tenant → a size it would not take
+    prepared: dict[str, int] = field(default_factory=dict)  # tenant → disk_mib its dir is ready for
 
     def tenant_dir(self, tenant: str) -> Path:
         return self.root / tenant
@@ -110,11 +111,14 @@ class ScratchSpace:
         """Make the tenant's scratch dir, mounting its tmpfs at its first launch (DiskError when
         that fails: the launch fails). A changed `disk_mib` (a reload) resizes it; a size below
         what it holds now is refused: returns why, once per new size, and the old size stays
-        until a later launch resizes it."""
+        until a later launch resizes it. Every launch asks: after the first, it costs a lookup."""
+        if self.prepared.get(tenant) == disk_mib:
+            return None
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         target = self.tenant_dir(tenant)
         target.mkdir(exist_ok=True, mode=0o711)
         if not self.quota or self.mounted.get(tenant) == disk_mib:
+            self.prepared[tenant] = disk_mib
             return None
         if tenant not in self.mounted:
             mount_tmpfs(target, disk_mib)
@@ -127,11 +131,13 @@ class ScratchSpace:
                 return str(exc) if first else None
         self.mounted[tenant] = disk_mib
         self.refused.pop(tenant, None)
+        self.prepared[tenant] = disk_mib
         return None
 
     def sweep(self) -> int:
         """Start-up: unmount what a dead supervisor left mounted here and delete leftover
         scratch dirs (only this supervisor's activations ever use this runtime dir)."""
+        self.prepared.clear()
         stale = mounts_under(self.root) if self.root.exists() else []
         for point in stale:
             with contextlib.suppress(DiskError):
@@ -150,6 +156,7 @@ class ScratchSpace:
             with contextlib.suppress(OSError):
                 self.tenant_dir(tenant).rmdir()
             del self.mounted[tenant]
+        self.prepared.clear()
 
 
 def probe() -> str | None:

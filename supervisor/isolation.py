@@ -405,16 +405,6 @@ class Cgroups:
         self.refused[tenant] = limits
         return refused
 
-    def oom_killed(self, tenant: str, activation: int) -> bool:
-        """Whether the kernel OOM-killed a process of this activation (read before `kill`).
-
-        The activation's own cgroup, not the tenant's: v1 counts a kill in the victim's cgroup
-        only, and it cannot be confused with a sibling activation's kill."""
-        if activation not in self.leaves:  # killed already: its cgroup may be another's now
-            return False
-        tenant, leaf = self.leaves[activation]
-        return self._oom_kills(tenant, leaf) > self.oom_before.get((tenant, leaf), 0)
-
     def _oom_kills(self, tenant: str, leaf: str) -> int:
         """The kernel's count of OOM kills in one activation cgroup since it was made."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"
@@ -453,21 +443,30 @@ class Cgroups:
             with open(procs, "w") as f:
                 f.write(str(pid))
 
-    def kill(self, tenant: str, activation: int) -> None:
+    def kill(self, tenant: str, activation: int) -> bool:
         """SIGKILL every process left in the activation's cgroup, including ones that left its
         process group; then keep the cgroup, empty, for the tenant's next activation (or remove
-        it when the tenant has enough kept). Once per activation: later calls do nothing."""
+        it when the tenant has enough kept). Returns whether the kernel OOM-killed a process of
+        the activation. Once per activation: later calls do nothing and return False.
+
+        The OOM count is read once, with the cgroup empty: every kill of the activation's
+        processes is in it, none of a later user's. It is the activation's own cgroup, not the
+        tenant's: v1 counts a kill in the victim's cgroup only, so no sibling's is confused
+        with it."""
         if activation not in self.leaves:  # killed already: its cgroup may be another's now
-            return
+            return False
         tenant, leaf = self.leaves.pop(activation)
         dirs = [f"{root}/{tenant}/{leaf}" for root in self.roots]
+        emptied = _emptied(dirs)
+        kills = self._oom_kills(tenant, leaf)
+        oom = kills > self.oom_before.pop((tenant, leaf), 0)
         pool = self.free.setdefault(tenant, [])
-        if len(pool) < KEPT_PER_TENANT and _emptied(dirs):
-            self.oom_before[tenant, leaf] = self._oom_kills(tenant, leaf)
+        if emptied and len(pool) < KEPT_PER_TENANT:
+            self.oom_before[tenant, leaf] = kills
             pool.append(leaf)
         else:
-            self.oom_before.pop((tenant, leaf), None)
             _kill_and_remove(dirs)
+        return oom
 
     def close(self) -> None:
         """At shutdown: remove the (empty) tenant cgroups and this supervisor's own directory."""

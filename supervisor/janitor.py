@@ -24,15 +24,24 @@ class Janitor:
         self.proc: subprocess.Popen[bytes] | None = None
         self.trash: set[Path] = set()  # trash dirs that may hold something
 
-    def remove(self, scratch: Path, entries: int) -> None:
+    def remove(self, scratch: str, entries: int) -> None:
         """Delete an exited activation's scratch dir; `entries` is how many it was seen with."""
+        if entries == 0:
+            try:
+                os.rmdir(scratch)  # the usual case, and one syscall where rmtree makes several
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass  # something appeared since it was measured: remove it all
         if entries <= INLINE_ENTRIES or self.rm is None:
             shutil.rmtree(scratch, ignore_errors=True)
             return
-        trash = scratch.parent / TRASH
+        path = Path(scratch)
+        trash = path.parent / TRASH
         try:
             trash.mkdir(mode=0o700, exist_ok=True)
-            os.rename(scratch, trash / scratch.name)
+            os.rename(path, trash / path.name)
         except OSError:
             shutil.rmtree(scratch, ignore_errors=True)
             return

@@ -26,14 +26,14 @@ BASE_ENV = {
 
 
 def sandbox_for(
-    on: dict[str, bool], limits: Limits, scratch: Path, uid: int | None, gid: int | None
+    on: dict[str, bool], limits: Limits, scratch: str, uid: int | None, gid: int | None
 ) -> Sandbox:
     """The sandbox of one activation of a tenant, given which layers are enabled."""
     return Sandbox(
         memory_mib=limits.memory_mib,
         cpu_seconds=limits.cpu_seconds,
         max_pids=limits.max_pids,
-        scratch=str(scratch),
+        scratch=scratch,
         uid=uid,
         gid=gid,
         network_namespace=on["network"] and not limits.network,
@@ -50,18 +50,19 @@ def scratch_root(paths: Paths) -> Path:
     return paths.runtime_dir / "scratch"
 
 
-def scratch_path(paths: Paths, tenant: str, activation: int) -> Path:
-    """In the tenant's dir: its tmpfs, when the disk layer is on (see `supervisor.disk`)."""
-    return scratch_root(paths) / tenant / str(activation)
+def scratch_path(paths: Paths, tenant: str, activation: int) -> str:
+    """In the tenant's dir: its tmpfs, when the disk layer is on (see `supervisor.disk`). A
+    string, as the launch and reap paths use it: pathlib's objects cost more than the syscalls."""
+    return f"{paths.runtime_dir}/scratch/{tenant}/{activation}"
 
 
 def make_scratch(
     paths: Paths, tenant: str, activation: int, uid: int | None, gid: int | None
-) -> Path:
-    """A private directory for one activation: 0700, owned by its sandbox uid when it has one."""
+) -> str:
+    """A private directory for one activation: 0700, owned by its sandbox uid when it has one.
+    Its tenant's dir exists already (`disk.ScratchSpace.prepare`)."""
     scratch = scratch_path(paths, tenant, activation)
-    scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    scratch.mkdir(mode=0o700)
+    os.mkdir(scratch, 0o700)
     if uid is not None and gid is not None:
         os.chown(scratch, uid, gid)
     return scratch

@@ -47,15 +47,13 @@ def test_an_oom_kill_is_the_activations_own_not_the_next_ones(
         """,
     )
     assert hog.returncode == -9  # the kernel's OOM killer: SIGKILL
-    assert cgroups.oom_killed("acme", 1)
-    cgroups.kill("acme", 1)
+    assert cgroups.kill("acme", 1)  # an OOM kill
 
     again = cgroups.prepare("acme", 2)
     assert again == procs  # the same cgroup, kept empty for the tenant's next activation
     killed = join_and_run(again, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     assert killed.returncode == -9
-    assert not cgroups.oom_killed("acme", 2)  # a SIGKILL, not an OOM kill: counted from reuse
-    cgroups.kill("acme", 2)
+    assert not cgroups.kill("acme", 2)  # a SIGKILL, not an OOM kill: counted from reuse
 
 
 def test_kept_cgroups_are_one_activations_at_a_time_and_one_tenants(
@@ -65,12 +63,11 @@ def test_kept_cgroups_are_one_activations_at_a_time_and_one_tenants(
     cgroups.tenant("globex", Limits())
     first, second = cgroups.prepare("acme", 1), cgroups.prepare("acme", 2)
     assert first != second  # running at once: never the same cgroup
-    cgroups.kill("acme", 1)
-    cgroups.kill("acme", 1)  # a second kill of one activation (reap, then leftovers): a no-op
+    assert not cgroups.kill("acme", 1)
+    assert not cgroups.kill("acme", 1)  # a second kill (reap, then leftovers): a no-op
     assert cgroups.free["acme"] == [first[0].split("/")[-2]]  # kept once, not twice
     assert cgroups.prepare("globex", 3) not in (first, second)  # never another tenant's
     assert cgroups.prepare("acme", 4) == first
-    assert not cgroups.oom_killed("acme", 1)  # settled: its cgroup is another's now
 
 
 def test_a_cgroup_with_a_straggler_is_emptied_before_it_is_kept(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import zmq
 from structlog.testing import capture_logs
@@ -28,7 +27,7 @@ def activation(cmd: str) -> Activation:
         kind="run",
         instance="i",
         limits=Limits(),
-        scratch=Path("/nonexistent"),
+        scratch="/nonexistent",
         launched_at=time.time(),
         launched_mono=time.monotonic(),
         deadline_mono=time.monotonic() + 60,

@@ -3,8 +3,6 @@ activation's own marks (one CLOCK_MONOTONIC for every process on the host)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from protocol.messages import Marks
 from supervisor.activation import PHASES, Activation
 from supervisor.config import Limits
@@ -18,7 +16,7 @@ def activation(**times: float) -> Activation:
         kind="run",
         instance="i",
         limits=Limits(),
-        scratch=Path("/nonexistent"),
+        scratch="/nonexistent",
         launched_at=0.0,
         launched_mono=10.0,
         deadline_mono=100.0,
