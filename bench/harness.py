@@ -25,6 +25,7 @@ import psutil
 
 from stepvisor.client import Client, StepVisorError
 from supervisor.activation import PHASES
+from supervisor.isolation import cgroup_moves
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -418,6 +419,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "git_commit": git("rev-parse", "--short", "HEAD"),
         "git_dirty": None if status is None else bool(status),
+        # A host setting that moves the tail of every activation's cgroup join (see doctor)
+        "cgroup_moves": cgroup_moves(),
     }
 
 

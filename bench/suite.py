@@ -274,7 +274,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['started_at']} · Python {env['python']} · {env['platform']} · "
         f"{env['cpu_count']} CPUs · commit {env['git_commit']}"
         f"{' (dirty)' if env['git_dirty'] else ''} · `python -m bench` · every isolation "
-        'layer the host has (`auto`), `synchronous = "acked"`, fork_spares 2\n',
+        'layer the host has (`auto`), `synchronous = "acked"`, fork_spares 2 · cgroup moves: '
+        f"{env.get('cgroup_moves', 'not recorded')}\n",
         f"## Throughput: {w} workflows x {s} no-op steps\n",
     ]
     dbos1 = tp.get("dbos/1", {}).get("steps_per_s")

@@ -335,6 +335,8 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     report["interpreters"], bad = _interpreters(cfg, paths.python)
     errors += bad
     report["cgroup"] = cgroups.describe() if cgroups else "none"
+    if cgroups is not None:
+        report["cgroup_moves"] = isolation.cgroup_moves()
     run_dir, why = _probe_dir(paths, cfg, layers["uid"].enabled)
     report["runtime_dir"] = _path_report(paths.runtime_dir)  # as the probe found or made it
     base = Path(tempfile.mkdtemp(prefix="svdoc-", dir="/tmp"))
@@ -384,13 +386,15 @@ def render(report: dict[str, Any]) -> str:
         "running_as_uid",
         "landlock_abi",
         "cgroup",
+        "cgroup_moves",
         "state_dir",
         "runtime_dir",
         "database",
         "api_socket",
         "sandbox_socket",
     ):
-        lines.append(f"{key + ':':<16} {report[key]}")
+        if key in report:
+            lines.append(f"{key + ':':<16} {report[key]}")
     for python, verdict in report["interpreters"].items():
         lines.append(f"{'python:':<16} {python}: {verdict}")
     probe = report["probe"]

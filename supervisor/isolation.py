@@ -131,6 +131,48 @@ def tenant_interpreter_errors(cfg: Config) -> list[str]:
     return errors
 
 
+def cgroup_moves(mounts: str | None = None, features: str | None = None) -> str:
+    """Whether moving a process into a cgroup takes the kernel's fast path, and if not, how to
+    get it. Every activation joins its cgroups; without `favordynmods` each join takes a global
+    lock whose writer waits for an RCU grace period, which measured 0.5 ms at the median and 14
+    ms at the 90th percentile on a 2-CPU host (with it: 0.6 ms at the 90th). The lock is one for
+    all hierarchies, so any cgroup2 mount with the option speeds every join; it is off by
+    default because it makes every fork and exit on the host a little dearer, so stepvisor
+    never sets it itself. `mounts`, `features`: /proc/mounts and the kernel's cgroup features."""
+    if mounts is None:
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+    if features is None:
+        try:
+            with open("/sys/kernel/cgroup/features") as f:
+                features = f.read()
+        except OSError:
+            features = ""
+    v2 = []
+    for line in mounts.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 4 or fields[2] not in ("cgroup", "cgroup2"):
+            continue
+        point = fields[1].encode().decode("unicode_escape")
+        options = fields[3].split(",")
+        if "favordynmods" in options:
+            return f"fast (favordynmods on {point})"
+        if fields[2] == "cgroup2":
+            v2.append((point, options))
+    if "favordynmods" not in features.split():
+        return "slow path (this kernel has no favordynmods: 6.0 or later has)"
+    if not v2:
+        return "slow path (no cgroup2 mount to set favordynmods on)"
+    point, options = v2[0]
+    # A remount sets exactly the flags it is given: keep the ones the mount has.
+    keep = ",".join(o for o in options if o not in ("rw", "ro", "relatime", "seclabel"))
+    opts = ",".join(filter(None, ["remount", keep, "favordynmods"]))
+    return (
+        "slow path: joining a cgroup can wait for an RCU grace period (ms);"
+        f" on a host given to stepvisor: mount -o {opts} {point}"
+    )
+
+
 def runtime_unreachable(runtime_dir: Path) -> str | None:
     """Sandbox uids must reach the sandbox socket: every parent must be searchable."""
     for parent in [runtime_dir, *runtime_dir.parents]:
