@@ -459,19 +459,11 @@ def state_bytes(conn: Db, tenant: str, instance: str) -> int:
 
 
 def journal_entries(conn: Db, tenant: str, instance: str) -> list[JournalEntry]:
-    """The journal as replay sees it."""
+    """The journal as replay sees it. Rows are unpacked by position: an activation late in a
+    long workflow reads every entry before it, and lookups by name cost a third of that."""
     return [
-        JournalEntry(
-            seq=r["seq"],
-            kind=r["kind"],
-            name=r["name"],
-            status=r["status"],
-            attempts=r["attempts"],
-            result=r["result"],
-            error=decode_error(r["error"]),
-            until=r["until"],
-        )
-        for r in conn.execute(
+        JournalEntry(seq, kind, name, status, attempts, result, decode_error(error), until)
+        for seq, kind, name, status, attempts, result, error, until in conn.execute(
             "SELECT seq, kind, name, status, attempts, result, error, until FROM journal"
             " WHERE tenant = ? AND instance = ? ORDER BY seq",
             (tenant, instance),
