@@ -47,6 +47,7 @@ class OutputCapture:
         self.poller = poller
         self.pipes: dict[int, _Pipe] = {}  # fd → pipe, while the fd is open
         self.leftover: deque[_Pipe] = deque()  # forgotten activations' unlogged lines
+        self.throttled: set[int] = set()  # fds of throttled pipes: read every iteration
         self.turn = 0  # whose lines come first this iteration
 
     def watch(self, act: Activation) -> None:
@@ -65,9 +66,8 @@ class OutputCapture:
         for fd in fds:
             if isinstance(fd, int) and (pipe := self.pipes.get(fd)) and not pipe.throttled:
                 self._read(fd, pipe)
-        for fd, pipe in list(self.pipes.items()):
-            if pipe.throttled:
-                self._read(fd, pipe)
+        for fd in list(self.throttled):
+            self._read(fd, self.pipes[fd])
         self._log_lines()
 
     def drain(self, act: Activation) -> None:
@@ -127,6 +127,7 @@ class OutputCapture:
         for fd, pipe in self.pipes.items():
             if pipe.act is act and not pipe.throttled:
                 pipe.throttled = True
+                self.throttled.add(fd)
                 self.poller.unregister(fd)
         act.log.warning(
             "tenant.output_dropped",
@@ -140,6 +141,7 @@ class OutputCapture:
     def _close(self, fd: int, pipe: _Pipe) -> None:
         if not pipe.throttled:
             self.poller.unregister(fd)
+        self.throttled.discard(fd)
         del self.pipes[fd]
         last = pipe.queue[-1][2] if pipe.queue else pipe.partial
         if last and not last.endswith(b"\n") and not pipe.throttled:

@@ -153,8 +153,10 @@ class Zygote:
             out.append((rid, ForkedProcess(pid, out_r, err_r)))
 
     def stuck(self, mono: float) -> bool:
-        """True when the oldest open request has waited longer than REPLY_TIMEOUT_S."""
-        return any(mono - sent > REPLY_TIMEOUT_S for sent, *_ in self.pending.values())
+        """True when the oldest open request has waited longer than REPLY_TIMEOUT_S. Requests
+        are kept in the order they were sent, so the oldest is the first."""
+        oldest = next(iter(self.pending.values()), None)
+        return oldest is not None and mono - oldest[0] > REPLY_TIMEOUT_S
 
     def close(self) -> list[int]:
         """Kill the fork server; returns the ids of the requests it never answered."""

@@ -8,8 +8,8 @@ live in `sqlite_schema` and `pg_schema`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,11 @@ def connect(
     )
 
 
-@contextmanager
-def transaction(conn: Db) -> Iterator[Db]:
-    """One write transaction (on SQLite `BEGIN IMMEDIATE`, retried while the file is locked)."""
-    with conn.transaction():
-        yield conn
+def transaction(conn: Db) -> AbstractContextManager[Db]:
+    """One write transaction (on SQLite `BEGIN IMMEDIATE`, retried while the file is locked).
+    The backend's own context manager: the loop opens one every iteration."""
+    cm: AbstractContextManager[Db] = conn.transaction()
+    return cm
 
 
 def is_incremental(conn: Db) -> bool:
