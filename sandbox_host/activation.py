@@ -34,8 +34,11 @@ def run(
     private namespace is made here."""
     # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
     for procs in box.cgroup_procs:
-        with open(procs, "w") as f:
-            f.write("0")
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)  # 3 syscalls where open() makes 7
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
     if token is None:
         # Spawned: the supervisor writes the token once this process sits in its cgroups.
         token = sys.stdin.readline().strip()
