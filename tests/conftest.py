@@ -61,11 +61,19 @@ def reaped_activations(client: Any, tenant: str, instance: str) -> list[dict[str
     soon as its last result is committed, and that activation's timings are recorded a moment
     later, when it has exited."""
 
+    seen: list[dict[str, Any]] = []
+
     def reaped() -> list[dict[str, Any]] | None:
         acts: list[dict[str, Any]] = client.history(tenant, instance)["activations"]
+        seen[:] = acts
         return acts if all(a["total_ms"] is not None for a in acts) else None
 
-    return wait_for(reaped, 10, f"every activation of {tenant}/{instance} to be reaped")
+    try:
+        return wait_for(reaped, 10, f"every activation of {tenant}/{instance} to be reaped")
+    except AssertionError as exc:  # say which one, and what is known of it
+        fields = ("id", "pid", "seq", "outcome", "detail")
+        left = [{k: a.get(k) for k in fields} for a in seen if a["total_ms"] is None]
+        raise AssertionError(f"{exc}; not reaped: {left}") from None
 
 
 class Daemon:
