@@ -12,6 +12,7 @@ import errno
 import fcntl
 import grp
 import json
+import math
 import os
 import secrets
 import signal
@@ -114,6 +115,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.stats = Stats(time.monotonic())
         self.next_gc = time.monotonic() + 1.0  # the first retention pass, after start-up
         self.child_exited = True  # SIGCHLD came since the last look for exits
+        self.next_deadline = math.inf  # the soonest deadline of a running activation
         # What `_schedule` found as the next wake-up, with the connection's change count then:
         # the tick's poll timeout reuses it when nothing was written since.
         self.wake_seen: tuple[int, float | None] | None = None
@@ -476,11 +478,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if self.more_due or self.output.busy():
             return 0
         mono, now = time.monotonic(), time.time()
-        wait = min(1.0, self.node.next_beat - mono)
-        grace = self.cfg.server.settled_grace_s
-        for act in self.running.values():
-            limit = act.settled_mono + grace if act.settled_mono else act.deadline_mono
-            wait = min(wait, limit - mono)
+        wait = min(1.0, self.node.next_beat - mono, self.next_deadline - mono)
         if not self.draining:
             wait = min(wait, self.next_gc - mono)
             seen, self.wake_seen = self.wake_seen, None
@@ -665,6 +663,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             deploy=deploy,
         )
         self.running[token] = act
+        self.next_deadline = min(self.next_deadline, act.deadline_mono)
         self.active += 1
         self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
@@ -715,29 +714,39 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         return launcher.sandbox_for(on, act.limits, act.scratch, act.uid, act.gid)
 
     def _check_deadlines(self, now: float, mono: float) -> None:
+        """Act on every deadline passed, and note the soonest one left for the poll timeout
+        (launches later in the tick lower it): one pass over the running activations."""
         self._check_zygotes(mono)
         grace = self.cfg.server.settled_grace_s
+        soonest = math.inf
         for act in list(self.running.values()):
-            if act.state == SETTLED:
-                if act.settled_mono is not None and mono > act.settled_mono + grace:
-                    self._kill_straggler(act)
-                continue
-            if mono <= act.deadline_mono:
-                continue
-            launcher.kill_group(act.pid)
-            if act.state == LAUNCHED:
-                self._settle(
-                    act,
-                    outcome.NEVER_CONNECTED,
-                    f"no Hello within {self.cfg.server.hello_timeout_s:g} s",
-                    mono,
-                )
-                if act.pid == 0:  # still waiting for the fork server: there is nothing to reap
-                    self._finish_record(act, None, None, now, mono)
-                    self._forget(act)
-            else:
-                limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
-                self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
+            self._check_deadline(act, now, mono, grace)
+            if act.token in self.running:
+                limit = act.settled_mono + grace if act.settled_mono else act.deadline_mono
+                soonest = min(soonest, limit)
+        self.next_deadline = soonest
+
+    def _check_deadline(self, act: Activation, now: float, mono: float, grace: float) -> None:
+        if act.state == SETTLED:
+            if act.settled_mono is not None and mono > act.settled_mono + grace:
+                self._kill_straggler(act)
+            return
+        if mono <= act.deadline_mono:
+            return
+        launcher.kill_group(act.pid)
+        if act.state == LAUNCHED:
+            self._settle(
+                act,
+                outcome.NEVER_CONNECTED,
+                f"no Hello within {self.cfg.server.hello_timeout_s:g} s",
+                mono,
+            )
+            if act.pid == 0:  # still waiting for the fork server: there is nothing to reap
+                self._finish_record(act, None, None, now, mono)
+                self._forget(act)
+        else:
+            limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
+            self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
 
     def _kill_straggler(self, act: Activation) -> None:
         """Its fate is decided but something of it is still there: the process that reported,
