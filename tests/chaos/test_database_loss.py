@@ -4,15 +4,15 @@ restarted node re-runs the interrupted step; nothing journaled is lost."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from supervisor import journal as j
 from tests.chaos.executions import start_gated
-from tests.conftest import Daemon, wait_gone, writable
+from tests.conftest import Daemon, wait_for, wait_gone, writable
 from tests.pg import DATABASE, Cluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgresql_only]
@@ -75,7 +75,18 @@ def test_a_session_the_server_ended_mid_transaction_is_a_lost_connection(pg_db: 
     try:
         with pytest.raises(j.CONNECTION_LOST), j.transaction(db):
             j.ensure_tenant(db, "acme", 1.0)
-            time.sleep(1.5)  # "paused"
+            backend = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+            # "Paused": do nothing until the server has ended this session.
+            with psycopg.connect(pg_db, autocommit=True) as watcher:
+                wait_for(
+                    lambda: (
+                        not watcher.execute(
+                            "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)
+                        ).fetchone()
+                    ),
+                    10,
+                    "the server to end the idle transaction's session",
+                )
             j.ensure_tenant(db, "beta", 2.0)
         assert j.tenant_names(db) == []
         with j.transaction(db):
