@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from supervisor import launcher
-from supervisor.activation import SETTLED, Activation
+from supervisor import launcher, outcome
+from supervisor.activation import LAUNCHED, SETTLED, Activation
 from supervisor.config import Config, Paths
 from supervisor.isolation import Cgroups
 from supervisor.journal.db import Db
@@ -36,6 +36,7 @@ class ForkServers:
     poller: zmq.Poller
     cgroups: Cgroups | None
     zygotes: dict[str, Zygote]  # interpreter → its fork server
+    running: dict[str, Activation]  # token → activation, until reaped
     forking: dict[tuple[str, int], Activation]  # (interpreter, request id) → activation
     zygote_failures: Counter[str]  # interpreter → fork servers lost since start
     log: Any
@@ -44,6 +45,9 @@ class ForkServers:
     _sandbox: Callable[[Activation], launcher.Sandbox]
     _started: Callable[[Activation, Any, float], None]
     _launch_failed: Callable[[Activation, OSError, float], None]
+    _settle: Callable[..., None]
+    _finish_record: Callable[[Activation, int | None, Any, float, float], None]
+    _forget: Callable[[Activation], None]
 
     def _request_fork(self, act: Activation) -> bool:
         """Ask the activation's fork server (starting it if there is none) for its process.
@@ -75,14 +79,19 @@ class ForkServers:
             self._zygote_failed(python, str(exc))
         for rid, proc in replies:
             act = self.forking.pop((python, rid), None)
-            if act is None or act.state == SETTLED:
-                # Given up on meanwhile (hello deadline, drain): it has its token, so stop it;
-                # as our (sub)reaped child it is collected by _reap_orphans.
+            if act is None or act.token not in self.running:
+                # Given up on and forgotten meanwhile (hello deadline, drain): it has its token,
+                # so stop it; as our (sub)reaped child it is collected by _reap_orphans.
                 launcher.kill_group(proc.pid)
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         stream.close()
                 continue
+            if act.state == SETTLED:
+                # The fork server hands the request to a spare before it answers: descheduled in
+                # between, its activation can report and be settled first. It is still ours to
+                # reap and record, and its slot is held until then.
+                act.log.info("zygote.late_answer", pid=proc.pid, outcome=act.outcome)
             try:
                 self._started(act, proc, now)
             except OSError as exc:
@@ -139,7 +148,15 @@ class ForkServers:
         now, mono = time.time(), time.monotonic()
         for rid in abandoned:
             act = self.forking.pop((python, rid), None)
-            if act is None or act.state == SETTLED:
+            if act is None or act.token not in self.running:
+                continue
+            if act.state != LAUNCHED:
+                # A spare took the request and said Hello, but its pid never came: it cannot be
+                # reaped by pid. Decide its fate (a step it started counts as a failed attempt),
+                # and `_forget` kills it by its cgroup or uid; _reap_orphans collects it.
+                self._settle(act, outcome.CRASHED, f"the fork server failed: {why}", mono)
+                self._finish_record(act, None, None, now, mono)
+                self._forget(act)
                 continue
             self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
             try:

@@ -4,7 +4,10 @@ spawned interpreters (`launch_mode = "spawn"`) run workflows and get every isola
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -187,3 +190,84 @@ def test_spare_processes_are_forked_ahead_and_a_dead_one_is_skipped(make_daemon)
     assert outcomes(c, "i") == ["ok"] * 4
     wait_for(lambda: len(spares()) == 2, 10, "the spares to be replaced")
     assert not daemon.events("zygote.failed")
+
+
+@contextlib.contextmanager
+def late_answers(zygote: psutil.Process, delay_us: int) -> Iterator[None]:
+    """Make the fork server answer late: strace delays its `sendto` calls (its answers and its
+    asks to the nursery; a request reaches a spare by `sendmsg`, undelayed)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: it delays the fork server's answer")
+    delay = subprocess.Popen(
+        ["strace", "-p", str(zygote.pid), "-o", "/dev/null", "-e", "trace=sendto",
+         "-e", f"inject=sendto:delay_enter={delay_us}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert delay.stderr is not None
+        attached = delay.stderr.readline()
+        if "attached" not in attached:
+            pytest.skip(f"strace cannot trace the fork server here: {attached.strip()}")
+        yield
+    finally:
+        delay.terminate()
+        delay.wait()
+
+
+def test_an_activation_that_finishes_before_its_fork_server_answers_is_still_reaped(
+    make_daemon,
+) -> None:
+    """The fork server hands a request to a spare and only then answers with its pid. A fork
+    server descheduled in between leaves an activation that reports, is settled and exits before
+    the supervisor knows its pid; it must still be reaped and recorded, and its slot freed."""
+    daemon = make_daemon(server=FORK + "fork_spares = 1\n")
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    (zygote,) = zygotes(daemon)
+    with late_answers(zygote, 700_000):  # well inside the reply timeout
+        c.create("acme", "w", id="i")
+        assert c.wait("acme", "i", timeout_s=60)["output"] == 3
+        acts = reaped_activations(c, "acme", "i")
+    assert [a["outcome"] for a in acts] == ["ok"] * 4
+    assert all(a["pid"] for a in acts)  # recorded, though it came after the result
+    assert daemon.events("zygote.late_answer"), "the answer was never late: nothing was tested"
+    s = c.stats()
+    assert s["running"] == 0 and s["exiting"] == 0
+
+
+def test_a_fork_server_that_dies_before_answering_leaves_no_activation_behind(
+    make_daemon,
+) -> None:
+    """The fork server dies after handing a request to a spare and before answering: the spare
+    is running the step, and the supervisor never learns its pid. It is settled as crashed and
+    killed by its cgroup (never spawned a second time with the same token), and the step's
+    retry runs."""
+    daemon = make_daemon(server=FORK + "fork_spares = 1\n")
+    c = daemon.client()
+    deploy_source(c, "acme", """
+        import time
+        from stepvisor import workflow
+
+        @workflow("w")
+        def w(event, step):
+            def once(ctx):
+                return "again" if ctx.attempt > 1 else time.sleep(60)
+            return step.do("s", once, retries={"limit": 1, "delay": 0})
+    """)  # fmt: skip
+    (zygote,) = zygotes(daemon)
+    with late_answers(zygote, 4_000_000):
+        c.create("acme", "w", id="i")
+
+        def in_step() -> bool:
+            acts = c.history("acme", "i")["activations"]
+            return bool(acts) and acts[0]["seq"] == 0
+
+        wait_for(in_step, 30, "the first activation to start its step")
+        zygote.send_signal(signal.SIGKILL)
+    assert c.wait("acme", "i", timeout_s=60)["output"] == "again"
+    acts = reaped_activations(c, "acme", "i")
+    assert acts[0]["outcome"] == "crashed" and "fork server" in acts[0]["detail"]
+    assert [a["outcome"] for a in acts[1:]] == ["ok", "ok"]
+    s = c.stats()
+    assert s["running"] == 0 and s["exiting"] == 0
