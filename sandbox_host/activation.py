@@ -71,8 +71,8 @@ def run(
     if before_parent_check is not None:
         before_parent_check()
     limits.die_with_parent(ppid)  # after the uid change, which clears it
-    channel = Channel(endpoint, token)  # a fresh zmq Context: nothing of a parent's is reused
-    # Imports are done and the socket's I/O thread exists; now cap what tenant code may use.
+    channel = Channel(endpoint, token)  # its own connection: nothing of a parent's is reused
+    # Imports are done and the connection exists; now cap what tenant code may use.
     limits.apply_rlimits(
         memory_mib=box.memory_mib,
         cpu_seconds=box.cpu_seconds,

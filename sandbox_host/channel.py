@@ -1,35 +1,90 @@
-"""The activation's one socket to the supervisor: a DEALER whose routing id is its token."""
+"""The activation's one connection to the supervisor: a ZMTP DEALER peer of its sandbox ROUTER,
+whose routing id is the token. Spoken over a plain blocking Unix socket (see `protocol.zmtp` for
+why not libzmq): no thread, no Context, nothing of a parent's state."""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
+from typing import TypeVar
 
-import zmq
-
+from protocol import zmtp
 from protocol.codec import decode_to_activation, encode
 from protocol.launch import ExitCode
 from protocol.messages import Ack
 
+# What one message from the supervisor may be: an Activate carries code, journal and events,
+# a compatibility check many journals; anything larger is not our supervisor talking.
+MAX_INBOUND_BYTES = 256 * 1024 * 1024
+
+T = TypeVar("T")
+
 
 class Channel:
     def __init__(self, endpoint: str, token: str, *, timeout_s: float = 30.0) -> None:
-        # A fresh Context per process: nothing of a parent's zmq state is ever reused.
-        self.ctx = zmq.Context(io_threads=1)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, token.encode())
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.connect(endpoint)
-        self.timeout_ms = int(timeout_s * 1000)
+        if not endpoint.startswith("ipc://"):
+            raise ValueError(f"an activation reaches its supervisor over ipc:// only: {endpoint}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(endpoint.removeprefix("ipc://"))
+        self.sock.sendall(zmtp.greeting() + zmtp.ready(b"DEALER", token.encode()))
+        self.greeted = False
 
     def send(self, msg: object) -> None:
-        self.sock.send(encode(msg))
+        if not self.greeted:
+            # libzmq takes a message only once its side of the handshake is done: it has sent
+            # its READY. One arriving earlier, in the same read as ours, drops the connection.
+            self._guard(self._greet, ExitCode.NO_ACTIVATE)
+        self.sock.sendall(zmtp.frame(encode(msg)))
 
     def recv(self, exit_code: int) -> object:
-        if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+        return decode_to_activation(self._guard(self._message, exit_code))
+
+    @staticmethod
+    def _guard(read: Callable[[], T], exit_code: int) -> T:
+        try:
+            return read()
+        except (OSError, EOFError, zmtp.ZmtpError):  # timed out, closed, or not our supervisor
             os._exit(exit_code)
-        return decode_to_activation(self.sock.recv())
 
     def wait_ack(self) -> None:
         reply = self.recv(ExitCode.NO_ACK)
         if not isinstance(reply, Ack) or not reply.ok:
             os._exit(ExitCode.REFUSED)
+
+    def _greet(self) -> None:
+        zmtp.check_greeting(self._exact(zmtp.GREETING_BYTES))
+        flags, body = self._frame()
+        if not flags & zmtp.COMMAND or zmtp.command_name(body) != b"READY":
+            raise zmtp.ZmtpError("the peer did not say READY")
+        self.greeted = True
+
+    def _message(self) -> bytes:
+        if not self.greeted:
+            self._greet()
+        while True:
+            flags, body = self._frame()
+            if flags & zmtp.COMMAND:
+                continue  # a heartbeat or another command: nothing we act on
+            if flags & zmtp.MORE:
+                raise zmtp.ZmtpError("a message of more than one frame")
+            return body
+
+    def _frame(self) -> tuple[int, bytes]:
+        flags = self._exact(1)[0]
+        n = zmtp.size(flags, self._exact(zmtp.size_bytes(flags)))
+        if n > MAX_INBOUND_BYTES:
+            raise zmtp.ZmtpError(f"a frame of {n} bytes")
+        return flags, self._exact(n)
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
+                raise EOFError("the supervisor closed the connection")
+            got += k
+        return bytes(buf)

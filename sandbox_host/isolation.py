@@ -518,7 +518,7 @@ def seccomp_supported() -> bool:
 
 
 def restrict_syscalls(*, allow_inet: bool) -> None:
-    """Install the policy above on every thread at once (TSYNC): the zmq I/O thread as well.
+    """Install the policy above on every thread at once (TSYNC): on any a library started too.
 
     Runs after the supervisor connection exists, which keeps working: it needs only send, recv,
     sendmsg, recvmsg, poll and epoll on sockets already open.

@@ -22,8 +22,8 @@ no tenant and no token until it is given a request, and exits when its socket cl
 is gone).
 
 Given a request, the activation does not wait for the supervisor: it joins its cgroups itself,
-applies its isolation and connects with the token it was given. Neither the zygote nor the
-nursery creates a zmq Context or a thread: each activation makes its own.
+applies its isolation and connects with the token it was given. Neither the zygote, the nursery
+nor an activation starts a thread (an activation speaks ZMTP itself: `sandbox_host.channel`).
 
 A request's `netns` names the tenant whose private network namespace the activation enters. The
 zygote makes one per tenant and keeps it while the tenant is active (NETNS_IDLE_S): creating a
@@ -48,7 +48,6 @@ from typing import NamedTuple
 # Everything an activation imports, loaded once here instead of once per activation.
 import cloudpickle  # noqa: F401
 import msgspec
-import zmq  # noqa: F401
 
 from protocol.launch import ExitCode, ForkReply, ForkRequest
 from sandbox_host import activation, isolation, limits

@@ -317,7 +317,8 @@ def test_garbage_on_its_own_channel_is_a_protocol_error(arena: Arena) -> None:
         """
         import gc
         (channel,) = [o for o in gc.get_objects() if type(o).__name__ == "Channel"]
-        channel.sock.send(b"\\xc1 not a message")
+        garbage = b"\\xc1 not a message"
+        channel.sock.sendall(bytes([0, len(garbage)]) + garbage)  # one well-framed ZMTP frame
         import time
         time.sleep(30)
         """

@@ -1,0 +1,97 @@
+"""An activation's channel against a real libzmq ROUTER, as the supervisor binds it: the
+routing id is the token, messages of every size cross both ways, and whatever goes wrong
+ends the activation with its reserved exit code, never a hang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from protocol.codec import decode_from_activation, encode
+from protocol.launch import ExitCode
+from protocol.messages import Ack, Activate, Hello
+
+CHILD = """
+import os, sys
+from protocol.launch import ExitCode
+from protocol.messages import Activate, Hello
+from sandbox_host.channel import Channel
+
+ch = Channel(sys.argv[1], sys.argv[2], timeout_s=float(sys.argv[3]))
+ch.send(Hello(token=sys.argv[2], pid=os.getpid(), protocol_version=1))
+act = ch.recv(ExitCode.NO_ACTIVATE)
+assert isinstance(act, Activate)
+print(len(act.code), flush=True)
+ch.send(Hello(token="again", pid=1 + len(act.code), protocol_version=1))
+ch.wait_ack()
+os._exit(0)
+"""
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path / 'sandbox.sock'}"
+    sock.bind(endpoint)
+    yield endpoint, sock
+    sock.close()
+    ctx.term()
+
+
+def start(endpoint: str, token: str, timeout_s: float = 30.0) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD), endpoint, token, str(timeout_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def receive(sock: zmq.Socket[bytes]) -> tuple[bytes, object]:
+    assert sock.poll(30_000), "nothing came from the activation"
+    identity, frame = sock.recv_multipart()
+    return identity, decode_from_activation(frame)
+
+
+@pytest.mark.parametrize("code_bytes", [0, 200, 300, 3 * 1024 * 1024])
+def test_messages_cross_both_ways_under_the_token(router, code_bytes: int) -> None:
+    endpoint, sock = router
+    proc = start(endpoint, "tok-1")
+    identity, hello = receive(sock)
+    assert identity == b"tok-1" and isinstance(hello, Hello) and hello.token == "tok-1"
+    code = bytes(range(256)) * (code_bytes // 256) + b"x" * (code_bytes % 256)
+    activate = Activate(mode="run", tenant="t", filename="w.py", code_kind="source", code=code)
+    sock.send_multipart([identity, encode(activate)])
+    identity, echo = receive(sock)
+    assert identity == b"tok-1" and isinstance(echo, Hello) and echo.pid == 1 + code_bytes
+    sock.send_multipart([identity, encode(Ack())])
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == str(code_bytes)
+
+
+def test_a_refusal_ends_the_activation_with_its_code(router) -> None:
+    endpoint, sock = router
+    proc = start(endpoint, "tok-2")
+    identity, _ = receive(sock)
+    sock.send_multipart([identity, encode(Activate("run", "t", "w.py", "source", b""))])
+    receive(sock)
+    sock.send_multipart([identity, encode(Ack(ok=False))])
+    assert proc.wait(timeout=30) == ExitCode.REFUSED
+
+
+def test_silence_and_a_closed_supervisor_end_it_too(router) -> None:
+    endpoint, sock = router
+    proc = start(endpoint, "tok-3", timeout_s=0.5)
+    receive(sock)  # and never answer
+    assert proc.wait(timeout=30) == ExitCode.NO_ACTIVATE
+    proc = start(endpoint, "tok-4")
+    receive(sock)
+    sock.close()  # the supervisor is gone
+    assert proc.wait(timeout=30) == ExitCode.NO_ACTIVATE
