@@ -5,7 +5,7 @@ per request, forked before the request arrives.
 socket. Each request is a `protocol.launch.ForkRequest` (JSON) with three fds attached (the
 activation's stdin, stdout, stderr); the answer is a `ForkReply` with the activation's pid.
 
-Forking is the slow part of a launch (page tables of a pre-imported interpreter, twice), so the
+Forking is the slow part of a launch (the page tables of a pre-imported interpreter), so the
 zygote keeps K *spares*: processes forked ahead of time that wait, blank, for a request. A request
 goes to a spare over its own socket and the reply goes back at once.
 
@@ -15,9 +15,11 @@ it reads its first request it forks the *nursery*, which only ever forks spares:
 one with a byte and answers with the spare's pid and socket, so a spare's memory is the nursery's,
 which has never seen a request. The nursery also forks while the zygote forwards requests.
 
-Each spare is forked twice: the middle process exits at once, so the spare is re-parented to the
-supervisor (a child subreaper), which waits for it like a spawned activation; the nursery hands a
-spare over only once its middle process is reaped. A spare holds nothing but its own socket, has
+A spare is the supervisor's child, which waits for it like a spawned activation. Where the host
+allows (`sibling.probe`), the nursery is the supervisor's child too and forks each spare with
+clone(CLONE_PARENT); otherwise each spare is forked twice: the middle process exits at once, so
+the spare is re-parented to the supervisor (a child subreaper), and the nursery hands a spare
+over only once its middle process is reaped. A spare holds nothing but its own socket, has
 no tenant and no token until it is given a request, and exits when its socket closes (the zygote
 is gone).
 
@@ -52,6 +54,7 @@ import msgspec
 from protocol.launch import ExitCode, ForkReply, ForkRequest
 from sandbox_host import activation, isolation, limits
 from sandbox_host import runtime as _runtime  # noqa: F401
+from sandbox_host.sibling import SiblingFork, probe
 from stepvisor import sdk as _sdk  # noqa: F401
 
 MAX_REQUEST_BYTES = 1 << 20
@@ -68,9 +71,21 @@ class Spare(NamedTuple):
     sock: socket.socket  # the zygote's end; the request and its fds go here
 
 
-def _fork_spare() -> Spare:
-    """In the nursery: fork one spare, re-parented to the supervisor before this returns."""
+def _fork_spare(sibling: SiblingFork | None) -> Spare:
+    """In the nursery: fork one spare that is the supervisor's child by the time this returns:
+    with `sibling` (the nursery is then the supervisor's child) at once, else through a middle
+    process that exits, which re-parents it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if sibling is not None:
+        pid = sibling.fork()
+        if pid == 0:
+            ours.close()
+            try:
+                _spare(theirs)
+            finally:
+                os._exit(ExitCode.SPARE_FAILED)
+        theirs.close()
+        return Spare(pid, ours)
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -98,10 +113,12 @@ def _spare(sock: socket.socket) -> None:
     os.closerange(3, fd)  # the nursery's socket and other spares' sockets: not ours
     os.closerange(fd + 1, 1 << 16)
     os.setsid()  # its own session and process group, as a spawned activation has
+    limits.set_name("sv-spare")
     data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 4)
     if not data or len(fds) not in (3, 4):
         os._exit(0)  # the zygote is gone (or confused): never used
     started = time.monotonic()
+    limits.set_name("sv-activation")
     sock.close()
     request = _REQUESTS.decode(data)
     for target, src in zip((0, 1, 2, _NETNS_FD), fds, strict=False):  # netns: optional
@@ -152,18 +169,21 @@ class Nursery:
         self.asked = 0  # spares asked for and not yet received
 
     @classmethod
-    def start(cls, close: list[socket.socket]) -> Nursery:
-        """Fork the nursery; `close`: sockets of the zygote's it must not keep."""
+    def start(cls, close: list[socket.socket], supervisor: int) -> Nursery:
+        """Fork the nursery; `close`: sockets of the zygote's it must not keep. Where sibling
+        forks work it is the supervisor's child, and so are the spares it forks with them."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         zygote = os.getpid()
-        pid = os.fork()
+        sibling = probe()
+        pid = os.fork() if sibling is None else sibling.fork()
         if pid == 0:
             try:
                 ours.close()
                 for sock in close:
                     sock.close()
-                limits.die_with_parent(zygote)
-                _nurse(theirs)
+                limits.die_with_parent(zygote if sibling is None else supervisor)
+                limits.set_name("sv-nursery")
+                _nurse(theirs, sibling)
             finally:
                 os._exit(0)
         theirs.close()
@@ -185,7 +205,7 @@ class Nursery:
         return Spare(int(data), socket.socket(fileno=fds[0]))
 
 
-def _nurse(sock: socket.socket) -> None:
+def _nurse(sock: socket.socket, sibling: SiblingFork | None) -> None:
     """The nursery's loop: one spare per byte received; ends when the zygote is gone."""
     while True:
         try:
@@ -195,7 +215,7 @@ def _nurse(sock: socket.socket) -> None:
         if not asked:
             return
         for _ in asked:
-            spare = _fork_spare()
+            spare = _fork_spare(sibling)
             try:
                 socket.send_fds(sock, [str(spare.pid).encode()], [spare.sock.fileno()])
             except OSError:
@@ -294,7 +314,7 @@ def main() -> None:
     # collector from walking (and so writing to) those pages in each child.
     gc.collect()
     gc.freeze()
-    nursery = Nursery.start(close=[control])  # before any request: spares never see one
+    nursery = Nursery.start([control], args.ppid)  # before any request: spares never see one
     try:
         serve(control, nursery, max(0, args.spares))
     except NurseryGone as exc:

@@ -44,6 +44,15 @@ def zygotes(daemon) -> list[psutil.Process]:
         return []
 
 
+def children_named(daemon, name: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(daemon.proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if p.name() == name:
+                out.append(p)
+    return out
+
+
 def outcomes(c, instance: str) -> list[str]:
     return [a["outcome"] for a in c.history("acme", instance)["activations"]]
 
@@ -162,17 +171,11 @@ def test_spare_processes_are_forked_ahead_and_a_dead_one_is_skipped(make_daemon)
     daemon = make_daemon(server=FORK)
     c = daemon.client()
     deploy_source(c, "acme", SRC)
-    (zygote,) = zygotes(daemon)
 
     def spares() -> list[psutil.Process]:
-        # Idle spares: the supervisor's children with the fork server's command line that are
-        # not the fork server itself (activations that have exited are zombies).
-        out = []
-        for p in psutil.Process(daemon.proc.pid).children():
-            with contextlib.suppress(psutil.Error):
-                if p.pid != zygote.pid and p.cmdline() == zygote.cmdline():
-                    out.append(p)
-        return out
+        # Idle spares: the supervisor's children that say so (activations that have exited
+        # are zombies).
+        return children_named(daemon, "sv-spare")
 
     def gone(p: psutil.Process) -> bool:
         try:
@@ -190,6 +193,23 @@ def test_spare_processes_are_forked_ahead_and_a_dead_one_is_skipped(make_daemon)
     assert outcomes(c, "i") == ["ok"] * 4
     wait_for(lambda: len(spares()) == 2, 10, "the spares to be replaced")
     assert not daemon.events("zygote.failed")
+
+
+def test_spares_are_forked_once_where_the_host_allows(make_daemon) -> None:
+    """With sibling forks the nursery is the supervisor's child and forks each spare straight
+    into the supervisor's children: no middle process per spare."""
+    daemon = make_daemon(server=FORK)
+    deploy_source(daemon.client(), "acme", SRC)
+    (zygote,) = zygotes(daemon)
+    wait_for(lambda: len(children_named(daemon, "sv-spare")) == 2, 10, "two spare processes")
+    if any(p.name() == "sv-nursery" for p in zygote.children()):
+        pytest.skip("sibling forks are unavailable here: spares go through a middle process")
+    (nursery,) = children_named(daemon, "sv-nursery")
+    c = daemon.client()
+    c.create("acme", "w", id="i")
+    assert c.wait("acme", "i", timeout_s=60)["output"] == 3
+    wait_for(lambda: len(children_named(daemon, "sv-spare")) == 2, 10, "the spares replaced")
+    assert nursery.is_running() and not nursery.children()  # the spares are not its own
 
 
 @contextlib.contextmanager
