@@ -585,7 +585,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     self.more_due = True
                     return
                 most = self.cfg.limits_for(tenant).max_concurrent
-                if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] >= most:
+                # More than `most` exiting: its stragglers hold back its own launches. One
+                # exiting at `max_concurrent = 1` must not: the next step would wait for a reap.
+                if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] > most:
                     continue
                 if self.uids is not None and not self.uids.has_free(tenant):
                     continue  # its uids are all busy and every other uid is another tenant's
