@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from protocol.launch import ExitCode, Sandbox
@@ -26,12 +26,14 @@ def run(
     token: str | None = None,
     before_parent_check: Callable[[], None] | None = None,
     netns_fd: int | None = None,
+    targets: Mapping[str, isolation.Target] | None = None,
 ) -> NoReturn:
     """`started`: CLOCK_MONOTONIC when this process's own code began, for the timing marks.
     `token`: given by the fork server; a spawned activation reads it from stdin instead.
     `before_parent_check`: the fork server's wait until we are the supervisor's child.
     `netns_fd`: the tenant's private network namespace, from the fork server; without it a
-    private namespace is made here."""
+    private namespace is made here. `targets`: the fork server's paths opened for Landlock
+    rules, closed here once the rules are in place."""
     # Forked: join our cgroups ourselves, before anything that uses memory or CPU of note.
     for procs in box.cgroup_procs:
         fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)  # 3 syscalls where open() makes 7
@@ -62,7 +64,10 @@ def run(
         isolation.restrict_filesystem(
             isolation.default_read_only() + list(box.read_only),
             [box.scratch, "/dev/null", *box.read_write],
+            targets,
         )
+    for target in (targets or {}).values():
+        os.close(target.fd)
     if box.uid is not None:
         isolation.drop_privileges(box.uid, box.gid if box.gid is not None else box.uid)
     elif os.geteuid() == 0:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -88,8 +89,38 @@ def _handled_rights(abi: int) -> int:
     return rights
 
 
-def restrict_filesystem(read_only: Iterable[str], read_write: Iterable[str]) -> int:
+class Target(NamedTuple):
+    """A path opened (O_PATH) ahead of time for a Landlock rule, and whether it is a directory."""
+
+    fd: int
+    is_dir: bool
+
+
+def open_targets(paths: Iterable[str], lowest_fd: int) -> dict[str, Target]:
+    """O_PATH fds for `paths`, numbered from `lowest_fd` up (the paths this host lacks left out).
+    The fork server's nursery opens the interpreter's read-only paths once, so that each of its
+    activations only adds rules: about 80 system calls fewer per activation."""
+    targets = {}
+    for path in paths:
+        if path == "/proc" or path.startswith("/proc/"):
+            continue  # /proc/self is the opener's: each activation opens its own
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest_fd)
+            targets[path] = Target(high, stat.S_ISDIR(os.fstat(high).st_mode))
+        finally:
+            os.close(fd)
+    return targets
+
+
+def restrict_filesystem(
+    read_only: Iterable[str], read_write: Iterable[str], opened: Mapping[str, Target] | None = None
+) -> int:
     """Allow reading `read_only` and everything under `read_write`; deny the rest of the tree.
+    `opened`: targets opened ahead of time (`open_targets`); the caller closes them.
 
     Applies to this thread and every thread or process it creates later, so it must run before
     any thread exists. Returns the ABI used.
@@ -106,7 +137,10 @@ def restrict_filesystem(read_only: Iterable[str], read_write: Iterable[str]) -> 
     try:
         for paths, rights in ((read_only, READ_ONLY), (read_write, handled)):
             for path in paths:
-                _allow(int(fd), path, rights & handled)
+                if opened is not None and (target := opened.get(path)) is not None:
+                    _add_rule(int(fd), path, target, rights & handled)
+                else:
+                    _allow(int(fd), path, rights & handled)
         if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, int(fd), 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
@@ -117,18 +151,23 @@ def restrict_filesystem(read_only: Iterable[str], read_write: Iterable[str]) -> 
 
 def _allow(ruleset: int, path: str, rights: int) -> None:
     try:
-        target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return  # a path this host lacks (say /lib64) grants nothing
     try:
-        if not stat.S_ISDIR(os.fstat(target).st_mode):  # what was opened, not the path again
-            rights &= _FILE_RIGHTS  # directory rights on a file are EINVAL
-        attr = struct.pack("=Qi", rights, target)  # landlock_path_beneath_attr is packed
-        if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, attr, 0):
-            err = ctypes.get_errno()
-            raise OSError(err, f"landlock_add_rule({path}): {os.strerror(err)}")
+        # What was opened, not the path again.
+        _add_rule(ruleset, path, Target(fd, stat.S_ISDIR(os.fstat(fd).st_mode)), rights)
     finally:
-        os.close(target)
+        os.close(fd)
+
+
+def _add_rule(ruleset: int, path: str, target: Target, rights: int) -> None:
+    if not target.is_dir:
+        rights &= _FILE_RIGHTS  # directory rights on a file are EINVAL
+    attr = struct.pack("=Qi", rights, target.fd)  # landlock_path_beneath_attr is packed
+    if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, attr, 0):
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock_add_rule({path}): {os.strerror(err)}")
 
 
 def default_read_only() -> list[str]:

@@ -45,6 +45,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 # Everything an activation imports, loaded once here instead of once per activation.
@@ -60,6 +61,10 @@ from stepvisor import sdk as _sdk  # noqa: F401
 MAX_REQUEST_BYTES = 1 << 20
 NETNS_IDLE_S = 60.0  # a tenant's network namespace is dropped after this long without a request
 _NETNS_FD = 3  # where a spare puts the namespace it was given, for `activation.run`
+# The interpreter's read-only paths, opened once by the nursery for every spare's Landlock rules
+# (`isolation.open_targets`), above the fds a spare is given.
+_TARGETS: dict[str, isolation.Target] = {}
+_TARGETS_LOWEST_FD = 64
 # Made here, at import: msgspec builds a struct type's decoding tables on first use, which each
 # spare would otherwise do again (and pay for in page faults).
 _REQUESTS = msgspec.json.Decoder(ForkRequest)
@@ -107,11 +112,19 @@ def _fork_spare(sibling: SiblingFork | None) -> Spare:
     return Spare(pid, ours)
 
 
+def _close_all_but(lowest: int, keep: Iterable[int]) -> None:
+    for fd in sorted(keep):
+        if fd >= lowest:
+            os.closerange(lowest, fd)
+            lowest = fd + 1
+    os.closerange(lowest, 1 << 16)
+
+
 def _spare(sock: socket.socket) -> None:
     """A forked process waiting for its request; then one activation's life."""
-    fd = sock.fileno()
-    os.closerange(3, fd)  # the nursery's socket and other spares' sockets: not ours
-    os.closerange(fd + 1, 1 << 16)
+    targets = [t.fd for t in _TARGETS.values()]
+    # The nursery's socket and other spares' sockets: not ours.
+    _close_all_but(3, [sock.fileno(), *targets])
     os.setsid()  # its own session and process group, as a spawned activation has
     limits.set_name("sv-spare")
     data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 4)
@@ -123,7 +136,7 @@ def _spare(sock: socket.socket) -> None:
     request = _REQUESTS.decode(data)
     for target, src in zip((0, 1, 2, _NETNS_FD), fds, strict=False):  # netns: optional
         os.dup2(src, target)
-    os.closerange(len(fds), 1 << 16)
+    _close_all_but(len(fds), targets)
     os.chdir(request.sandbox.scratch)
     os.environ.clear()
     os.environ.update(request.env)
@@ -136,6 +149,7 @@ def _spare(sock: socket.socket) -> None:
         request.token,
         before_parent_check=lambda: _check_parent(ppid),
         netns_fd=_NETNS_FD if len(fds) == 4 else None,
+        targets=_TARGETS,
     )
 
 
@@ -207,6 +221,7 @@ class Nursery:
 
 def _nurse(sock: socket.socket, sibling: SiblingFork | None) -> None:
     """The nursery's loop: one spare per byte received; ends when the zygote is gone."""
+    _TARGETS.update(isolation.open_targets(isolation.default_read_only(), _TARGETS_LOWEST_FD))
     while True:
         try:
             asked = sock.recv(64)

@@ -312,6 +312,33 @@ def test_a_daemonised_grandchild_dies_with_its_activation(arena: Arena, shared: 
     wait_gone(escapee, 10, "the daemonised grandchild to be killed with its activation's cgroup")
 
 
+def test_a_step_holds_no_descriptor_but_its_own(arena: Arena) -> None:
+    """The fork server's processes open things for every activation (Landlock targets, the
+    spares' sockets, a tenant's network namespace): none of it reaches tenant code, which sees
+    its stdio, its connection to the supervisor and what the interpreter itself opened."""
+    st = arena.attack(
+        """
+        import os, socket, stat
+        seen = {}
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue  # the listing's own directory fd, closed by now
+            kind = "socket" if stat.S_ISSOCK(st.st_mode) else "fifo" if stat.S_ISFIFO(st.st_mode) else "other"
+            if kind == "other":
+                kind = os.readlink(f"/proc/self/fd/{fd}")
+            seen[fd] = kind
+        result = seen
+        """
+    )
+    assert st["status"] == "complete", st
+    fds = {int(k): v for k, v in st["output"].items()}
+    assert set(fds) == {0, 1, 2, 3}, fds  # stdin, stdout, stderr, the supervisor connection
+    assert fds[3] == "socket" and fds[1] == fds[2] == "fifo"
+
+
 def test_garbage_on_its_own_channel_is_a_protocol_error(arena: Arena) -> None:
     st = arena.attack(
         """
