@@ -154,8 +154,9 @@ def _spare(sock: socket.socket) -> None:
 
 
 def _check_parent(ppid: int) -> None:
-    """PDEATHSIG must name the supervisor: a spare is its child once its middle process is
-    reaped, which happens before any request reaches it; anything else means it is gone."""
+    """PDEATHSIG must name the supervisor: a spare is its child from birth (a sibling fork) or
+    once its middle process is reaped, before any request reaches it; anything else means the
+    supervisor is gone."""
     if os.getppid() != ppid:
         os._exit(ExitCode.ORPHANED)
 
