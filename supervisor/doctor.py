@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -280,6 +281,23 @@ def _interpreters(cfg: Config, python: str) -> tuple[dict[str, str], list[str]]:
     return report, errors
 
 
+def _spare_forks(python: str) -> str:
+    """How the fork server makes its spares with this interpreter: asked of a child of ours,
+    whose own probe forks one process that becomes our child (reaped at our exit)."""
+    code = "from sandbox_host.sibling import probe; print(probe() is not None)"
+    try:
+        r = subprocess.run(
+            [python, "-I", "-c", code], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown: {exc}"
+    if r.stdout.strip() == "True":
+        return "once each (clone with CLONE_PARENT)"
+    if r.stdout.strip() == "False":
+        return "twice each (through a middle process): sibling forks are unavailable here"
+    return f"unknown: {r.stderr.strip()[-300:]}"
+
+
 def _probe_dir(paths: Paths, cfg: Config, uid_on: bool) -> tuple[Path | None, str | None]:
     """A directory for the probe's socket and scratch inside the daemon's runtime dir, made or
     checked as `serve` does: what keeps sandbox uids from it there shows."""
@@ -337,6 +355,8 @@ def run(cfg: Config) -> tuple[dict[str, Any], bool]:
     report["cgroup"] = cgroups.describe() if cgroups else "none"
     if cgroups is not None:
         report["cgroup_moves"] = isolation.cgroup_moves()
+    if cfg.server.launch_mode == "fork":
+        report["spare_forks"] = _spare_forks(paths.python)
     run_dir, why = _probe_dir(paths, cfg, layers["uid"].enabled)
     report["runtime_dir"] = _path_report(paths.runtime_dir)  # as the probe found or made it
     base = Path(tempfile.mkdtemp(prefix="svdoc-", dir="/tmp"))
@@ -387,6 +407,7 @@ def render(report: dict[str, Any]) -> str:
         "landlock_abi",
         "cgroup",
         "cgroup_moves",
+        "spare_forks",
         "state_dir",
         "runtime_dir",
         "database",

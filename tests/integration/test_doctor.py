@@ -34,6 +34,7 @@ def test_doctor_verifies_each_layer_with_a_probe(make_daemon) -> None:
         assert row["effective"] == row["available"], row
     assert r.returncode == 0
     assert report["interpreter"] == sys.executable
+    assert report["spare_forks"].startswith(("once each", "twice each")), report["spare_forks"]
     # the backend is named; PostgreSQL is asked over a connection of its own
     if daemon.database:
         assert report["database"].startswith("postgresql "), report["database"]
