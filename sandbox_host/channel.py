@@ -28,6 +28,7 @@ class Channel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout_s)
         self.sock.connect(endpoint.removeprefix("ipc://"))
+        self.token = token  # our routing id: what the supervisor knows this activation by
         self.sock.sendall(zmtp.greeting() + zmtp.ready(b"DEALER", token.encode()))
         self.greeted = False
 

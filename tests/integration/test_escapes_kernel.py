@@ -24,8 +24,7 @@ LEAKER = "qzxleaker"
 READ_OWN_TOKEN = """
 import gc
 (channel,) = [o for o in gc.get_objects() if type(o).__name__ == "Channel"]
-import zmq
-result = channel.sock.getsockopt(zmq.ROUTING_ID).decode()
+result = channel.token
 """
 
 # Searches this process's whole memory for a needle it is given only as a prefix and a hash:
@@ -184,15 +183,18 @@ def _plant_and_search(arena: Arena, key: int) -> None:
 def test_a_dead_nursery_takes_the_fork_server_down_and_it_is_replaced(arena: Arena) -> None:
     """The nursery forks every spare; without it the fork server exits rather than fork spares
     itself from a process that has seen requests."""
-    (started,) = arena.daemon.events("zygote.started")
-    zygote = psutil.Process(started["pid"])
+    assert arena.daemon.proc is not None
 
     def the_nursery() -> list[psutil.Process]:
-        # Its only child once no spare is being forked (a fork's middle process is another).
-        children = zygote.children()
-        return children if len(children) == 1 else []
+        # The supervisor's child where spares are sibling forks, else the fork server's.
+        found = []
+        for p in psutil.Process(arena.daemon.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if p.name() == "sv-nursery":
+                    found.append(p)
+        return found
 
-    (nursery,) = wait_for(the_nursery, 10, "the fork server's one child, the nursery")
+    (nursery,) = wait_for(the_nursery, 10, "the fork server's nursery")
     nursery.send_signal(signal.SIGKILL)
     wait_for(lambda: arena.daemon.events("zygote.failed"), 10, "the fork server's exit")
     st = arena.attack("result = 7", iid="after")
