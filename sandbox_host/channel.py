@@ -33,11 +33,15 @@ class Channel:
         self.greeted = False
 
     def send(self, msg: object) -> None:
+        """Send one message; a supervisor that has gone, or stopped reading for the timeout,
+        ends the activation as one that never heard back would."""
+        code = ExitCode.NO_ACK if self.greeted else ExitCode.NO_ACTIVATE
         if not self.greeted:
             # libzmq takes a message only once its side of the handshake is done: it has sent
             # its READY. One arriving earlier, in the same read as ours, drops the connection.
-            self._guard(self._greet, ExitCode.NO_ACTIVATE)
-        self.sock.sendall(zmtp.frame(encode(msg)))
+            self._guard(self._greet, code)
+        data = zmtp.frame(encode(msg))
+        self._guard(lambda: self.sock.sendall(data), code)
 
     def recv(self, exit_code: int) -> object:
         return decode_to_activation(self._guard(self._message, exit_code))

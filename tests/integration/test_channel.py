@@ -95,3 +95,39 @@ def test_silence_and_a_closed_supervisor_end_it_too(router) -> None:
     receive(sock)
     sock.close()  # the supervisor is gone
     assert proc.wait(timeout=30) == ExitCode.NO_ACTIVATE
+
+
+PAUSED = """
+import os, sys
+from protocol.launch import ExitCode
+from protocol.messages import Hello
+from sandbox_host.channel import Channel
+
+ch = Channel(sys.argv[1], sys.argv[2])
+ch.send(Hello(token=sys.argv[2], pid=os.getpid(), protocol_version=1))
+ch.recv(ExitCode.NO_ACTIVATE)
+print("activated", flush=True)
+sys.stdin.readline()  # the supervisor is gone by now
+ch.send(Hello(token=sys.argv[2], pid=os.getpid(), protocol_version=1))
+os._exit(0)
+"""
+
+
+def test_a_supervisor_gone_before_a_send_ends_it_as_unacknowledged(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp_path / 'gone.sock'}"
+    sock.bind(endpoint)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(PAUSED), endpoint, "tok-5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    identity, _ = receive(sock)
+    sock.send_multipart([identity, encode(Activate("run", "t", "w.py", "source", b""))])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "activated"
+    sock.close(linger=0)
+    ctx.term()  # returns once the connection is closed
+    out, _ = proc.communicate("go\n", timeout=30)
+    assert proc.returncode == ExitCode.NO_ACK, out  # not a traceback of a broken pipe
