@@ -199,6 +199,22 @@ def test_a_second_node_with_a_live_nodes_name_is_refused(make_daemon, shared: Pa
     assert a.alive() and nodes_by_name(a)["node0"]["state"] == "up"
 
 
+def final(c: Any, iid: str, nodes: list[Daemon]) -> dict[str, Any]:
+    """The instance once it has ended; when it does not, what each node knew of it."""
+    try:
+        st: dict[str, Any] = c.wait("acme", iid, timeout_s=180)
+        return st
+    except StepVisorError as exc:
+        said = [
+            (n.events("supervisor.ready")[:1], [e for e in n.logs() if e.get("instance") == iid])
+            for n in nodes
+        ]
+        acts = c.history("acme", iid)["activations"]
+        raise AssertionError(
+            f"{exc}\nactivations: {acts}\nnodes: {c.nodes()}\nwhat each node logged: {said}"
+        ) from None
+
+
 def test_three_nodes_under_load_survive_a_kill_and_a_pause(
     make_daemon, database: str, shared: Path
 ) -> None:
@@ -224,7 +240,7 @@ def test_three_nodes_under_load_survive_a_kill_and_a_pause(
         finally:
             b.proc.send_signal(signal.SIGCONT)
         assert b.proc.wait(30) == 75, b.stray_output()
-        finals = {i: c.wait("acme", i, timeout_s=180) for i in ids}
+        finals = {i: final(c, i, nodes) for i in ids}
     assert {st["status"] for st in finals.values()} == {"complete"}
     runs = executions(log)
     for iid, st in finals.items():
