@@ -400,6 +400,13 @@ def markdown_rows(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _checkout_relative(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def environment() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
@@ -413,7 +420,8 @@ def environment() -> dict[str, Any]:
     status = git("status", "--porcelain")
     return {
         "python": sys.version.split()[0],
-        "executable": sys.executable,
+        # Where it sits in the checkout, not the machine's own path.
+        "executable": _checkout_relative(sys.executable),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
