@@ -40,18 +40,17 @@ class SiblingFork:
     def __init__(self, machine: str, tid_address: int) -> None:
         self._nr = _SYS_CLONE[machine]
         self.tid = tid_address  # where the C library keeps the calling thread's id
-        self._tid = ctypes.c_void_p(tid_address)
         self._flags = ctypes.c_ulong(_CLONE_PARENT | _CLONE_CHILD_SETTID | _SIGCHLD)
         self._aarch64 = machine == "aarch64"  # its clone takes tls before child_tid
 
     def fork(self) -> int:
         """As os.fork(): 0 in the child, the child's pid here; OSError when clone fails."""
-        null = ctypes.c_void_p(0)
+        null, tid = ctypes.c_void_p(0), ctypes.c_void_p(self.tid)
         _api.PyOS_BeforeFork()
         if self._aarch64:
-            pid = _libc.syscall(self._nr, self._flags, null, null, null, self._tid)
+            pid = _libc.syscall(self._nr, self._flags, null, null, null, tid)
         else:
-            pid = _libc.syscall(self._nr, self._flags, null, null, self._tid, null)
+            pid = _libc.syscall(self._nr, self._flags, null, null, tid, null)
         if pid == 0:
             _api.PyOS_AfterFork_Child()
             return 0
