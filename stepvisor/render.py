@@ -134,7 +134,7 @@ def stats_summary(s: dict[str, Any]) -> list[str]:
         state = "draining" if s["draining"] else "serving"
         lines += [
             f"{state}, up {s['uptime_s']:,.0f} s, {s['launch_mode']} mode: "
-            f"{s['running']} steps running, {s['exiting']} exiting",
+            f"{s['running']} steps running, {s['exiting']} exiting{_prepared(s)}",
             f"node {visible(s.get('node', '-'))} on {visible(s.get('database', '-'))}",
             f"{window}: {s['activations_per_s']:.1f} activations/s ({s['activations']:,}), "
             f"cold start p50/p95/p99 {_pcts(s['cold_start_ms'])} ms, "
@@ -152,6 +152,13 @@ def stats_summary(s: dict[str, Any]) -> list[str]:
             )
             lines.append(f"fork server {z['python']}: {detail}, {z['failures']} failures")
     return lines
+
+
+def _prepared(s: dict[str, Any]) -> str:
+    p = s.get("prepared")  # an older supervisor has none
+    if not p or not p["made"]:
+        return ""
+    return f", {p['waiting']} prepared ({p['used']:,} of {p['made']:,} given a step)"
 
 
 def columns(rows: list[tuple[str, ...]], right_from: int = 99) -> list[str]:

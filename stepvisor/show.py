@@ -186,7 +186,8 @@ def activations(h: dict[str, Any], created: dt.datetime | None) -> Table:
             "-" if a["seq"] is None else str(a["seq"]),
             text(a["step"] or "-"),
             text(outcome, OUTCOME_STYLE.get(outcome, "red")),
-            _ms(a["cold_start_ms"]),
+            # prepared: its cold start came before the step was given to it
+            _ms(a["cold_start_ms"]) + (" ahead" if a.get("bound_at") else ""),
             _ms(a["exec_ms"]),
             _ms(a["total_ms"]),
             _ms(a["cpu_ms"]),

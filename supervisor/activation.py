@@ -15,6 +15,7 @@ from supervisor.checks import CheckPlan
 from supervisor.config import Limits
 
 LAUNCHED = "launched"  # process started, no Hello yet
+PARKED = "parked"  # prepared ahead: Hello received, waiting for a step to be bound to it
 CONNECTED = "connected"  # Hello received, Activate sent; replaying
 IN_STEP = "step"  # StepStarted committed; the step's callable is running
 SETTLED = "settled"  # fate decided; any further message with this token is dropped
@@ -40,7 +41,7 @@ class Activation:
     token: str
     tenant: str
     kind: str  # run | inspect
-    instance: str | None
+    instance: str | None  # None for an inspection, and for a prepared one until it is bound
     limits: Limits
     scratch: str
     launched_at: float  # wall clock, for the record
@@ -71,6 +72,13 @@ class Activation:
     marks: Marks | None = None  # the activation's own timing marks, from its final message
     result_mono: float | None = None  # its final message arrived
     committed_mono: float | None = None  # the transaction holding its result committed
+    prepared: bool = False  # launched ahead, before any step was due (see `supervisor.prepared`)
+    bound_mono: float | None = None  # a prepared one: when an instance's step was given to it
+
+    @property
+    def unbound(self) -> bool:
+        """Prepared and no step given to it yet: it holds no concurrency slot of its tenant."""
+        return self.prepared and self.instance is None
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -90,6 +98,9 @@ class Activation:
             self.launched_mono,
             *(() if m is None else (m.started, m.hello)),
             self.hello_mono,
+            # A prepared activation waits here for its step; one bound before it said Hello
+            # did not wait at all.
+            None if self.hello_mono is None else max(self.hello_mono, self.bound_mono or 0.0),
             *(() if m is None else (m.activated, m.replayed, m.done)),
             self.result_mono,
             self.committed_mono,
@@ -104,8 +115,20 @@ class Activation:
 
 
 # launch: fork or spawn until the activation's code runs · setup: token, isolation, connect ·
-# connect: Hello reaches the supervisor · activate: journal read, Activate sent and decoded ·
+# connect: Hello reaches the supervisor · parked: a prepared activation waiting for its step
+# (0 for any other) · activate: journal read, Activate sent and decoded ·
 # replay: code loaded, journal replayed · step: the new command (a step's StepStarted round trip
 # and body) · report: the result reaches the supervisor · commit: journaled and committed ·
 # reap: ack, exit, reaped and cleaned up.
-PHASES = ("launch", "setup", "connect", "activate", "replay", "step", "report", "commit", "reap")
+PHASES = (
+    "launch",
+    "setup",
+    "connect",
+    "parked",
+    "activate",
+    "replay",
+    "step",
+    "report",
+    "commit",
+    "reap",
+)

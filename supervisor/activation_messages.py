@@ -37,12 +37,15 @@ from supervisor.activation import (
     CONNECTED,
     IN_STEP,
     LAUNCHED,
+    PARKED,
     SETTLED,
     Activation,
     DeployRequest,
 )
+from supervisor.config import Config
 from supervisor.journal.db import Db
 from supervisor.output import OutputCapture
+from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
 
 MAX_MESSAGES_PER_TICK = 1000
@@ -97,6 +100,7 @@ def deployed_workflows(d: DeployRequest, reported: list[str]) -> list[str]:
 class ActivationMessages:
     """Handlers for messages on the sandbox socket; mixed into `daemon.Supervisor`."""
 
+    cfg: Config
     conn: Db
     client: zmq.Socket[bytes]
     remote: RemoteApi | None
@@ -108,6 +112,7 @@ class ActivationMessages:
     bad_peers: dict[bytes, int]
     outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
     output: OutputCapture
+    prepared: Prepared
     tenants: list[str]
     settled_this_tick: list[Activation]
     durable_outbox: bool  # their commit time is stamped after the tick commits
@@ -206,6 +211,9 @@ class ActivationMessages:
         if act.state == LAUNCHED:
             self._protocol_error(act, f"{type(msg).__name__} before Hello", mono)
             return
+        if act.state == PARKED:
+            self._protocol_error(act, f"{type(msg).__name__} before Activate", mono)
+            return
         if act.kind == "inspect":
             self._on_inspect_result(act, msg, now, mono)
             return
@@ -283,7 +291,17 @@ class ActivationMessages:
                 act, f"protocol version {msg.protocol_version}, expected {PROTOCOL_VERSION}", mono
             )
             return
-        act.state, act.hello_mono = CONNECTED, mono
+        act.hello_mono = mono
+        if act.unbound:
+            # Prepared ahead: it waits for a step, and is stopped if none comes soon.
+            act.state = PARKED
+            act.deadline_mono = mono + self.cfg.server.prepared_idle_s
+            return
+        self._activate(act, now, mono)
+
+    def _activate(self, act: Activation, now: float, mono: float) -> None:
+        """Send a connected activation what it runs: an instance's journal, or code to inspect."""
+        act.state = CONNECTED
         # Replaying and loading code gets the tenant's wall-clock cap too.
         act.deadline_mono = mono + act.limits.timeout_s
         if act.kind == "inspect":
@@ -389,8 +407,11 @@ class ActivationMessages:
             return
         was_step = act.state == IN_STEP
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
-        self.active -= 1  # its concurrency slot; the process itself is counted until reaped
-        self.per_tenant[act.tenant] -= 1
+        if act.unbound:
+            self.prepared.forget(act)  # its process failed while it waited, or it was stopped
+        else:  # its concurrency slots; the process itself is counted until reaped
+            self.active -= 1
+            self.per_tenant[act.tenant] -= 1
         self.exiting[act.tenant] += 1
         self.settled_this_tick.append(act)
         now = time.time()
@@ -410,7 +431,8 @@ class ActivationMessages:
                 )
             return
         instance = act.instance
-        assert instance is not None
+        if instance is None:  # prepared, and no step was given to it: nothing to journal
+            return
         if how in (outcome.KILLED_BY_OPERATOR, outcome.FENCED):
             return  # the control operation, or the node that took the lease, decides what next
         if not j.hold_lease(self.conn, act.tenant, instance, act.aid):

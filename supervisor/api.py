@@ -439,6 +439,8 @@ def history(host: Host, req: GetHistory, identity: bytes, now: float) -> object:
             "outcome": a["outcome"],
             "detail": a["detail"],
             "launched_at": engine.iso(a["launched_at"]),
+            # prepared ahead: when its step was given to it (None: launched for its step)
+            "bound_at": engine.iso(a["bound_at"]),
             "cold_start_ms": a["cold_start_ms"],
             "exec_ms": a["exec_ms"],
             "total_ms": a["total_ms"],

@@ -124,6 +124,12 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # a fork server for a tenant's own interpreter stops after this long without requests
     fork_server_idle_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     python: str = ""  # interpreter for activations; empty: the supervisor's own sys.executable
+    # activations launched ahead for a tenant with steady work: isolated and connected before
+    # its next step is due, so that step need not wait for a process; 0: never
+    prepared_per_tenant: Annotated[int, msgspec.Meta(ge=0, le=8)] = 1
+    # a prepared activation no step took within this long is stopped; also how close together
+    # a tenant's launches must come to count as steady work
+    prepared_idle_s: Annotated[float, msgspec.Meta(gt=0, le=20)] = 1.0
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 16  # global cap
     hello_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 30.0

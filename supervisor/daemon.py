@@ -45,6 +45,7 @@ from supervisor import (
 from supervisor import journal as j
 from supervisor.activation import (
     LAUNCHED,
+    PARKED,
     SETTLED,
     Activation,
     DeployRequest,
@@ -65,6 +66,7 @@ from supervisor.fork_servers import ForkServers
 from supervisor.janitor import Janitor
 from supervisor.operations import Operations
 from supervisor.output import OutputCapture
+from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
 from supervisor.stats import Stats
 from supervisor.zygote import Zygote
@@ -103,6 +105,10 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # results (until `settled_grace_s` kills them) holds back its own launches only.
         self.exiting: Counter[str] = Counter()
         self.janitor = Janitor()
+        self.prepared = Prepared()  # activations launched ahead, waiting for a step
+        # Tenants to prepare an activation for, next tick: after this tick's Activates are out,
+        # so that launching one does not delay the step it is launched after.
+        self.to_prepare: list[str] = []
         self.tenants: list[str] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
         self.bad_peers: dict[bytes, int] = {}
@@ -475,7 +481,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.notify.watchdog(mono, self._status)
 
     def _poll_timeout_ms(self) -> int:
-        if self.more_due or self.output.busy():
+        if self.more_due or self.output.busy() or self.to_prepare:
             return 0
         mono, now = time.monotonic(), time.time()
         wait = min(1.0, self.node.next_beat - mono, self.next_deadline - mono)
@@ -519,6 +525,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     running=len(self.running),
                     deadline_s=self.cfg.server.drain_timeout_s,
                 )
+                self.to_prepare.clear()
+                for act in self.prepared.all():
+                    self._stop_prepared(act, "the supervisor is draining")
             elif signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGCHLD:
@@ -534,6 +543,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         if why := self._interpreter_refusal(self.cfg.limits_for(tenant)):
             raise ProtocolError(ErrorCode.DEPLOY_FAILED, why)
         if self.uids is not None and not self.uids.has_free(tenant):
+            self._make_room(tenant)  # for the retry
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE,
                 "every sandbox uid is in use or another tenant's (isolation.sandbox_uid_range):"
@@ -564,6 +574,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     # ------------------------------------------------------------------ scheduling & launch
 
     def _schedule(self, now: float, mono: float) -> None:
+        self._prepare(now, mono)
         nxt = j.next_wake(self.conn)
         self.wake_seen = (self.conn.total_changes, nxt)
         self.more_due = False
@@ -579,7 +590,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         while progress:
             progress = False
             for tenant in order:
-                if not self._slot_free():
+                if self.active >= self.cfg.server.max_activations:
                     return
                 if launched >= MAX_LAUNCHES_PER_TICK:
                     self.more_due = True
@@ -589,8 +600,14 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 # exiting at `max_concurrent = 1` must not: the next step would wait for a reap.
                 if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] > most:
                     continue
-                if self.uids is not None and not self.uids.has_free(tenant):
-                    continue  # its uids are all busy and every other uid is another tenant's
+                if (
+                    self.uids is not None
+                    and tenant not in self.prepared.waiting  # its prepared one has a uid
+                    and not self.uids.has_free(tenant)
+                ):
+                    # Its uids are all busy and every other uid is another tenant's.
+                    self._make_room(tenant)
+                    continue
                 busy = self.node.busy_elsewhere(
                     self.conn, tenant, self.per_tenant.get(tenant, 0), most
                 )
@@ -600,18 +617,62 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     continue
                 due = j.due_instances(self.conn, tenant, now, 1)
                 if due:
-                    self._launch(tenant, due[0], "run", now, mono)
+                    self._start_step(tenant, due[0], now, mono)
                     launched += 1
                     progress = True
 
-    def _slot_free(self) -> bool:
-        """Room for one more activation: fewer than `max_activations` unsettled, and a free
-        sandbox uid (each exiting activation holds its own until it is reaped). How many may be
-        exiting is bounded per tenant (`_schedule`), so one tenant's stragglers never hold back
-        another's launches, and each is killed `settled_grace_s` after it settled."""
-        if self.active >= self.cfg.server.max_activations:
-            return False
-        return self.uids is None or self.uids.has_free()
+    def _start_step(self, tenant: str, instance: str, now: float, mono: float) -> None:
+        """Give a due step a process: one prepared for its tenant, else a new one; then prepare
+        the tenant's next when its work looks steady."""
+        limits = self.cfg.limits_for(tenant)
+        act, stale = self.prepared.take(tenant, limits)
+        for old in stale:
+            self._stop_prepared(old, "its tenant's limits changed since it was launched")
+        if act is None:
+            self._launch(tenant, instance, "run", now, mono)
+        else:
+            self._give_step(act, instance, now)
+        server = self.cfg.server
+        if self.prepared.launched(
+            tenant, mono, server.prepared_per_tenant, server.prepared_idle_s
+        ) and (tenant not in self.to_prepare):
+            self.to_prepare.append(tenant)
+
+    def _prepare(self, now: float, mono: float) -> None:
+        """Launch the prepared activations the last tick asked for, while there is room: at
+        most `max_activations` wait at once, and one never takes a tenant's last free uid."""
+        for tenant in self.to_prepare:
+            if len(self.prepared) < self.cfg.server.max_activations and (
+                self.uids is None or self.uids.has_free(tenant)
+            ):
+                self._launch(tenant, None, "run", now, mono, prepared=True)
+        self.to_prepare.clear()
+
+    def _give_step(self, act: Activation, instance: str, now: float) -> None:
+        """Give a prepared activation its step: it holds the instance's lease and its tenant's
+        concurrency slot from now on, and gets its Activate as soon as it has said Hello."""
+        act.instance, act.bound_mono = instance, time.monotonic()
+        act.log = act.log.bind(instance=instance)
+        self.active += 1
+        self.per_tenant[act.tenant] = self.per_tenant.get(act.tenant, 0) + 1
+        j.update_activation(self.conn, act.aid, instance=instance, bound_at=now)
+        engine.launched(self.conn, act.tenant, instance, act.aid, now)
+        if act.state == PARKED:
+            self._activate(act, now, act.bound_mono)
+
+    def _stop_prepared(self, act: Activation, why: str) -> None:
+        """Stop a prepared activation that never got a step: recorded as `unused`."""
+        self.prepared.forget(act)
+        launcher.kill_group(act.pid)  # not forked yet (pid 0): killed when it settles late
+        self._settle(act, outcome.UNUSED, why, time.monotonic(), committed=True)
+
+    def _make_room(self, tenant: str) -> None:
+        """A step of `tenant` is due and finds no free sandbox uid: give up another tenant's
+        prepared activation, if one waits; its uid is free once its process is reaped, a tick
+        or two later. A prepared activation must never be why a due step waits for long."""
+        if (act := self.prepared.oldest(but=tenant)) is not None:
+            self._stop_prepared(act, "its slot was needed for a due step")
+            self.more_due = True
 
     def _launch(
         self,
@@ -621,6 +682,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         now: float,
         mono: float,
         deploy: DeployRequest | None = None,
+        prepared: bool = False,
     ) -> None:
         limits = self.cfg.limits_for(tenant)
         # Stamped now, not at the tick's start: earlier work in this tick (reaping the activation
@@ -663,14 +725,20 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             launched_mono=launched_mono,
             deadline_mono=mono + self.cfg.server.hello_timeout_s,
             deploy=deploy,
+            prepared=prepared,
         )
         self.running[token] = act
         self.next_deadline = min(self.next_deadline, act.deadline_mono)
-        self.active += 1
-        self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
+        if prepared:
+            # Its slots (`max_activations`, its tenant's `max_concurrent`) are taken when a
+            # step is given to it; until then prepared ones are capped on their own.
+            self.prepared.add(act)
+        else:
+            self.active += 1
+            self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
             if self.uids is not None and uid is None:
-                # Never without one: the launch paths wait for a free uid (`_slot_free`,
+                # Never without one: the launch paths wait for a free uid (`_schedule`,
                 # `launch_inspection`), so this is a bug; refuse rather than run as root.
                 raise OSError(errno.EAGAIN, "no free sandbox uid")
             if self.root_needs_uid and uid is None:  # `_check_uid_reach` makes this a bug too
@@ -734,6 +802,9 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 self._kill_straggler(act)
             return
         if mono <= act.deadline_mono:
+            return
+        if act.state == PARKED:
+            self._stop_prepared(act, f"no step for it within {self.cfg.server.prepared_idle_s:g} s")
             return
         launcher.kill_group(act.pid)
         if act.state == LAUNCHED:
@@ -826,9 +897,13 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         def ms(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round((b - a) * 1000, 3)
 
+        # A prepared activation's process started (cold) before its step was given to it: its
+        # execution counts from then, and the tenant is not billed for the wait.
+        started = max(act.hello_mono, act.bound_mono or 0.0) if act.hello_mono else None
+        parked_ms = ms(act.hello_mono, started) or 0.0
         record = {
             "cold_start_ms": ms(act.launched_mono, act.hello_mono),
-            "exec_ms": ms(act.hello_mono, act.settled_mono),
+            "exec_ms": ms(started, act.settled_mono),
             "total_ms": ms(act.launched_mono, mono),
             "cpu_ms": round((usage.ru_utime + usage.ru_stime) * 1000, 3) if usage else None,
             "max_rss_kib": int(usage.ru_maxrss) if usage else None,
@@ -838,18 +913,22 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # where the tenant's tmpfs (statvfs) would sum its concurrent activations.
         scratch_bytes, act.scratch_entries = disk.scratch_bytes(act.scratch)
         scratch_kib = scratch_bytes // 1024
-        j.add_usage(
-            self.conn,
-            act.tenant,
-            act.launched_at,
-            step=act.step is not None,
-            failed=act.outcome != outcome.OK,
-            cpu_ms=record["cpu_ms"] or 0.0,
-            wall_ms=record["total_ms"] or 0.0,
-            max_rss_kib=int(record["max_rss_kib"] or 0),
-            scratch_kib=scratch_kib,
-        )
-        self.stats.record(mono, act.tenant, act.outcome, record["cold_start_ms"], record["exec_ms"])
+        if not act.unbound:  # one that never got a step did no work of the tenant's
+            j.add_usage(
+                self.conn,
+                act.tenant,
+                act.launched_at,
+                step=act.step is not None,
+                failed=act.outcome != outcome.OK,
+                cpu_ms=record["cpu_ms"] or 0.0,
+                wall_ms=max(0.0, (record["total_ms"] or 0.0) - parked_ms),
+                max_rss_kib=int(record["max_rss_kib"] or 0),
+                scratch_kib=scratch_kib,
+            )
+        if act.outcome != outcome.UNUSED:
+            self.stats.record(
+                mono, act.tenant, act.outcome, record["cold_start_ms"], record["exec_ms"]
+            )
         j.update_activation(
             self.conn,
             act.aid,

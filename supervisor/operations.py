@@ -8,6 +8,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from protocol.errors import ErrorCode, ProtocolError
@@ -19,6 +20,7 @@ from supervisor.config import Config, ConfigError, Paths, load, needs_restart, w
 from supervisor.config import diff as config_diff
 from supervisor.isolation import tenant_interpreter_errors
 from supervisor.journal.db import Db
+from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi, server_keypair
 from supervisor.sdnotify import Notifier
 from supervisor.stats import WINDOW_S, Stats
@@ -38,6 +40,7 @@ class Operations:
     active: int
     running: dict[str, Activation]
     per_tenant: dict[str, int]
+    prepared: Prepared
     tenants: list[str]
     remote: RemoteApi | None
     next_gc: float
@@ -58,7 +61,9 @@ class Operations:
         """systemd's one-line STATUS (`systemctl status stepvisor`)."""
         state = "draining" if self.draining else "serving"
         return (
-            f"{state}: {self.active} steps running, {len(self.running) - self.active} exiting, "
+            f"{state}: {self.active} steps running, "
+            f"{len(self.prepared)} prepared, "
+            f"{len(self.running) - self.active - len(self.prepared)} exiting, "
             f"{len(self.tenants)} tenants"
         )
 
@@ -116,7 +121,10 @@ class Operations:
                 "node": self.node.id,
                 "draining": self.draining,
                 "running": self.active,
-                "exiting": len(self.running) - self.active,
+                "exiting": len(self.running) - self.active - len(self.prepared),
+                # launched ahead of steps: waiting now, and since start made, given a step,
+                # and stopped without one
+                "prepared": {"waiting": len(self.prepared), **asdict(self.prepared.tally)},
                 "instances": dict(sorted(everyone.items())),
                 **self.stats.window(mono),
                 "failures_since_start": self.stats.failures_since_start(),

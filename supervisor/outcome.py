@@ -18,6 +18,7 @@ KILLED_BY_OPERATOR = "killed_by_operator"
 INTERRUPTED = "interrupted"  # the supervisor stopped or died while it ran
 FENCED = "fenced"  # its node lost the instance's lease (another node re-runs the step)
 CRASHED = "crashed"
+UNUSED = "unused"  # prepared ahead and stopped before any step was given to it
 
 
 def classify_exit(

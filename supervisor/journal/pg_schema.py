@@ -184,6 +184,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE instances ADD COLUMN parent_seq INTEGER;
     CREATE INDEX instances_parent ON instances (tenant, parent) WHERE parent IS NOT NULL
     """,
+    # 5: when a prepared activation was given its step (see the SQLite schema's migration 13)
+    """
+    ALTER TABLE activations ADD COLUMN bound_at DOUBLE PRECISION
+    """,
 ]
 
 

@@ -282,6 +282,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE instances ADD COLUMN parent_seq INTEGER;
     CREATE INDEX instances_parent ON instances (tenant, parent) WHERE parent IS NOT NULL
     """,
+    # 13: when a prepared activation (launched ahead, see supervisor/prepared.py) was given its
+    # step; NULL for one launched for its step
+    """
+    ALTER TABLE activations ADD COLUMN bound_at REAL
+    """,
 ]
 
 CONVERT_AT_START_MAX_BYTES = 1 << 30  # larger databases are not rebuilt at start (see connect)
