@@ -49,6 +49,7 @@ from bench.harness import (
     summarize,
     supervised,
     workflow_source,
+    working_ms,
     workload_parser,
     write_report,
 )
@@ -170,7 +171,7 @@ def replay_scaling(timeout_s: float) -> dict[str, Any]:
         window = [by_seq[s] for s in seqs if s in by_seq]
         points[str(k)] = {
             "seqs": [s for s in seqs if s in by_seq],
-            "total_ms": statistics.median(a["total_ms"] for a in window),
+            "total_ms": statistics.median(working_ms(a) or 0.0 for a in window),
             "exec_ms": statistics.median(a["exec_ms"] for a in window),
             "cpu_ms": statistics.median(a["cpu_ms"] for a in window),
         }
