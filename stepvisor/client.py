@@ -386,7 +386,9 @@ class Client:
         return self.call(lambda rid: GetInfo(rid=rid))
 
     def gc(self) -> dict[str, Any]:
-        """Run retention now until nothing expired is left: {instances, inspections} deleted."""
+        """Run retention now until nothing expired is left: {instances, inspections} deleted
+        (`inspections`: records of activations that ran no instance's step: deploy checks and
+        prepared activations stopped unused)."""
         total = {"instances": 0, "inspections": 0}
         while True:
             done = self.call(lambda rid: CollectGarbage(rid=rid))

@@ -282,8 +282,9 @@ def gc(args: argparse.Namespace) -> int:
     _print(
         args,
         r,
-        f"deleted {r['instances']:,} instances and {r['inspections']:,} deploy-check "
-        "records past their retention",
+        f"deleted {r['instances']:,} instances and {r['inspections']:,} records of "
+        "activations without an instance (deploy checks, unused prepared ones) past their "
+        "retention",
     )
     return 0
 

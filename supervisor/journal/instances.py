@@ -146,7 +146,8 @@ def expired_instances(conn: Db, tenant: str, finished_before: float, limit: int)
 
 
 def delete_inspections(conn: Db, tenant: str, launched_before: float, limit: int) -> int:
-    """Records of deploy-check activations (no instance) launched before the cutoff."""
+    """Records of activations with no instance (deploy checks, prepared activations stopped
+    unused) launched before the cutoff."""
     cur = conn.execute(
         "DELETE FROM activations WHERE id IN (SELECT id FROM activations WHERE tenant = ? "
         "AND instance IS NULL AND launched_at < ? AND finished_at IS NOT NULL "
