@@ -287,36 +287,39 @@ def workflow_source(steps: int) -> str:
 
 
 def wait_complete(
-    client: Client, sup: Supervisor, workflows: int, timeout_s: float, poll_s: float = 0.1
+    client: Client, sup: Supervisor, ids: Sequence[str], timeout_s: float, poll_s: float = 0.1
 ) -> None:
-    """Poll list(status="complete") until all `workflows` are; fail fast on errored ones."""
+    """Wait until every instance in `ids` is complete; fail fast on one that errored.
+
+    Asks for one instance's status at a time, the first not yet seen complete: the supervisor's
+    CPU is measured, and listing every complete instance on each poll cost it ~8% of it."""
     deadline = time.monotonic() + timeout_s
-    last_check = last_report = time.monotonic()
+    last_report = time.monotonic()
+    done = 0
     while True:
-        done = len(client.list(TENANT, status="complete", limit=workflows))
-        if done >= workflows:
+        while done < len(ids):
+            st = client.status(TENANT, ids[done])
+            if st["status"] in ("errored", "terminated"):
+                raise BenchError(
+                    f"instance {ids[done]} is {st['status']}: {json.dumps(st.get('error'))[:2000]}"
+                )
+            if st["status"] != "complete":
+                break
+            done += 1
+        if done == len(ids):
             return
         now = time.monotonic()
         if not sup.alive():
             raise BenchError(
-                f"supervisor died with {done}/{workflows} instances complete; "
+                f"supervisor died with {done}/{len(ids)} instances complete; "
                 f"last lines of its log:\n{sup.log_tail()}"
             )
-        if now - last_check >= 2.0:
-            last_check = now
-            for bad in ("errored", "terminated"):
-                rows = client.list(TENANT, status=bad, limit=1)
-                if rows:
-                    raise BenchError(
-                        f"instance {rows[0]['id']} is {bad}: "
-                        f"{json.dumps(rows[0].get('error'))[:2000]}"
-                    )
         if now - last_report >= 10.0:
             last_report = now
-            log(f"{done}/{workflows} instances complete")
+            log(f"{done}/{len(ids)} instances complete")
         if now > deadline:
             raise BenchError(
-                f"only {done}/{workflows} instances complete after {timeout_s:g} s "
+                f"only {done}/{len(ids)} instances complete after {timeout_s:g} s "
                 f"(raise --timeout, or lower --workflows/--steps)"
             )
         time.sleep(poll_s)
@@ -363,7 +366,7 @@ def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) 
                 f"create_batch created {sum(r['created'] for r in created)} of "
                 f"{workflows} instances"
             )
-        wait_complete(client, sup, workflows, timeout_s)
+        wait_complete(client, sup, ids, timeout_s)
         wall = time.perf_counter() - t0
         cpu1, me1 = sproc.cpu_times(), psutil.Process().cpu_times()
         log(f"all {workflows} complete in {wall:.2f} s; reading {workflows} histories")
