@@ -632,19 +632,21 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             self._launch(tenant, instance, "run", now, mono)
         else:
             self._give_step(act, instance, now)
-        server = self.cfg.server
-        if self.prepared.launched(
-            tenant, mono, server.prepared_per_tenant, server.prepared_idle_s
-        ) and (tenant not in self.to_prepare):
+        steady = self.prepared.launched(tenant, mono, self.cfg.server.prepared_idle_s)
+        if steady and tenant not in self.to_prepare:
             self.to_prepare.append(tenant)
 
     def _prepare(self, now: float, mono: float) -> None:
-        """Launch the prepared activations the last tick asked for, while there is room: at
-        most `max_activations` wait at once, and one never takes a tenant's last free uid."""
+        """Launch the prepared activations the last tick asked for, up to `prepared_per_tenant`
+        waiting per tenant, while there is room: at most `max_activations` wait at once, and
+        one never takes a tenant's last free uid."""
+        server = self.cfg.server
         for tenant in self.to_prepare:
-            if len(self.prepared) < self.cfg.server.max_activations and (
-                self.uids is None or self.uids.has_free(tenant)
-            ):
+            for _ in range(self.prepared.missing(tenant, server.prepared_per_tenant)):
+                if len(self.prepared) >= server.max_activations or (
+                    self.uids is not None and not self.uids.has_free(tenant)
+                ):
+                    break
                 self._launch(tenant, None, "run", now, mono, prepared=True)
         self.to_prepare.clear()
 

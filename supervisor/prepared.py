@@ -38,14 +38,18 @@ class Prepared:
     def __len__(self) -> int:
         return sum(len(acts) for acts in self.waiting.values())
 
-    def launched(self, tenant: str, mono: float, per_tenant: int, idle_s: float) -> bool:
-        """A step of `tenant` was just given a process (prepared or not): whether to prepare
-        one for its next, keeping at most `per_tenant` waiting. Only when its previous launch
-        came within `idle_s`: a tenant that starts a step now and then would pay for processes
-        that mostly go unused."""
+    def launched(self, tenant: str, mono: float, idle_s: float) -> bool:
+        """A step of `tenant` was just given a process (prepared or not): whether its work is
+        steady enough to prepare for its next steps, that is whether its previous launch came
+        within `idle_s`. A tenant that starts a step now and then would pay for processes that
+        mostly go unused."""
         last = self._last_launch.get(tenant, -math.inf)
         self._last_launch[tenant] = mono
-        return mono - last <= idle_s and len(self.waiting.get(tenant, ())) < per_tenant
+        return mono - last <= idle_s
+
+    def missing(self, tenant: str, per_tenant: int) -> int:
+        """How many more to launch for `tenant` to have `per_tenant` waiting."""
+        return max(0, per_tenant - len(self.waiting.get(tenant, ())))
 
     def add(self, act: Activation) -> None:
         self.waiting.setdefault(act.tenant, []).append(act)

@@ -153,3 +153,16 @@ def test_prepared_activations_can_be_turned_off(make_daemon: Callable[..., Daemo
     run(daemon, "acme", "i1", 6)
     assert all(a["bound_at"] is None for a in reaped_activations(c, "acme", "i1"))
     assert prepared(daemon) == {"waiting": 0, "made": 0, "used": 0, "unused": 0}
+
+
+def test_prepared_per_tenant_is_kept_topped_up(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(server="prepared_per_tenant = 2\nprepared_idle_s = 20\n")
+    c = daemon.client()
+    deploy_source(c, "acme", SRC)
+    run(daemon, "acme", "i1", 4)
+    wait_for(lambda: prepared(daemon)["waiting"] == 2, 30, "two prepared activations to wait")
+    # Both are used by the next instance's first two activations, then topped up again.
+    run(daemon, "acme", "i2", 2)
+    acts = reaped_activations(c, "acme", "i2")
+    assert all(a["bound_at"] for a in acts[:2]), acts
+    assert prepared(daemon)["waiting"] <= 2
