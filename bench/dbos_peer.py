@@ -357,7 +357,7 @@ def run_child(
         ),
         "workflow_body_ms": latency_summary(body),
         "db": "sqlite",
-        "db_path": str(db),
+        "db_file": db.name,  # in a temporary directory, removed after the run
         "db_bytes": db.stat().st_size,
         "sqlite": sqlite_settings,
         "verified": {"results": workflows, **counts},
