@@ -115,15 +115,19 @@ def history(h: dict[str, Any]) -> str:
                     _ms(a["cold_start_ms"]),
                     _ms(a["exec_ms"]),
                     _ms(a["total_ms"]),
-                    "",  # so that the column before it is padded (right-aligned) too
+                    # launched ahead of its step: its cold start was not the step's wait. Also
+                    # pads the column before it (right-aligned).
+                    "prepared" if a.get("bound_at") else "",
                 )
             )
         lines += ["  " + line.rstrip() for line in columns(table, right_from=5)]
         colds = sorted(a["cold_start_ms"] for a in acts if a["cold_start_ms"] is not None)
         if colds:
+            ahead = sum(1 for a in acts if a.get("bound_at"))
             lines.append(
                 f"  cold start ms: min {colds[0]:.1f}  median {colds[len(colds) // 2]:.1f}  "
                 f"max {colds[-1]:.1f}  over {len(colds)} activations"
+                + (f", {ahead} of them prepared before their step was due" if ahead else "")
             )
     return "\n".join(lines)
 

@@ -85,6 +85,9 @@ def test_steady_steps_are_given_prepared_activations(make_daemon: Callable[..., 
     out = daemon.cli("stats")
     assert out.returncode == 0, out.stderr
     assert f"{tally['used']} of {tally['made']} given a step" in out.stdout
+    out = daemon.cli("history", "acme", "i1")
+    assert out.returncode == 0, out.stderr
+    assert f"{len(bound)} of them prepared before their step was due" in out.stdout
 
 
 def test_a_prepared_activation_only_runs_its_own_tenants_steps(
