@@ -9,6 +9,8 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.conftest import Daemon, deploy_source, reaped_activations, wait_for
 
 SRC = """
@@ -41,6 +43,15 @@ def run(daemon: Daemon, tenant: str, iid: str, steps: int) -> list[dict[str, Any
 def prepared(daemon: Daemon) -> dict[str, int]:
     tally: dict[str, int] = daemon.client().stats()["prepared"]
     return tally
+
+
+def with_waiting(daemon: Daemon, waiting: int) -> Daemon:
+    """Run a 4-step instance of tenant acme, then wait until `waiting` prepared activations of
+    it wait (`prepared_idle_s` long enough in `daemon`'s config)."""
+    deploy_source(daemon.client(), "acme", SRC)
+    run(daemon, "acme", "i1", 4)
+    wait_for(lambda: prepared(daemon)["waiting"] == waiting, 30, "prepared activations to wait")
+    return daemon
 
 
 def test_steady_steps_are_given_prepared_activations(make_daemon: Callable[..., Daemon]) -> None:
@@ -109,7 +120,7 @@ def test_a_prepared_activation_only_runs_its_own_tenants_steps(
             seen[tenant] += done["output"]
             assert any(a["bound_at"] for a in reaped_activations(c, tenant, iid))
     if os.geteuid() != 0:
-        return  # no sandbox uids or groups to tell tenants apart by (the rest still held)
+        pytest.skip("sandbox uids and groups need root: nothing tells tenants' processes apart")
     # Each tenant's activations share its sandbox group, and a uid once a tenant's is never
     # another's: a prepared activation given another tenant's step would show here.
     assert len({s["gid"] for s in seen["a"]}) == 1 and len({s["gid"] for s in seen["b"]}) == 1
@@ -137,11 +148,7 @@ def test_a_reload_that_changes_limits_retires_the_prepared_activation(
 def test_draining_stops_prepared_activations_at_once(make_daemon: Callable[..., Daemon]) -> None:
     # A drain timeout well past the stop's own: a drain that waited for the prepared
     # activation would fail the stop.
-    daemon = make_daemon(server="prepared_idle_s = 20\ndrain_timeout_s = 120\n")
-    c = daemon.client()
-    deploy_source(c, "acme", SRC)
-    run(daemon, "acme", "i1", 4)
-    wait_for(lambda: prepared(daemon)["waiting"] == 1, 30, "a prepared activation to wait")
+    daemon = with_waiting(make_daemon(server="prepared_idle_s = 20\ndrain_timeout_s = 120\n"), 1)
     assert daemon.stop(signal.SIGTERM, timeout_s=30) == 0, daemon.stray_output()
     rows = daemon.query(
         "SELECT outcome, detail FROM activations WHERE kind = 'run' AND instance IS NULL"
@@ -159,11 +166,8 @@ def test_prepared_activations_can_be_turned_off(make_daemon: Callable[..., Daemo
 
 
 def test_prepared_per_tenant_is_kept_topped_up(make_daemon: Callable[..., Daemon]) -> None:
-    daemon = make_daemon(server="prepared_per_tenant = 2\nprepared_idle_s = 20\n")
+    daemon = with_waiting(make_daemon(server="prepared_per_tenant = 2\nprepared_idle_s = 20\n"), 2)
     c = daemon.client()
-    deploy_source(c, "acme", SRC)
-    run(daemon, "acme", "i1", 4)
-    wait_for(lambda: prepared(daemon)["waiting"] == 2, 30, "two prepared activations to wait")
     # Both are used by the next instance's first two activations, then topped up again.
     run(daemon, "acme", "i2", 2)
     acts = reaped_activations(c, "acme", "i2")
