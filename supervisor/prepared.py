@@ -1,11 +1,12 @@
 """Prepared activations: processes launched for a tenant before any of its steps is due.
 
-A step's activation spends most of its start-up (fork, joining the tenant's cgroups, dropping to
-a sandbox uid, Landlock, seccomp's precursors, connecting) before it needs to know which instance
-it runs. A tenant with steady work gets one activation launched ahead: it goes through all of
-that and says Hello, then waits. When one of the tenant's steps falls due, the supervisor gives
-it that instance (the Activate it waits for) instead of starting a process, so the step does not
-wait for one. It is still a fresh process for exactly one command, of that tenant only.
+A step's activation spends most of its start-up (fork, joining the tenant's cgroups, namespaces,
+dropping to a sandbox uid, Landlock, connecting) before it needs to know which instance it runs.
+A tenant with steady work gets `prepared_per_tenant` activations launched ahead: each goes
+through all of that and says Hello, then waits. When one of the tenant's steps falls due, the
+supervisor gives it that instance (the Activate it waits for) instead of starting a process, so
+the step does not wait for one. It is still a fresh process for exactly one command, of that
+tenant only.
 
 This object only keeps the books (which wait, per tenant, and when to want one); the supervisor
 starts, binds and stops the processes.
