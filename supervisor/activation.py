@@ -76,6 +76,14 @@ class Activation:
     bound_mono: float | None = None  # a prepared one: when an instance's step was given to it
 
     @property
+    def step_began(self) -> float | None:
+        """When its step could begin: its Hello, or for a prepared activation given its step
+        after its Hello, the hand-over (what it waited for until then was not the step's)."""
+        if self.hello_mono is None:
+            return None
+        return max(self.hello_mono, self.bound_mono or 0.0)
+
+    @property
     def unbound(self) -> bool:
         """Prepared and no step given to it yet: it holds no concurrency slot of its tenant."""
         return self.prepared and self.instance is None
@@ -98,9 +106,7 @@ class Activation:
             self.launched_mono,
             *(() if m is None else (m.started, m.hello)),
             self.hello_mono,
-            # A prepared activation waits here for its step; one bound before it said Hello
-            # did not wait at all.
-            None if self.hello_mono is None else max(self.hello_mono, self.bound_mono or 0.0),
+            self.step_began,  # a prepared activation's wait for its step ends here
             *(() if m is None else (m.activated, m.replayed, m.done)),
             self.result_mono,
             self.committed_mono,

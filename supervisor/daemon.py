@@ -665,7 +665,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     def _stop_prepared(self, act: Activation, why: str) -> None:
         """Stop a prepared activation that never got a step: recorded as `unused`."""
         self.prepared.forget(act)
-        launcher.kill_group(act.pid)  # not forked yet (pid 0): killed when it settles late
+        # Not forked yet (pid 0): once the fork server names it, it is killed as a straggler.
+        launcher.kill_group(act.pid)
         self._settle(act, outcome.UNUSED, why, time.monotonic(), committed=True)
 
     def _make_room(self, tenant: str) -> None:

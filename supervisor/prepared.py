@@ -59,16 +59,16 @@ class Prepared:
     def take(self, tenant: str, limits: Limits) -> tuple[Activation | None, list[Activation]]:
         """The tenant's longest-waiting prepared activation launched under `limits` (its
         rlimits, interpreter and sandbox were fixed then), no longer waiting; and those launched
-        under other limits (before a reload), to be stopped."""
-        acts = self.waiting.pop(tenant, [])
+        under other limits (before a reload), still waiting until they are stopped."""
+        acts = self.waiting.get(tenant, [])
         stale = [a for a in acts if a.limits != limits]
-        fresh = [a for a in acts if a.limits == limits]
-        if len(fresh) > 1:
-            self.waiting[tenant] = fresh[1:]
-        if fresh:
+        act = next((a for a in acts if a.limits == limits), None)
+        if act is not None:
+            acts.remove(act)
+            if not acts:
+                del self.waiting[tenant]
             self.tally.used += 1
-        self.tally.unused += len(stale)
-        return (fresh[0] if fresh else None), stale
+        return act, stale
 
     def forget(self, act: Activation) -> None:
         """It ended without a step: idle too long, stale, given up for real work, or its

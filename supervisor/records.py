@@ -25,11 +25,10 @@ def finish(
 
     # A prepared activation's process started (cold) before its step was given to it: its
     # execution counts from then, and the tenant is not billed for the wait.
-    started = max(act.hello_mono, act.bound_mono or 0.0) if act.hello_mono else None
-    parked_ms = ms(act.hello_mono, started) or 0.0
+    parked_ms = ms(act.hello_mono, act.step_began) or 0.0
     record = {
         "cold_start_ms": ms(act.launched_mono, act.hello_mono),
-        "exec_ms": ms(started, act.settled_mono),
+        "exec_ms": ms(act.step_began, act.settled_mono),
         "total_ms": ms(act.launched_mono, mono),
         "cpu_ms": round((usage.ru_utime + usage.ru_stime) * 1000, 3) if usage else None,
         "max_rss_kib": int(usage.ru_maxrss) if usage else None,
