@@ -83,16 +83,17 @@ def run(
         cpu_seconds=box.cpu_seconds,
         max_processes=box.max_pids if box.uid is not None else None,
     )
+    if box.seccomp:
+        # Connected: from here on no new socket (the supervisor's API included) and no call
+        # a step has no use for; see isolation.py. Before Hello, so that a prepared activation
+        # has it in place while it waits, not after its step arrives.
+        isolation.restrict_syscalls(allow_inet=box.allow_inet)
     hello = time.monotonic()
     channel.send(Hello(token=token, pid=os.getpid(), protocol_version=PROTOCOL_VERSION))
     act = channel.recv(ExitCode.NO_ACTIVATE)
     if not isinstance(act, Activate):
         os._exit(ExitCode.NO_ACTIVATE)
     activated = time.monotonic()
-    if box.seccomp:
-        # Connected: from here on no new socket (the supervisor's API included) and no call
-        # a step has no use for; see isolation.py.
-        isolation.restrict_syscalls(allow_inet=box.allow_inet)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     runtime = Runtime(act, channel, marks=(started, hello, activated))
     with contextlib.suppress(_Stop):  # only when tenant code swallowed the exit
