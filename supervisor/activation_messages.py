@@ -44,6 +44,7 @@ from supervisor.activation import (
 )
 from supervisor.config import Config
 from supervisor.journal.db import Db
+from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
@@ -110,12 +111,11 @@ class ActivationMessages:
     per_tenant: dict[str, int]
     exiting: Counter[str]
     bad_peers: dict[bytes, int]
-    outbox: list[tuple[zmq.Socket[bytes], list[bytes]]]
+    outbox: Outbox
     output: OutputCapture
     prepared: Prepared
     tenants: list[str]
     settled_this_tick: list[Activation]
-    durable_outbox: bool  # their commit time is stamped after the tick commits
     log: Any
 
     def _reply(
@@ -142,8 +142,7 @@ class ActivationMessages:
                 )
             )
         sock = self.remote.sock if peer[:1] == b"R" and self.remote is not None else self.client
-        self.outbox.append((sock, [peer[1:], frame]))
-        self.durable_outbox = True
+        self.outbox.acknowledge(sock, [peer[1:], frame])
 
     def _drain_sandbox(self, now: float, mono: float) -> None:
         for _ in range(MAX_MESSAGES_PER_TICK):
@@ -199,8 +198,7 @@ class ActivationMessages:
 
     def _ack(self, act: Activation) -> None:
         """Acknowledge a final message: sent once its consequences are committed (and synced)."""
-        self.outbox.append((self.sandbox, [act.identity, encode(Ack())]))
-        self.durable_outbox = True
+        self.outbox.acknowledge(self.sandbox, [act.identity, encode(Ack())])
 
     def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         if isinstance(msg, Final):
@@ -328,7 +326,7 @@ class ActivationMessages:
             code = j.get_code(self.conn, act.tenant, inst["version"])
             assert code is not None
             activate = engine.build_activate(self.conn, inst, code, act.limits, now)
-        self.outbox.append((self.sandbox, [act.identity, encode(activate)]))
+        self.outbox.activate(self.sandbox, [act.identity, encode(activate)])
 
     def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         d = act.deploy

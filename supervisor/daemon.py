@@ -65,6 +65,7 @@ from supervisor.config import (
 from supervisor.fork_servers import ForkServers
 from supervisor.janitor import Janitor
 from supervisor.operations import Operations
+from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
@@ -110,7 +111,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         # so that launching one does not delay the step it is launched after.
         self.to_prepare: list[str] = []
         self.tenants: list[str] = []
-        self.outbox: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        self.outbox = Outbox(self.log)
         self.bad_peers: dict[bytes, int] = {}
         self.signals: list[int] = []
         self.draining = False
@@ -132,7 +133,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
         self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
-        self.durable_outbox = False  # the outbox acknowledges something: sync before sending
         self.unsynced = False  # committed rows not fsynced yet (synchronous = "acked")
 
     # ------------------------------------------------------------------ lifecycle
@@ -465,7 +465,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     self._collect(now, mono)
             self.node.notify_if_woke(self.conn)
         self.unsynced |= self.conn.total_changes != changes
-        if self.durable_outbox and self.unsynced and self.cfg.server.synchronous == "acked":
+        self.outbox.send_activates()  # committed is enough for these: see outbox.py
+        if self.outbox.acknowledges and self.unsynced and self.cfg.server.synchronous == "acked":
             # One fsync for everything this tick acknowledges; what no tick acknowledged yet
             # (launches, step starts, reap records) rides along.
             self.conn.sync()
@@ -474,7 +475,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         for act in self.settled_this_tick:
             act.committed_mono = committed
         self.settled_this_tick.clear()
-        self._flush()
+        self.outbox.send_acknowledgements()
         if self.vacuum_due:  # after the acknowledgements: nothing waits for it
             j.give_back_space(self.conn, retention.VACUUM_PAGES)
             self.vacuum_due = False
@@ -496,15 +497,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             if nxt is not None and nxt > now:
                 wait = min(wait, nxt - now)
         return max(0, int(wait * 1000) + 1)
-
-    def _flush(self) -> None:
-        for sock, frames in self.outbox:
-            try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                self.log.warning("send.dropped", error=str(exc))
-        self.outbox.clear()
-        self.durable_outbox = False
 
     # ------------------------------------------------------------------ signals
 

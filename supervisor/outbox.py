@@ -1,0 +1,54 @@
+"""What one tick of the loop sends, held until the tick's transaction commits.
+
+Two kinds, sent at two moments:
+- **Acknowledgements** (every reply to a client, every `Ack` of a final message) say that
+  something is journaled. With `synchronous = "acked"` they also wait for the tick's one sync of
+  the write-ahead log, so nothing acknowledged can be lost.
+- **Activates** only hand an activation what is committed. They leave as soon as the tick
+  commits, before that sync, so the activation decodes its journal and replays while the log is
+  synced instead of after. The order "durable before acted on" still holds: a step's body waits
+  for the ack of its `StepStarted`, which a later tick sends, after this tick's sync; any other
+  command an activation reports is acknowledged only after its own commit and sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+Outgoing = tuple[zmq.Socket[bytes], list[bytes]]
+
+
+class Outbox:
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._acks: list[Outgoing] = []
+        self._activates: list[Outgoing] = []
+
+    def acknowledge(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """Send once the tick has committed and, when acknowledgements wait for it, synced."""
+        self._acks.append((sock, frames))
+
+    def activate(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """Send once the tick has committed."""
+        self._activates.append((sock, frames))
+
+    @property
+    def acknowledges(self) -> bool:
+        """Whether this tick acknowledges something (and so syncs before sending it)."""
+        return bool(self._acks)
+
+    def send_activates(self) -> None:
+        self._send(self._activates)
+
+    def send_acknowledgements(self) -> None:
+        self._send(self._acks)
+
+    def _send(self, queue: list[Outgoing]) -> None:
+        for sock, frames in queue:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.log.warning("send.dropped", error=str(exc))
+        queue.clear()
