@@ -238,7 +238,8 @@ def _check_sleepers(db: Path, n: int) -> None:
 
 def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
     """For each size: N sleeping instances in the database, then a fresh supervisor start, its
-    RSS and CPU while idle, and its CPU per activation while 20 x 5 no-op steps run."""
+    RSS and CPU while idle, and its CPU per activation while 40 x 10 no-op steps run (fewer
+    made the ratio swing by ±15% between runs: a few hundred ms of CPU, read in 10 ms ticks)."""
     out: dict[str, Any] = {}
     for n in sizes:
         log(f"idle: {n} sleeping instances")
@@ -258,7 +259,7 @@ def idle_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
             time.sleep(3.0)
             cpu1, idle_s = _cpu_ns(proc.pid), time.perf_counter() - t0
             rss_idle = proc.memory_info().rss
-            run = run_workload(sup, 20, 5, timeout_s)
+            run = run_workload(sup, 40, 10, timeout_s)
             rss_after = proc.memory_info().rss
         idle_cpu = (cpu1 - cpu0) / 1e6 / idle_s
         out[str(n)] = {
