@@ -25,7 +25,9 @@ is gone).
 
 Given a request, the activation does not wait for the supervisor: it joins its cgroups itself,
 applies its isolation and connects with the token it was given. Neither the zygote, the nursery
-nor an activation starts a thread (an activation speaks ZMTP itself: `sandbox_host.channel`).
+nor an activation starts a thread (an activation speaks ZMTP itself: `sandbox_host.channel`),
+which is also why the nursery may skip the standard library's at-fork callbacks in the spares
+it forks (`sandbox_host.fork_hooks`); each spare restores them before anything else.
 
 A request's `netns` names the tenant whose private network namespace the activation enters. The
 zygote makes one per tenant and keeps it while the tenant is active (NETNS_IDLE_S): creating a
@@ -45,7 +47,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 # Everything an activation imports, loaded once here instead of once per activation.
@@ -53,7 +55,7 @@ import cloudpickle  # noqa: F401
 import msgspec
 
 from protocol.launch import ExitCode, ForkReply, ForkRequest
-from sandbox_host import activation, isolation, limits
+from sandbox_host import activation, fork_hooks, isolation, limits
 from sandbox_host import runtime as _runtime  # noqa: F401
 from sandbox_host.sibling import SiblingFork, probe
 from stepvisor import sdk as _sdk  # noqa: F401
@@ -76,14 +78,16 @@ class Spare(NamedTuple):
     sock: socket.socket  # the zygote's end; the request and its fds go here
 
 
-def _fork_spare(sibling: SiblingFork | None) -> Spare:
+def _fork_spare(sibling: SiblingFork | None, restore: Callable[[], None]) -> Spare:
     """In the nursery: fork one spare that is the supervisor's child by the time this returns:
     with `sibling` (the nursery is then the supervisor's child) at once, else through a middle
-    process that exits, which re-parents it."""
+    process that exits, which re-parents it. `restore`: what the spare runs first (it puts back
+    the at-fork callbacks the nursery skips)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if sibling is not None:
         pid = sibling.fork()
         if pid == 0:
+            restore()
             ours.close()
             try:
                 _spare(theirs)
@@ -97,6 +101,7 @@ def _fork_spare(sibling: SiblingFork | None) -> Spare:
         os.close(r)
         pid = os.fork()
         if pid == 0:
+            restore()
             os.close(w)
             try:
                 _spare(theirs)
@@ -223,6 +228,7 @@ class Nursery:
 def _nurse(sock: socket.socket, sibling: SiblingFork | None) -> None:
     """The nursery's loop: one spare per byte received; ends when the zygote is gone."""
     _TARGETS.update(isolation.open_targets(isolation.default_read_only(), _TARGETS_LOWEST_FD))
+    restore = fork_hooks.quiet()  # this process has one thread: see fork_hooks
     while True:
         try:
             asked = sock.recv(64)
@@ -231,7 +237,7 @@ def _nurse(sock: socket.socket, sibling: SiblingFork | None) -> None:
         if not asked:
             return
         for _ in asked:
-            spare = _fork_spare(sibling)
+            spare = _fork_spare(sibling, restore)
             try:
                 socket.send_fds(sock, [str(spare.pid).encode()], [spare.sock.fileno()])
             except OSError:
