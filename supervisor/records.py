@@ -3,9 +3,10 @@ stats and its one canonical log line."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+import orjson
 
 from supervisor import disk, outcome
 from supervisor import journal as j
@@ -57,7 +58,7 @@ def finish(
         act.aid,
         finished_at=now,
         exit_code=None if status is None else os.waitstatus_to_exitcode(status),
-        phases=None if phases is None else json.dumps(phases),
+        phases=None if phases is None else orjson.dumps(phases).decode(),
         **record,
     )
     act.log.info(
