@@ -107,7 +107,9 @@ def throughput(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         with nodes(url, count, args.concurrency, slots) as sups:
             res = run_workload(sups[0], args.workflows, args.steps, args.timeout)
         with psycopg.connect(url) as pg:
-            spread = dict(pg.execute("SELECT node, COUNT(*) FROM activations GROUP BY node"))
+            spread: dict[str, int] = dict(
+                pg.execute("SELECT node, COUNT(*) FROM activations GROUP BY node")
+            )
         res["activations_by_node"] = dict(sorted(spread.items()))
         runs[f"postgresql_{count}"] = res
     base_lite = runs["sqlite_1"]["steps_per_s"]
