@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import zmq
 
@@ -62,7 +63,7 @@ from supervisor.config import (
     with_dirs,
     with_embedded_log,
 )
-from supervisor.fork_servers import ForkServers
+from supervisor.fork_servers import Failed, ForkServers
 from supervisor.janitor import Janitor
 from supervisor.operations import Operations
 from supervisor.outbox import Outbox
@@ -70,7 +71,6 @@ from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
 from supervisor.stats import Stats
-from supervisor.zygote import Zygote
 
 MAX_LAUNCHES_PER_TICK = 32
 # Exits are looked for when SIGCHLD says a child changed state, and at least this often anyway
@@ -83,7 +83,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
+class Supervisor(ActivationMessages, ClientRequests, Operations):
     def __init__(
         self,
         cfg: Config,
@@ -129,9 +129,6 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.next_reap_scan = 0.0  # look for exits by then even without a SIGCHLD
         self.next_tenants = 0.0  # when to re-read the tenant list (others deploy too)
         self.vacuum_due = False  # retention freed pages: give some back after the commit
-        self.zygote_failures: Counter[str] = Counter()
-        self.zygotes: dict[str, Zygote] = {}  # interpreter → its fork server
-        self.forking: dict[tuple[str, int], Activation] = {}  # (interpreter, request id) → it
         self.settled_this_tick: list[Activation] = []
         self.unsynced = False  # committed rows not fsynced yet (synchronous = "acked")
 
@@ -208,6 +205,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                 "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'",
             )
         self.poller = zmq.Poller()
+        self.fork_servers = ForkServers(self.paths, self.poller, self.log)
         self.node = cluster.Node(
             self.cfg.server.node_name or cluster.default_node_id(self.paths.state_dir),
             self.cfg.server.lease_s,
@@ -255,7 +253,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
-                self._start_zygote(self.paths.python)
+                self.fork_servers.start(self.paths.python, self.cfg.server.fork_spares)
             except OSError as exc:
                 self.log.warning("zygote.failed", error=str(exc))
         self.tenants = j.tenant_names(self.conn)
@@ -410,8 +408,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
 
     def _close(self) -> None:
         signal.set_wakeup_fd(-1)
-        for zygote in self.zygotes.values():
-            zygote.close()
+        self.fork_servers.close()
         if self.remote is not None:
             self.remote.close()
         for sock in (self.client, self.sandbox):
@@ -452,9 +449,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
                     self._drain_clients(self.remote.sock, REMOTE, now)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
-            for python, zygote in list(self.zygotes.items()):
-                if zygote.fileno() in ready:
-                    self._on_zygote(python, now, mono)
+            for python in self.fork_servers.ready(ready):
+                self._on_fork_server(python, now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
             self.janitor.tick()
@@ -746,12 +742,54 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
             if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
                 self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
             if self.cfg.server.launch_mode == "fork":
-                if self._request_fork(act):
-                    return  # _on_zygote records it when the fork server answers
+                python = limits.python or self.paths.python
+                procs = () if self.cgroups is None else self.cgroups.prepare(tenant, aid)
+                box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
+                failed = self.fork_servers.request(act, python, box, self.cfg.server.fork_spares)
+                if failed is None:
+                    return  # _on_fork_server records it when the fork server answers
+                self._fork_server_failed(failed)
                 self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
             self._started(act, launcher.spawn(self.paths, limits, self._sandbox(act)), now)
         except OSError as exc:
             self._launch_failed(act, exc, mono)
+
+    def _on_fork_server(self, python: str, now: float, mono: float) -> None:
+        """Record the activations a fork server has answered for."""
+        answered, failed = self.fork_servers.answers(python, lambda a: a.token in self.running)
+        for act, proc in answered:
+            if act.state == SETTLED:
+                # The fork server hands the request to a spare before it answers: descheduled in
+                # between, its activation can report and be settled first. It is still ours to
+                # reap and record, and its slot is held until then.
+                act.log.info("zygote.late_answer", pid=proc.pid, outcome=act.outcome)
+            try:
+                self._started(act, proc, now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
+        if failed is not None:
+            self._fork_server_failed(failed)
+
+    def _fork_server_failed(self, failed: Failed) -> None:
+        """The activations a failed fork server never answered for: spawned instead, or
+        settled when a spare had taken the request already."""
+        now, mono = time.time(), time.monotonic()
+        for act in failed.abandoned:
+            if act.token not in self.running:
+                continue
+            if act.state != LAUNCHED:
+                # A spare took the request and said Hello, but its pid never came: it cannot be
+                # reaped by pid. Decide its fate (a step it started counts as a failed attempt),
+                # and `_forget` kills it by its cgroup or uid; _reap_orphans collects it.
+                self._settle(act, outcome.CRASHED, f"the fork server failed: {failed.why}", mono)
+                self._finish_record(act, None, None, now, mono)
+                self._forget(act)
+                continue
+            self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
+            try:
+                self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
+            except OSError as exc:
+                self._launch_failed(act, exc, mono)
 
     def _started(self, act: Activation, proc: Any, now: float) -> None:
         """The activation's process exists. A spawned one waits for us to put it in its cgroups
@@ -781,7 +819,8 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
     def _check_deadlines(self, now: float, mono: float) -> None:
         """Act on every deadline passed, and note the soonest one left for the poll timeout
         (launches later in the tick lower it): one pass over the running activations."""
-        self._check_zygotes(mono)
+        for failed in self.fork_servers.check(mono, self.cfg.server.fork_server_idle_s):
+            self._fork_server_failed(failed)
         grace = self.cfg.server.settled_grace_s
         soonest = math.inf
         for act in list(self.running.values()):
@@ -876,7 +915,7 @@ class Supervisor(ActivationMessages, ClientRequests, ForkServers, Operations):
         """As a child subreaper we inherit what activations orphan (after their cgroup is killed,
         say): reap those so no zombie stays. Not while a fork request is unanswered: an unknown
         zombie may then be that activation, whose exit status is its own to collect."""
-        while not self.forking:
+        while not self.fork_servers.waiting:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:

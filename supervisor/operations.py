@@ -7,7 +7,6 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -18,6 +17,7 @@ from supervisor.activation import Activation
 from supervisor.cluster import Node
 from supervisor.config import Config, ConfigError, Paths, load, needs_restart, with_dirs
 from supervisor.config import diff as config_diff
+from supervisor.fork_servers import ForkServers
 from supervisor.isolation import tenant_interpreter_errors
 from supervisor.journal.db import Db
 from supervisor.prepared import Prepared
@@ -46,7 +46,7 @@ class Operations:
     next_gc: float
     vacuum_due: bool
 
-    fork_server_view: Callable[[float], list[dict[str, Any]]]  # ForkServers'
+    fork_servers: ForkServers
 
     def keys_changed(self) -> None:
         if self.remote is not None:
@@ -128,7 +128,7 @@ class Operations:
                 "instances": dict(sorted(everyone.items())),
                 **self.stats.window(mono),
                 "failures_since_start": self.stats.failures_since_start(),
-                "fork_servers": self.fork_server_view(mono),
+                "fork_servers": self.fork_servers.view(mono, self.cfg.server.fork_spares),
             }
         view["tenants"] = {
             name: {
