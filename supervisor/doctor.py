@@ -192,10 +192,8 @@ def _probe(
             launcher.kill_group(proc.pid)
             proc.wait()
         if cgroups is not None:
-            cgroups.kill(PROBE_TENANT, aid)
-            for d in {b / PROBE_TENANT for b in cgroups.bases.values()}:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+            cgroups.kill(PROBE_TENANT, aid)  # which keeps its emptied cgroup for reuse:
+            cgroups.drop(PROBE_TENANT)  # remove it, and the probe tenant's directories
             for b in set(cgroups.bases.values()):
                 with contextlib.suppress(OSError):  # busy while a supervisor uses it: fine
                     b.rmdir()

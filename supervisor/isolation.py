@@ -506,6 +506,18 @@ class Cgroups:
             _kill_and_remove(dirs)
         return oom
 
+    def drop(self, tenant: str) -> None:
+        """Remove a tenant's kept activation cgroups and its own directories, all empty by now:
+        for `doctor`'s probe, a tenant whose cgroups nothing will reuse. Leaves the base
+        directories alone (a running supervisor may use them)."""
+        for leaf in self.free.pop(tenant, []):
+            self.oom_before.pop((tenant, leaf), None)
+            _kill_and_remove([f"{root}/{tenant}/{leaf}" for root in self.roots])
+        self.applied.pop(tenant, None)
+        for root in self.roots:
+            with contextlib.suppress(OSError):
+                os.rmdir(f"{root}/{tenant}")
+
     def close(self) -> None:
         """At shutdown: remove the (empty) tenant cgroups and this supervisor's own directory."""
         self.free.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +34,9 @@ def test_doctor_verifies_each_layer_with_a_probe(make_daemon) -> None:
         # whatever this host offers is not only enabled but seen in force by the probe
         assert row["effective"] == row["available"], row
     assert r.returncode == 0
+    # its probe's cgroups are gone with it, in every hierarchy (no supervisor shares them here)
+    name = "stepvisor-" + hashlib.sha256(str(daemon.state).encode()).hexdigest()[:8]
+    assert list(Path("/sys/fs/cgroup").glob(f"*/**/{name}")) == []
     assert report["interpreter"] == sys.executable
     assert report["spare_forks"].startswith(("once each", "twice each")), report["spare_forks"]
     # the backend is named; PostgreSQL is asked over a connection of its own
