@@ -447,10 +447,11 @@ class Supervisor(ActivationMessages, ClientRequests, Operations):
                     self.remote.on_monitor()
                 if self.remote.sock in ready:
                     self._drain_clients(self.remote.sock, REMOTE, now)
+            # Before the activations' messages: a Hello in this tick finds its pid known.
+            for python in self.fork_servers.due(ready):
+                self._on_fork_server(python, now, mono)
             if self.sandbox in ready:
                 self._drain_sandbox(now, mono)
-            for python in self.fork_servers.ready(ready):
-                self._on_fork_server(python, now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
             self.janitor.tick()

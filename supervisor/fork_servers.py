@@ -54,7 +54,11 @@ class ForkServers:
     def start(self, python: str, spares: int) -> Zygote:
         zygote = Zygote(python, spares)
         self.zygotes[python] = zygote
-        self.poller.register(zygote.fileno(), zmq.POLLIN)
+        # Polled for its hang-up only: its answers are read at every loop iteration while a
+        # request is open (`due`). Waking for each answer cost an iteration of its own per
+        # activation, though nothing waits for the pid: the activation's Hello, which needs
+        # it, comes milliseconds later and is handled after the answers.
+        self.poller.register(zygote.fileno(), zmq.POLLERR)
         self.log.info("zygote.started", pid=zygote.proc.pid, python=python)
         return zygote
 
@@ -69,10 +73,11 @@ class ForkServers:
         except (ZygoteError, OSError) as exc:
             return self._fail(python, str(exc)) or Failed(python, str(exc))
 
-    def ready(self, ready: Iterable[Any]) -> list[str]:
-        """The interpreters whose fork servers have something to say this tick."""
+    def due(self, ready: Iterable[Any]) -> list[str]:
+        """The interpreters whose fork servers to read this tick: those with a request open,
+        and those that hung up."""
         fds = set(ready)
-        return [python for python, z in self.zygotes.items() if z.fileno() in fds]
+        return [python for python, z in self.zygotes.items() if z.pending or z.fileno() in fds]
 
     def answers(
         self, python: str, live: Callable[[Activation], bool]
