@@ -7,25 +7,23 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from protocol.codec import decode_from_activation, encode
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_REPLY_BYTES, MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
+from protocol.limits import MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
 from protocol.messages import (
     Ack,
     Activate,
     Checked,
     CompleteCmd,
-    ErrorInfo,
     FailCmd,
     Final,
     Hello,
     Inspected,
     InvokeCmd,
-    Reply,
     SleepCmd,
     StepResult,
     StepStarted,
@@ -47,7 +45,9 @@ from supervisor.journal.db import Db
 from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
-from supervisor.remote_api import RemoteApi
+
+if TYPE_CHECKING:  # a cycle at run time: client_requests takes our limits
+    from supervisor.client_requests import Clients
 
 MAX_MESSAGES_PER_TICK = 1000
 MAX_BAD_FRAMES = 10  # garbage frames from one peer before it is ignored
@@ -103,8 +103,6 @@ class ActivationMessages:
 
     cfg: Config
     conn: Db
-    client: zmq.Socket[bytes]
-    remote: RemoteApi | None
     sandbox: zmq.Socket[bytes]
     running: dict[str, Activation]
     active: int
@@ -112,37 +110,12 @@ class ActivationMessages:
     exiting: Counter[str]
     bad_peers: dict[bytes, int]
     outbox: Outbox
+    clients: Clients
     output: OutputCapture
     prepared: Prepared
     tenants: list[str]
     settled_this_tick: list[Activation]
     log: Any
-
-    def _reply(
-        self, peer: bytes, rid: int, result: object = None, error: ProtocolError | None = None
-    ) -> None:
-        """Answer a client request; `peer` is its tagged identity (see `client_requests`)."""
-        info = (
-            None
-            if error is None
-            else ErrorInfo(
-                type=error.code.value, code=error.code.value, message=error.message[:60_000]
-            )
-        )
-        reply = Reply(rid=rid, ok=error is None, result=result, error=info)
-        frame = encode(reply)
-        if len(frame) > MAX_REPLY_BYTES:  # the client could not decode it: say so instead
-            why = f"the reply is {len(frame)} bytes; a client reads at most {MAX_REPLY_BYTES}"
-            self.log.warning("api.reply_too_large", bytes=len(frame))
-            frame = encode(
-                Reply(
-                    rid=rid,
-                    ok=False,
-                    error=ErrorInfo(type="TOO_LARGE", code="TOO_LARGE", message=why),
-                )
-            )
-        sock = self.remote.sock if peer[:1] == b"R" and self.remote is not None else self.client
-        self.outbox.acknowledge(sock, [peer[1:], frame])
 
     def _drain_sandbox(self, now: float, mono: float) -> None:
         for _ in range(MAX_MESSAGES_PER_TICK):
@@ -336,12 +309,12 @@ class ActivationMessages:
                 workflows = deployed_workflows(d, msg.workflows)
                 results = checks.results_of(d.plan, msg.results)
             except ProtocolError as exc:
-                self._reply(d.identity, d.rid, error=exc)
+                self.clients.reply(d.identity, d.rid, error=exc)
                 launcher.kill_group(act.pid)
                 self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
                 return
             report = checks.conclude(self.conn, act.tenant, d.plan, workflows, results, now)
-            self._reply(d.identity, d.rid, report)
+            self.clients.reply(d.identity, d.rid, report)
             self.log.info(
                 "code.checked",
                 tenant=act.tenant,
@@ -356,7 +329,7 @@ class ActivationMessages:
             try:
                 workflows = deployed_workflows(d, msg.workflows)
             except ProtocolError as exc:
-                self._reply(d.identity, d.rid, error=exc)
+                self.clients.reply(d.identity, d.rid, error=exc)
                 launcher.kill_group(act.pid)
                 self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
                 return
@@ -366,7 +339,7 @@ class ActivationMessages:
                 j.set_deployment(self.conn, act.tenant, name, d.version, now)
             if act.tenant not in self.tenants:
                 self.tenants.append(act.tenant)
-            self._reply(
+            self.clients.reply(
                 d.identity,
                 d.rid,
                 {"tenant": act.tenant, "version": d.version, "workflows": workflows},
@@ -385,7 +358,9 @@ class ActivationMessages:
             text = f"{d.filename} failed to load: {err.type}: {err.message}"
             if err.traceback:
                 text += "\n" + err.traceback
-            self._reply(d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text))
+            self.clients.reply(
+                d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text)
+            )
             self._settle(
                 act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True
             )
@@ -422,7 +397,7 @@ class ActivationMessages:
             if act.deploy is not None:
                 why = outcome.failure_message(how, detail)
                 tail = act.stderr_tail.decode("utf-8", "replace").strip()
-                self._reply(
+                self.clients.reply(
                     act.deploy.identity,
                     act.deploy.rid,
                     error=ProtocolError(ErrorCode.DEPLOY_FAILED, f"{why}\n{tail}".strip()),

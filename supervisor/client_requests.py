@@ -3,38 +3,62 @@
 A request's peer is its ROUTER identity tagged with the socket it came on (b"L" local, b"R"
 remote), so a reply, even a deferred one, goes back the way its request came. The local socket
 is guarded by its file permissions and acts as admin; a remote request acts for the key it was
-sent with (see `remote_api.authorize`). A mixin of `daemon.Supervisor`.
+sent with (see `remote_api.authorize`).
+
+The supervisor owns one `Clients`: it reads the sockets, hands each request to its handler in
+`api` (the supervisor is the handlers' `api.Host`) and queues every reply in the outbox.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-from protocol.codec import decode_request, request_id
+from protocol.codec import decode_request, encode, request_id
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.limits import MAX_REPLY_BYTES
+from protocol.messages import ErrorInfo, Reply
 from supervisor import api
 from supervisor import journal as j
 from supervisor.activation_messages import MAX_BAD_FRAMES, MAX_MESSAGES_PER_TICK
 from supervisor.cluster import Node
 from supervisor.journal.db import Db
+from supervisor.outbox import Outbox
 from supervisor.remote_api import ADMIN, RemoteApi, authorize
 
 LOCAL, REMOTE = b"L", b"R"
 
 
-class ClientRequests:
-    conn: Db
-    client: zmq.Socket[bytes]
-    remote: RemoteApi | None
-    tenants: list[str]
-    node: Node
-    bad_peers: dict[bytes, int]
-    log: Any
-    _reply: Any  # ActivationMessages._reply
+class Clients:
+    def __init__(
+        self,
+        host: api.Host,
+        conn: Db,
+        outbox: Outbox,
+        local: zmq.Socket[bytes],
+        remote: RemoteApi | None,
+        node: Node,
+        log: Any,
+        known: Callable[[str], bool],
+        add_tenant: Callable[[str], None],
+    ) -> None:
+        """`known(tenant)`: whether the supervisor has the tenant in its list already;
+        `add_tenant`: tell it of a tenant a request made (the first deploy, say)."""
+        self.host = host
+        self.conn = conn
+        self.outbox = outbox
+        self.local = local
+        self.remote = remote
+        self.node = node
+        self.log = log
+        self.known = known
+        self.add_tenant = add_tenant
+        self.bad_peers: dict[bytes, int] = {}
 
-    def _drain_clients(self, sock: zmq.Socket[bytes], tag: bytes, now: float) -> None:
+    def drain(self, sock: zmq.Socket[bytes], tag: bytes, now: float) -> None:
+        """Handle the requests waiting on `sock` (LOCAL or REMOTE, as `tag` says)."""
         for _ in range(MAX_MESSAGES_PER_TICK):
             if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return  # asked, not tried: a failed receive raises, and that costs more
@@ -58,7 +82,7 @@ class ClientRequests:
             principal = ADMIN if tag == LOCAL else self._principal(frames[1])
             if principal is None:
                 why = "this key was revoked; ask for a new one (stepvisor keys new)"
-                self._reply(peer, req.rid, error=ProtocolError(ErrorCode.FORBIDDEN, why))
+                self.reply(peer, req.rid, error=ProtocolError(ErrorCode.FORBIDDEN, why))
                 continue
             try:
                 req = authorize(principal, req)
@@ -66,9 +90,35 @@ class ClientRequests:
                 self.log.warning(
                     "api.forbidden", tenant=principal or None, request=type(req).__name__
                 )
-                self._reply(peer, req.rid, error=exc)
+                self.reply(peer, req.rid, error=exc)
                 continue
             self._dispatch(peer, req, now)
+
+    def reply(
+        self, peer: bytes, rid: int, result: object = None, error: ProtocolError | None = None
+    ) -> None:
+        """Answer a client request, now or later (a deploy's, once its inspection reports);
+        `peer` is its tagged identity."""
+        info = (
+            None
+            if error is None
+            else ErrorInfo(
+                type=error.code.value, code=error.code.value, message=error.message[:60_000]
+            )
+        )
+        frame = encode(Reply(rid=rid, ok=error is None, result=result, error=info))
+        if len(frame) > MAX_REPLY_BYTES:  # the client could not decode it: say so instead
+            why = f"the reply is {len(frame)} bytes; a client reads at most {MAX_REPLY_BYTES}"
+            self.log.warning("api.reply_too_large", bytes=len(frame))
+            frame = encode(
+                Reply(
+                    rid=rid,
+                    ok=False,
+                    error=ErrorInfo(type="TOO_LARGE", code="TOO_LARGE", message=why),
+                )
+            )
+        sock = self.remote.sock if peer[:1] == REMOTE and self.remote is not None else self.local
+        self.outbox.acknowledge(sock, [peer[1:], frame])
 
     def _principal(self, frame: zmq.Frame) -> str | None:
         assert self.remote is not None
@@ -83,40 +133,39 @@ class ClientRequests:
             self.bad_peers.clear()
         self.bad_peers[peer] = self.bad_peers.get(peer, 0) + 1
         self.log.warning("api.bad_request", code=exc.code.value, error=exc.message[:500])
-        self._reply(peer, rid, error=exc)
+        self.reply(peer, rid, error=exc)
 
     def _dispatch(self, peer: bytes, req: Any, now: float) -> None:
         handler = api.HANDLERS[type(req)]
         # A savepoint per request: a request that fails changes nothing, the others still commit.
         self.conn.execute("SAVEPOINT request")
         try:
-            # The Supervisor this is mixed into is the handlers' Host.
-            result = handler(cast(api.Host, self), req, peer, now)
+            result = handler(self.host, req, peer, now)
         except ProtocolError as exc:
             self.conn.execute("ROLLBACK TO request")
-            self._reply(peer, req.rid, error=exc)
+            self.reply(peer, req.rid, error=exc)
         except j.CONTENDED as exc:
             # Another node's transaction held what this request needed (a deadlock, or a lock
             # held past lock_timeout): nothing of it is kept, and the client may retry.
             self.conn.execute("ROLLBACK TO request")
             self.log.warning("api.contended", request=type(req).__name__, error=str(exc)[:300])
             why = "another node holds what this request needs; retry it"
-            self._reply(peer, req.rid, error=ProtocolError(ErrorCode.UNAVAILABLE, why))
+            self.reply(peer, req.rid, error=ProtocolError(ErrorCode.UNAVAILABLE, why))
         except Exception as exc:
             self.conn.execute("ROLLBACK TO request")
             self.log.exception("api.internal_error", request=type(req).__name__)
-            self._reply(
+            self.reply(
                 peer,
                 req.rid,
                 error=ProtocolError(ErrorCode.INTERNAL, f"internal error: {exc!r}"),
             )
         else:
             tenant = getattr(req, "tenant", None)
-            if tenant and tenant not in self.tenants and j.tenant_exists(self.conn, tenant):
-                self.tenants.append(tenant)
+            if tenant and not self.known(tenant) and j.tenant_exists(self.conn, tenant):
+                self.add_tenant(tenant)
             if type(req) in api.WAKES_WORK:
                 self.node.wake_others = True
             if result is not api.DEFERRED:
-                self._reply(peer, req.rid, result)
+                self.reply(peer, req.rid, result)
         finally:
             self.conn.execute("RELEASE request")

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psycopg
@@ -30,6 +30,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_CLIENT_FRAME_BYTES as MAX_CLIENT
 from protocol.limits import MAX_SANDBOX_FRAME_BYTES as MAX_SANDBOX
 from supervisor import (
+    api,
     cluster,
     dirs,
     disk,
@@ -52,7 +53,7 @@ from supervisor.activation import (
     DeployRequest,
 )
 from supervisor.activation_messages import ActivationMessages
-from supervisor.client_requests import LOCAL, REMOTE, ClientRequests
+from supervisor.client_requests import LOCAL, REMOTE, Clients
 from supervisor.config import (
     Config,
     ConfigError,
@@ -83,7 +84,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages, ClientRequests, Operations):
+class Supervisor(ActivationMessages, Operations):
     def __init__(
         self,
         cfg: Config,
@@ -249,6 +250,17 @@ class Supervisor(ActivationMessages, ClientRequests, Operations):
         self.poller.register(self.sandbox, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.remote = self._remote_api()
+        self.clients = Clients(
+            cast(api.Host, self),
+            self.conn,
+            self.outbox,
+            self.client,
+            self.remote,
+            self.node,
+            self.log,
+            known=lambda tenant: tenant in self.tenants,
+            add_tenant=lambda tenant: self.tenants.append(tenant),
+        )
         self.node.listen()
         self.output = OutputCapture(self.poller)
         if self.cfg.server.launch_mode == "fork":
@@ -439,14 +451,14 @@ class Supervisor(ActivationMessages, ClientRequests, Operations):
                 self._drain_wakeups()
             self._handle_signals(mono)
             if self.client in ready:
-                self._drain_clients(self.client, LOCAL, now)
+                self.clients.drain(self.client, LOCAL, now)
             if self.remote is not None:
                 if self.remote.zap in ready:
                     self.remote.on_zap()
                 if self.remote.monitor in ready:
                     self.remote.on_monitor()
                 if self.remote.sock in ready:
-                    self._drain_clients(self.remote.sock, REMOTE, now)
+                    self.clients.drain(self.remote.sock, REMOTE, now)
             # Before the activations' messages: a Hello in this tick finds its pid known.
             for python in self.fork_servers.due(ready):
                 self._on_fork_server(python, now, mono)
