@@ -380,6 +380,7 @@ class ActivationMessages:
             return
         was_step = act.state == IN_STEP
         act.state, act.outcome, act.detail, act.settled_mono = SETTLED, how, detail, mono
+        self.output.settled(act)
         if act.unbound:
             self.prepared.forget(act)  # its process failed while it waited, or it was stopped
         else:  # its concurrency slots; the process itself is counted until reaped

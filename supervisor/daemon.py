@@ -763,7 +763,14 @@ class Supervisor(ActivationMessages, Operations):
                     return  # _on_fork_server records it when the fork server answers
                 self._fork_server_failed(failed)
                 self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-            self._started(act, launcher.spawn(self.paths, limits, self._sandbox(act)), now)
+        except OSError as exc:
+            self._launch_failed(act, exc, mono)
+            return
+        self._spawn(act, now, mono)
+
+    def _spawn(self, act: Activation, now: float, mono: float) -> None:
+        try:
+            self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
         except OSError as exc:
             self._launch_failed(act, exc, mono)
 
@@ -799,10 +806,7 @@ class Supervisor(ActivationMessages, Operations):
                 self._forget(act)
                 continue
             self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-            try:
-                self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
-            except OSError as exc:
-                self._launch_failed(act, exc, mono)
+            self._spawn(act, now, mono)
 
     def _started(self, act: Activation, proc: Any, now: float) -> None:
         """The activation's process exists. A spawned one waits for us to put it in its cgroups

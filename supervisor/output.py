@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from supervisor.activation import Activation
+from supervisor.activation import SETTLED, Activation
 
 MAX_OUTPUT_BYTES = 1 << 20  # logged per activation, newlines counted; the rest is dropped
 MAX_OUTPUT_LINES = 10_000  # logged per activation
@@ -39,6 +39,7 @@ class _Pipe:
     queued: int = 0
     partial: bytes = b""  # an unterminated line
     throttled: bool = False  # over its activation's caps: read once an iteration, discarded
+    quiet: bool = False  # its activation is settled: not polled, read when it is reaped
     eof: bool = False
 
 
@@ -52,9 +53,11 @@ class OutputCapture:
 
     def watch(self, act: Activation) -> None:
         assert act.proc is not None and act.proc.stdout and act.proc.stderr
+        quiet = act.state == SETTLED  # reported before its fork server said it exists
         for stream, pipe in (("stdout", act.proc.stdout), ("stderr", act.proc.stderr)):
-            self.pipes[pipe.fileno()] = _Pipe(act, stream)
-            self.poller.register(pipe.fileno(), zmq.POLLIN)
+            self.pipes[pipe.fileno()] = _Pipe(act, stream, quiet=quiet)
+            if not quiet:
+                self.poller.register(pipe.fileno(), zmq.POLLIN)
 
     def busy(self) -> bool:
         """Lines wait to be logged: the loop should come back at once."""
@@ -78,6 +81,16 @@ class OutputCapture:
                 for _ in range(DRAIN_READS):
                     if pipe.eof or not self._read(fd, pipe):
                         break
+
+    def settled(self, act: Activation) -> None:
+        """The activation's fate is decided and its process is about to exit: stop polling its
+        pipes, whose end of file would each wake the loop once more just before the exit does.
+        What it writes until it is reaped is read then (`drain`, at most DRAIN_READS chunks a
+        pipe, as before any message), and a straggler it left is killed with it."""
+        for fd, pipe in self.pipes.items():
+            if pipe.act is act and not pipe.throttled and not pipe.quiet:
+                self.poller.unregister(fd)
+                pipe.quiet = True
 
     def forget(self, act: Activation) -> None:
         """The activation is reaped: stop watching its pipes. Lines read but not logged yet are
@@ -128,7 +141,8 @@ class OutputCapture:
             if pipe.act is act and not pipe.throttled:
                 pipe.throttled = True
                 self.throttled.add(fd)
-                self.poller.unregister(fd)
+                if not pipe.quiet:
+                    self.poller.unregister(fd)
         act.log.warning(
             "tenant.output_dropped",
             seq=act.seq,
@@ -139,7 +153,7 @@ class OutputCapture:
         )
 
     def _close(self, fd: int, pipe: _Pipe) -> None:
-        if not pipe.throttled:
+        if not pipe.throttled and not pipe.quiet:
             self.poller.unregister(fd)
         self.throttled.discard(fd)
         del self.pipes[fd]
