@@ -350,15 +350,18 @@ def waited_ms(phases: dict[str, float]) -> float:
     return round(sum(v for k, v in phases.items() if k != "reap" and k not in ahead), 3)
 
 
-def run_workload(sup: Supervisor, workflows: int, steps: int, timeout_s: float) -> dict[str, Any]:
+def run_workload(
+    sup: Supervisor, workflows: int, steps: int, timeout_s: float, prefix: str = "w"
+) -> dict[str, Any]:
     """Deploy the no-op workflow, create `workflows` instances with one create_batch, wait until
-    all are complete, and read every instance's activation records."""
+    all are complete, and read every instance's activation records. `prefix`: of the instance
+    ids, new ones for each run on the same supervisor."""
     with Client(sup.endpoint, timeout_s=60.0) as client:
         log(f"deploying workflow {WORKFLOW!r} ({steps} no-op steps) for tenant {TENANT!r}")
         deployed = client.deploy(TENANT, workflow_source(steps), filename="bench_noop.py")
         if WORKFLOW not in deployed.get("workflows", []):
             raise BenchError(f"deploy did not register {WORKFLOW!r}: {deployed}")
-        ids = [f"w{k:06d}" for k in range(workflows)]
+        ids = [f"{prefix}{k:06d}" for k in range(workflows)]
         assert sup.proc is not None
         sproc = psutil.Process(sup.proc.pid)
         cpu0, me0 = sproc.cpu_times(), psutil.Process().cpu_times()
