@@ -449,7 +449,9 @@ def markdown(res: dict[str, Any]) -> str:
             + ".\n"
         )
     rp = res["replay"]
-    parts.append(f"## Replay scaling: one workflow of {rp['steps']} steps, fork mode\n")
+    parts.append(
+        f"## Replay scaling: {rp.get('rounds', 1)} workflows of {rp['steps']} steps, fork mode\n"
+    )
     rows = [("activation of step", "total ms", "exec ms", "CPU ms")]
     for k, pt in rp["points"].items():
         rows.append((k, f"{pt['total_ms']:.2f}", f"{pt['exec_ms']:.2f}", f"{pt['cpu_ms']:.2f}"))
