@@ -53,11 +53,11 @@ class OutputCapture:
 
     def watch(self, act: Activation) -> None:
         assert act.proc is not None and act.proc.stdout and act.proc.stderr
-        quiet = act.state == SETTLED  # reported before its fork server said it exists
         for stream, pipe in (("stdout", act.proc.stdout), ("stderr", act.proc.stderr)):
-            self.pipes[pipe.fileno()] = _Pipe(act, stream, quiet=quiet)
-            if not quiet:
-                self.poller.register(pipe.fileno(), zmq.POLLIN)
+            self.pipes[pipe.fileno()] = _Pipe(act, stream)
+            self.poller.register(pipe.fileno(), zmq.POLLIN)
+        if act.state == SETTLED:  # it reported before its fork server said it exists
+            self.settled(act)
 
     def busy(self) -> bool:
         """Lines wait to be logged: the loop should come back at once."""
@@ -86,9 +86,17 @@ class OutputCapture:
         """The activation's fate is decided and its process is about to exit: stop polling its
         pipes, whose end of file would each wake the loop once more just before the exit does.
         What it writes until it is reaped is read then (`drain`, at most DRAIN_READS chunks a
-        pipe, as before any message), and a straggler it left is killed with it."""
-        for fd, pipe in self.pipes.items():
-            if pipe.act is act and not pipe.throttled and not pipe.quiet:
+        pipe, as before any message), and a straggler it left is killed with it.
+
+        Only a pipe found empty goes quiet: one that still holds output (a backlog not logged
+        yet) stays polled, or the exiting process could block flushing its last partial line
+        into it, unread, until the settled grace kills it and the line is lost."""
+        for fd, pipe in list(self.pipes.items()):
+            if pipe.act is not act or pipe.throttled or pipe.quiet:
+                continue
+            if pipe.queued >= QUEUED_BYTES or self._read(fd, pipe):
+                continue  # more to read: polled until it is drained, as before
+            if fd in self.pipes:  # empty, not at its end (`_read` closes a pipe at its end)
                 self.poller.unregister(fd)
                 pipe.quiet = True
 
