@@ -454,7 +454,9 @@ class Run:
             inst = self._row()
             code = j.get_code(db, tenant, inst["version"])
             assert code is not None
-            act = engine.build_activate(db, inst, code, env.limits, now)
+            act = engine.build_activate(
+                inst, code, j.journal_entries(db, tenant, self.id), env.limits, now
+            )
         self.activations += 1
         self._step = None
         runtime = Runtime(act, _EngineChannel(self), exit=_stop, run_callable=self._call)

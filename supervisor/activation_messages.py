@@ -45,6 +45,7 @@ from supervisor.journal.db import Db
 from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
+from supervisor.replay_cache import ReplayCache
 
 if TYPE_CHECKING:  # a cycle at run time: client_requests takes our limits
     from supervisor.client_requests import Clients
@@ -113,6 +114,7 @@ class ActivationMessages:
     clients: Clients
     output: OutputCapture
     prepared: Prepared
+    replay_cache: ReplayCache
     tenants: list[str]
     settled_this_tick: list[Activation]
     log: Any
@@ -236,6 +238,7 @@ class ActivationMessages:
             self._ack(act)
         elif isinstance(msg, CompleteCmd | FailCmd) and act.state == CONNECTED:
             engine.workflow_finished(self.conn, tenant, instance, msg, now)
+            self.replay_cache.forget(tenant, instance)
             if isinstance(msg, FailCmd):
                 detail = f"{msg.error.type}: {msg.error.message}"[:500]
                 self._settle(act, outcome.ERROR, detail, mono, committed=True)
@@ -296,9 +299,10 @@ class ActivationMessages:
             inst = j.get_instance(self.conn, act.tenant, act.instance)
             assert inst is not None
             act.expected_seq = engine.prepare_replay(self.conn, act.tenant, act.instance, now)
-            code = j.get_code(self.conn, act.tenant, inst["version"])
+            code = self.replay_cache.code(self.conn, act.tenant, inst["version"])
             assert code is not None
-            activate = engine.build_activate(self.conn, inst, code, act.limits, now)
+            journal = self.replay_cache.journal(self.conn, act.tenant, act.instance)
+            activate = engine.build_activate(inst, code, journal, act.limits, now)
         self.outbox.activate(self.sandbox, [act.identity, encode(activate)])
 
     def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:

@@ -71,6 +71,7 @@ from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
+from supervisor.replay_cache import ReplayCache
 from supervisor.stats import Stats
 
 MAX_LAUNCHES_PER_TICK = 32
@@ -113,6 +114,7 @@ class Supervisor(ActivationMessages, Operations):
         self.to_prepare: list[str] = []
         self.tenants: list[str] = []
         self.outbox = Outbox(self.log)
+        self.replay_cache = ReplayCache()  # code and settled journal heads, between activations
         self.bad_peers: dict[bytes, int] = {}
         self.signals: list[int] = []
         self.draining = False

@@ -25,6 +25,7 @@ from protocol.messages import (
     ErrorInfo,
     FailCmd,
     InvokeCmd,
+    JournalEntry,
     SleepCmd,
     Status,
     StepResult,
@@ -180,7 +181,9 @@ def prepare_replay(conn: Db, tenant: str, instance: str, now: float) -> int:
     return seq + 1
 
 
-def build_activate(conn: Db, inst: Row, code: Row, limits: Limits, now: float) -> Activate:
+def build_activate(
+    inst: Row, code: Row, journal: list[JournalEntry], limits: Limits, now: float
+) -> Activate:
     return Activate(
         mode="run",
         tenant=inst["tenant"],
@@ -191,7 +194,7 @@ def build_activate(conn: Db, inst: Row, code: Row, limits: Limits, now: float) -
         workflow=inst["workflow"],
         params=inst["params"],
         created_at=inst["created_at"],
-        journal=j.journal_entries(conn, inst["tenant"], inst["id"]),
+        journal=journal,
         now=now,
         max_timeout_s=limits.timeout_s,
     )

@@ -39,6 +39,7 @@ from supervisor.journal.db import (
 )
 from supervisor.journal.entries import (
     KEPT_ATTEMPT_ERRORS,
+    TailRow,
     add_attempt_error,
     add_event,
     attempt_errors,
@@ -48,6 +49,7 @@ from supervisor.journal.entries import (
     journal_entries,
     journal_length,
     journal_rows,
+    journal_tail,
     last_entry,
     state_bytes,
     upsert_entry,
@@ -123,6 +125,7 @@ __all__ = [
     "Db",
     "IntegrityError",
     "Row",
+    "TailRow",
     "add_attempt_error",
     "add_event",
     "add_key",
@@ -162,6 +165,7 @@ __all__ = [
     "journal_entries",
     "journal_length",
     "journal_rows",
+    "journal_tail",
     "last_entry",
     "leased_elsewhere",
     "leased_instances",

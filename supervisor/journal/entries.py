@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocol.messages import ErrorInfo, JournalEntry
 from supervisor.journal.db import Db, Row
@@ -37,17 +37,29 @@ def state_bytes(conn: Db, tenant: str, instance: str) -> int:
     return int(row[0])
 
 
-def journal_entries(conn: Db, tenant: str, instance: str) -> list[JournalEntry]:
-    """The journal as replay sees it. Rows are unpacked by position: an activation late in a
-    long workflow reads every entry before it, and lookups by name cost a third of that."""
+class TailRow(NamedTuple):
+    entry: JournalEntry
+    started_at: float  # when the row was written first: a rewritten entry has a new one
+
+
+def journal_tail(conn: Db, tenant: str, instance: str, first: int) -> list[TailRow]:
+    """The journal from seq `first` on, each entry with its `started_at`."""
     return [
-        JournalEntry(seq, kind, name, status, attempts, result, decode_error(error), until)
-        for seq, kind, name, status, attempts, result, error, until in conn.execute(
-            "SELECT seq, kind, name, status, attempts, result, error, until FROM journal"
-            " WHERE tenant = ? AND instance = ? ORDER BY seq",
-            (tenant, instance),
+        TailRow(
+            JournalEntry(seq, kind, name, status, attempts, result, decode_error(error), until),
+            started_at,
+        )
+        for seq, kind, name, status, attempts, result, error, until, started_at in conn.execute(
+            "SELECT seq, kind, name, status, attempts, result, error, until, started_at"
+            " FROM journal WHERE tenant = ? AND instance = ? AND seq >= ? ORDER BY seq",
+            (tenant, instance, first),
         )
     ]
+
+
+def journal_entries(conn: Db, tenant: str, instance: str) -> list[JournalEntry]:
+    """The journal as replay sees it."""
+    return [row.entry for row in journal_tail(conn, tenant, instance, 0)]
 
 
 def get_entry(conn: Db, tenant: str, instance: str, seq: int) -> Row | None:
