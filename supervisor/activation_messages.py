@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -40,6 +39,7 @@ from supervisor.activation import (
     Activation,
     DeployRequest,
 )
+from supervisor.activations import Activations
 from supervisor.config import Config
 from supervisor.journal.db import Db
 from supervisor.outbox import Outbox
@@ -105,10 +105,7 @@ class ActivationMessages:
     cfg: Config
     conn: Db
     sandbox: zmq.Socket[bytes]
-    running: dict[str, Activation]
-    active: int
-    per_tenant: dict[str, int]
-    exiting: Counter[str]
+    acts: Activations
     bad_peers: dict[bytes, int]
     outbox: Outbox
     clients: Clients
@@ -129,7 +126,7 @@ class ActivationMessages:
                 return
             mono = time.monotonic()  # this message's own arrival, for the activation's phases
             identity = frames[0]
-            act = self.running.get(identity.decode("ascii", "replace"))
+            act = self.acts.get(identity.decode("ascii", "replace"))
             if act is None:
                 if self.bad_peers.get(identity, 0) < MAX_BAD_FRAMES:
                     self.bad_peers[identity] = self.bad_peers.get(identity, 0) + 1
@@ -387,10 +384,7 @@ class ActivationMessages:
         self.output.settled(act)
         if act.unbound:
             self.prepared.forget(act)  # its process failed while it waited, or it was stopped
-        else:  # its concurrency slots; the process itself is counted until reaped
-            self.active -= 1
-            self.per_tenant[act.tenant] -= 1
-        self.exiting[act.tenant] += 1
+        self.acts.settled(act, held_slot=not act.unbound)
         self.settled_this_tick.append(act)
         now = time.time()
         j.update_activation(

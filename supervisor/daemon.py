@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,6 +52,7 @@ from supervisor.activation import (
     DeployRequest,
 )
 from supervisor.activation_messages import ActivationMessages
+from supervisor.activations import Activations
 from supervisor.client_requests import LOCAL, REMOTE, Clients
 from supervisor.config import (
     Config,
@@ -98,15 +98,7 @@ class Supervisor(ActivationMessages, Operations):
         self.config_path = config_path
         self.dirs = dirs  # `serve --state-dir/--runtime-dir`: they win over the file's, reloads too
         self.log = logs.get(component="supervisor")
-        self.running: dict[str, Activation] = {}  # token → activation, until reaped
-        self.by_pid: dict[int, Activation] = {}
-        # Concurrency counts activations not yet settled: once its result is journaled an
-        # activation only exits, and the instance's next step need not wait for that.
-        self.active = 0
-        self.per_tenant: dict[str, int] = {}
-        # Settled but not reaped yet, per tenant: a tenant whose processes linger after their
-        # results (until `settled_grace_s` kills them) holds back its own launches only.
-        self.exiting: Counter[str] = Counter()
+        self.acts = Activations()  # launched and not reaped yet, and the slots they hold
         self.janitor = Janitor()
         self.prepared = Prepared()  # activations launched ahead, waiting for a step
         # Tenants to prepare an activation for, next tick: after this tick's Activates are out,
@@ -410,7 +402,7 @@ class Supervisor(ActivationMessages, Operations):
                     self._kill_all()
                     code = cluster.EXIT_FENCED
                     break
-                if self.draining and (not self.running or time.monotonic() > self.drain_deadline):
+                if self.draining and (not self.acts or time.monotonic() > self.drain_deadline):
                     self._stop_remaining(outcome.INTERRUPTED, "the supervisor was stopped")
                     with j.transaction(self.conn):
                         j.stop_node(self.conn, self.node.id, time.time())
@@ -525,7 +517,7 @@ class Supervisor(ActivationMessages, Operations):
                 self.notify.stopping(self._status())
                 self.log.info(
                     "supervisor.draining",
-                    running=len(self.running),
+                    running=len(self.acts),
                     deadline_s=self.cfg.server.drain_timeout_s,
                 )
                 self.to_prepare.clear()
@@ -556,7 +548,7 @@ class Supervisor(ActivationMessages, Operations):
         self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
 
     def kill_instance_activation(self, tenant: str, instance: str, why: str) -> None:
-        for act in list(self.running.values()):
+        for act in self.acts.all():
             if act.tenant == tenant and act.instance == instance and act.state != SETTLED:
                 launcher.kill_group(act.pid)
                 self._settle(act, why, "stopped by an operator request", time.monotonic())
@@ -568,7 +560,7 @@ class Supervisor(ActivationMessages, Operations):
             j.notify_kill(self.conn, int(inst["lease"]))
 
     def _kill_stopped_elsewhere(self, aid: int) -> None:
-        for act in list(self.running.values()):
+        for act in self.acts.all():
             if act.aid == aid and act.state != SETTLED:
                 launcher.kill_group(act.pid)
                 detail = "stopped by an operator request through another node"
@@ -593,7 +585,7 @@ class Supervisor(ActivationMessages, Operations):
         while progress:
             progress = False
             for tenant in order:
-                if self.active >= self.cfg.server.max_activations:
+                if self.acts.active >= self.cfg.server.max_activations:
                     return
                 if launched >= MAX_LAUNCHES_PER_TICK:
                     self.more_due = True
@@ -601,7 +593,8 @@ class Supervisor(ActivationMessages, Operations):
                 most = self.cfg.limits_for(tenant).max_concurrent
                 # More than `most` exiting: its stragglers hold back its own launches. One
                 # exiting at `max_concurrent = 1` must not: the next step would wait for a reap.
-                if self.per_tenant.get(tenant, 0) >= most or self.exiting[tenant] > most:
+                running = self.acts.running(tenant)
+                if running >= most or self.acts.exiting(tenant) > most:
                     continue
                 if (
                     self.uids is not None
@@ -611,9 +604,7 @@ class Supervisor(ActivationMessages, Operations):
                     # Its uids are all busy and every other uid is another tenant's.
                     self._make_room(tenant)
                     continue
-                busy = self.node.busy_elsewhere(
-                    self.conn, tenant, self.per_tenant.get(tenant, 0), most
-                )
+                busy = self.node.busy_elsewhere(self.conn, tenant, running, most)
                 if busy is None:  # another node is launching its work: look again shortly
                     self.more_due = True
                 if busy is not False:
@@ -658,8 +649,7 @@ class Supervisor(ActivationMessages, Operations):
         concurrency slot from now on, and gets its Activate as soon as it has said Hello."""
         act.instance, act.bound_mono = instance, time.monotonic()
         act.log = act.log.bind(instance=instance)
-        self.active += 1
-        self.per_tenant[act.tenant] = self.per_tenant.get(act.tenant, 0) + 1
+        self.acts.hold_slot(act)
         j.update_activation(self.conn, act.aid, instance=instance, bound_at=now)
         engine.launched(self.conn, act.tenant, instance, act.aid, now)
         if act.state == PARKED:
@@ -733,15 +723,12 @@ class Supervisor(ActivationMessages, Operations):
             deploy=deploy,
             prepared=prepared,
         )
-        self.running[token] = act
+        self.acts.add(act, with_step=not prepared)
         self.next_deadline = min(self.next_deadline, act.deadline_mono)
         if prepared:
             # Its slots (`max_activations`, its tenant's `max_concurrent`) are taken when a
             # step is given to it; until then prepared ones are capped on their own.
             self.prepared.add(act)
-        else:
-            self.active += 1
-            self.per_tenant[tenant] = self.per_tenant.get(tenant, 0) + 1
         try:
             if self.uids is not None and uid is None:
                 # Never without one: the launch paths wait for a free uid (`_schedule`,
@@ -778,7 +765,7 @@ class Supervisor(ActivationMessages, Operations):
 
     def _on_fork_server(self, python: str, now: float, mono: float) -> None:
         """Record the activations a fork server has answered for."""
-        answered, failed = self.fork_servers.answers(python, lambda a: a.token in self.running)
+        answered, failed = self.fork_servers.answers(python, lambda a: a in self.acts)
         for act, proc in answered:
             if act.state == SETTLED:
                 # The fork server hands the request to a spare before it answers: descheduled in
@@ -797,7 +784,7 @@ class Supervisor(ActivationMessages, Operations):
         settled when a spare had taken the request already."""
         now, mono = time.time(), time.monotonic()
         for act in failed.abandoned:
-            if act.token not in self.running:
+            if act not in self.acts:
                 continue
             if act.state != LAUNCHED:
                 # A spare took the request and said Hello, but its pid never came: it cannot be
@@ -819,7 +806,7 @@ class Supervisor(ActivationMessages, Operations):
             if self.cgroups is not None:
                 self.cgroups.add(act.tenant, act.aid, act.pid)
             launcher.send_token(act.proc, act.token)
-        self.by_pid[act.pid] = act
+        self.acts.started(act)
         self.output.watch(act)
         j.update_activation(self.conn, act.aid, pid=act.pid, pid_started=now)
 
@@ -842,9 +829,9 @@ class Supervisor(ActivationMessages, Operations):
             self._fork_server_failed(failed)
         grace = self.cfg.server.settled_grace_s
         soonest = math.inf
-        for act in list(self.running.values()):
+        for act in self.acts.all():
             self._check_deadline(act, now, mono, grace)
-            if act.token in self.running:
+            if act in self.acts:
                 limit = act.settled_mono + grace if act.settled_mono else act.deadline_mono
                 soonest = min(soonest, limit)
         self.next_deadline = soonest
@@ -903,7 +890,7 @@ class Supervisor(ActivationMessages, Operations):
         self._reap_exited(now, mono)
 
     def _reap_exited(self, now: float, mono: float) -> None:
-        for pid, act in list(self.by_pid.items()):
+        for pid, act in self.acts.with_pid():
             try:
                 # Look without reaping: while the exited leader is a zombie its pid, and so its
                 # process group id, cannot be reused, so killing the group hits only what the
@@ -939,7 +926,7 @@ class Supervisor(ActivationMessages, Operations):
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if info is None or info.si_pid in self.by_pid:
+            if info is None or self.acts.has_pid(info.si_pid):
                 return  # nothing exited, or an activation the next pass reaps properly
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
@@ -950,15 +937,12 @@ class Supervisor(ActivationMessages, Operations):
         records.finish(self.conn, self.stats, act, status, usage, now, mono)
 
     def _forget(self, act: Activation) -> None:
-        if act.state == SETTLED:
-            self.exiting[act.tenant] -= 1
+        self.acts.forget(act)
         self.output.forget(act)
         if act.proc is not None:
             for stream in (act.proc.stdout, act.proc.stderr):
                 if stream is not None:
                     stream.close()
-        self.by_pid.pop(act.pid, None)
-        self.running.pop(act.token, None)
         self._kill_leftovers(act)
         if self.uids is not None and act.uid is not None:
             self.uids.release(act.uid)
@@ -969,19 +953,19 @@ class Supervisor(ActivationMessages, Operations):
     def _kill_all(self) -> None:
         """Kill every activation and wait for them, recording nothing: the database cannot be
         written. The next start (or another node) re-runs their steps."""
-        for act in self.running.values():
+        for act in self.acts.all():
             launcher.kill_group(act.pid)
             self._kill_leftovers(act)
         deadline = time.monotonic() + 5.0
-        while self.by_pid and time.monotonic() < deadline:
-            for pid in list(self.by_pid):
+        while self.acts.any_pid() and time.monotonic() < deadline:
+            for pid, _ in self.acts.with_pid():
                 try:
                     done = os.waitpid(pid, os.WNOHANG)[0] == pid
                 except ChildProcessError:
                     done = True
                 if done:
-                    del self.by_pid[pid]
-            if self.by_pid:
+                    self.acts.drop_pid(pid)
+            if self.acts.any_pid():
                 time.sleep(0.01)  # bounded: waiting for killed children to become reapable
 
     def _stop_remaining(self, how: str, detail: str) -> None:
@@ -989,17 +973,17 @@ class Supervisor(ActivationMessages, Operations):
         re-run after restart (or already re-run on the node that fenced this one)."""
         mono = time.monotonic()
         with j.transaction(self.conn):
-            for act in list(self.running.values()):
+            for act in self.acts.all():
                 launcher.kill_group(act.pid)
                 self._settle(act, how, detail, mono)
                 if act.pid == 0:  # the fork server never answered for it: nothing to reap
                     self._finish_record(act, None, None, time.time(), mono)
                     self._forget(act)
         deadline = mono + 5.0
-        while self.by_pid and time.monotonic() < deadline:
+        while self.acts.any_pid() and time.monotonic() < deadline:
             with j.transaction(self.conn):
                 self._reap_exited(time.time(), time.monotonic())
-            if self.by_pid:
+            if self.acts.any_pid():
                 time.sleep(0.01)  # bounded: waiting for killed children to become reapable
         self.log.info("supervisor.drained")
 

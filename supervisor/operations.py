@@ -13,7 +13,7 @@ from typing import Any
 from protocol.errors import ErrorCode, ProtocolError
 from supervisor import journal as j
 from supervisor import logs, retention
-from supervisor.activation import Activation
+from supervisor.activations import Activations
 from supervisor.cluster import Node
 from supervisor.config import Config, ConfigError, Paths, load, needs_restart, with_dirs
 from supervisor.config import diff as config_diff
@@ -37,9 +37,7 @@ class Operations:
     stats: Stats
     log: Any
     draining: bool
-    active: int
-    running: dict[str, Activation]
-    per_tenant: dict[str, int]
+    acts: Activations
     prepared: Prepared
     tenants: list[str]
     remote: RemoteApi | None
@@ -61,9 +59,9 @@ class Operations:
         """systemd's one-line STATUS (`systemctl status stepvisor`)."""
         state = "draining" if self.draining else "serving"
         return (
-            f"{state}: {self.active} steps running, "
+            f"{state}: {self.acts.active} steps running, "
             f"{len(self.prepared)} prepared, "
-            f"{len(self.running) - self.active - len(self.prepared)} exiting, "
+            f"{len(self.acts) - self.acts.active - len(self.prepared)} exiting, "
             f"{len(self.tenants)} tenants"
         )
 
@@ -120,8 +118,8 @@ class Operations:
                 "database": self.conn.describe(),
                 "node": self.node.id,
                 "draining": self.draining,
-                "running": self.active,
-                "exiting": len(self.running) - self.active - len(self.prepared),
+                "running": self.acts.active,
+                "exiting": len(self.acts) - self.acts.active - len(self.prepared),
                 # launched ahead of steps: waiting now, and since start made, given a step,
                 # and stopped without one
                 "prepared": {"waiting": len(self.prepared), **asdict(self.prepared.tally)},
@@ -132,7 +130,7 @@ class Operations:
             }
         view["tenants"] = {
             name: {
-                "running": self.per_tenant.get(name, 0),
+                "running": self.acts.running(name),
                 "instances": dict(sorted(counts.get(name, {}).items())),
                 **windows.get(name, idle),
                 "failures_since_start": self.stats.failures_since_start(name),
