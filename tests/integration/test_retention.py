@@ -44,9 +44,11 @@ def setup(daemon: Daemon) -> Client:
     for tenant in ("short", "keep"):
         deploy_source(c, tenant, SRC)
     for tenant in ("short", "keep"):
-        c.create(tenant, "w", "go", id="done")
+        # "done" waits for the event, so it is still there to take it however fast it runs:
+        # an event row that must go with it.
+        c.create(tenant, "w", "wait", id="done")
         c.create(tenant, "w", "wait", id="waiting")
-        c.send_event(tenant, "done", "go")  # an event row that must go with it
+        c.send_event(tenant, "done", "go")
         assert c.wait(tenant, "done", timeout_s=60)["status"] == "complete"
         wait_for(lambda t=tenant: c.status(t, "waiting")["status"] == "waiting", 60, "a wait")
         reaped_activations(c, tenant, "done")
