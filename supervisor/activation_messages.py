@@ -1,11 +1,13 @@
-"""What activations say and what it does: one handler per message, and `_settle`, the one place an
-activation's fate is decided. A mixin of the supervisor, which owns the sockets, the database
-connection and the running activations; split out so the loop (daemon.py) reads on its own."""
+"""What activations say and what it does: one handler per message, and `settle`, the one place an
+activation's fate is decided. The supervisor owns one `ActivationMessages` and hands it the
+sandbox socket's messages (`drain`), the steps given to prepared activations (`activate`) and
+every fate its loop decides (a reap, a deadline, a failed launch: `settle`)."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -100,23 +102,40 @@ def deployed_workflows(d: DeployRequest, reported: list[str]) -> list[str]:
 
 
 class ActivationMessages:
-    """Handlers for messages on the sandbox socket; mixed into `daemon.Supervisor`."""
+    """The sandbox socket's messages and the activations' fates; owned by the supervisor."""
 
-    cfg: Config
-    conn: Db
-    sandbox: zmq.Socket[bytes]
-    acts: Activations
-    bad_peers: dict[bytes, int]
-    outbox: Outbox
-    clients: Clients
-    output: OutputCapture
-    prepared: Prepared
-    replay_cache: ReplayCache
-    tenants: list[str]
-    settled_this_tick: list[Activation]
-    log: Any
+    def __init__(
+        self,
+        conn: Db,
+        sandbox: zmq.Socket[bytes],
+        acts: Activations,
+        prepared: Prepared,
+        outbox: Outbox,
+        clients: Clients,
+        output: OutputCapture,
+        log: Any,
+        *,
+        config: Callable[[], Config],
+        add_tenant: Callable[[str], None],
+    ) -> None:
+        """`config()`: the supervisor's config now (a reload replaces it); `add_tenant`: tell
+        the supervisor of a tenant a deploy made."""
+        self.conn = conn
+        self.sandbox = sandbox
+        self.acts = acts
+        self.prepared = prepared
+        self.outbox = outbox
+        self.clients = clients
+        self.output = output
+        self.log = log
+        self.config = config
+        self.add_tenant = add_tenant
+        self.replay_cache = ReplayCache()  # code and settled journal heads, between activations
+        self.bad_peers: dict[bytes, int] = {}  # garbage frames per sandbox peer
+        # Settled this tick: their results commit with it (the loop stamps and clears them).
+        self.settled_this_tick: list[Activation] = []
 
-    def _drain_sandbox(self, now: float, mono: float) -> None:
+    def drain(self, now: float, mono: float) -> None:
         for _ in range(MAX_MESSAGES_PER_TICK):
             if not int(self.sandbox.get(zmq.EVENTS)) & zmq.POLLIN:
                 return  # asked, not tried: a failed receive raises, and that costs more
@@ -162,11 +181,11 @@ class ActivationMessages:
 
     def _fenced(self, act: Activation, mono: float) -> None:
         launcher.kill_group(act.pid)
-        self._settle(act, outcome.FENCED, "the instance is no longer leased to it", mono)
+        self.settle(act, outcome.FENCED, "the instance is no longer leased to it", mono)
 
     def _protocol_error(self, act: Activation, why: str, mono: float) -> None:
         launcher.kill_group(act.pid)
-        self._settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
+        self.settle(act, outcome.PROTOCOL_ERROR, why[:2000], mono)
 
     def _ack(self, act: Activation) -> None:
         """Acknowledge a final message: sent once its consequences are committed (and synced)."""
@@ -213,7 +232,7 @@ class ActivationMessages:
                 launcher.kill_group(act.pid)
                 how = outcome.ERROR if refused.code == "LIMIT_EXCEEDED" else outcome.PROTOCOL_ERROR
                 detail = f"{refused.type}: {refused.message}"[:500]
-                self._settle(act, how, detail, mono, committed=True)
+                self.settle(act, how, detail, mono, committed=True)
                 return
             if isinstance(msg, StepStarted):
                 act.state = IN_STEP
@@ -224,23 +243,23 @@ class ActivationMessages:
                 # committing, the activation dies with us and the attempt re-runs as interrupted.
                 self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
             else:
-                self._settle(act, outcome.OK, "", mono, committed=True)
+                self.settle(act, outcome.OK, "", mono, committed=True)
                 self._ack(act)
         elif isinstance(msg, StepResult) and act.state == IN_STEP:
             if msg.seq != act.seq:
                 self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
                 return
             msg = engine.step_finished(self.conn, tenant, instance, msg, act.limits, now)
-            self._settle(act, self._result_outcome(msg), "", mono, committed=True)
+            self.settle(act, self._result_outcome(msg), "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, CompleteCmd | FailCmd) and act.state == CONNECTED:
             engine.workflow_finished(self.conn, tenant, instance, msg, now)
             self.replay_cache.forget(tenant, instance)
             if isinstance(msg, FailCmd):
                 detail = f"{msg.error.type}: {msg.error.message}"[:500]
-                self._settle(act, outcome.ERROR, detail, mono, committed=True)
+                self.settle(act, outcome.ERROR, detail, mono, committed=True)
             else:
-                self._settle(act, outcome.OK, "", mono, committed=True)
+                self.settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} in state {act.state}", mono)
@@ -266,11 +285,11 @@ class ActivationMessages:
         if act.unbound:
             # Prepared ahead: it waits for a step, and is stopped if none comes soon.
             act.state = PARKED
-            act.deadline_mono = mono + self.cfg.server.prepared_idle_s
+            act.deadline_mono = mono + self.config().server.prepared_idle_s
             return
-        self._activate(act, now, mono)
+        self.activate(act, now, mono)
 
-    def _activate(self, act: Activation, now: float, mono: float) -> None:
+    def activate(self, act: Activation, now: float, mono: float) -> None:
         """Send a connected activation what it runs: an instance's journal, or code to inspect."""
         act.state = CONNECTED
         # Replaying and loading code gets the tenant's wall-clock cap too.
@@ -312,7 +331,7 @@ class ActivationMessages:
             except ProtocolError as exc:
                 self.clients.reply(d.identity, d.rid, error=exc)
                 launcher.kill_group(act.pid)
-                self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
+                self.settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
                 return
             report = checks.conclude(self.conn, act.tenant, d.plan, workflows, results, now)
             self.clients.reply(d.identity, d.rid, report)
@@ -324,7 +343,7 @@ class ActivationMessages:
                 instances=len(results),
                 compatible=report["compatible"],
             )
-            self._settle(act, outcome.OK, "", mono, committed=True)
+            self.settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, Inspected) and d.plan is None and act.state == CONNECTED:
             try:
@@ -332,14 +351,13 @@ class ActivationMessages:
             except ProtocolError as exc:
                 self.clients.reply(d.identity, d.rid, error=exc)
                 launcher.kill_group(act.pid)
-                self._settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
+                self.settle(act, outcome.PROTOCOL_ERROR, exc.message[:500], mono, committed=True)
                 return
             j.ensure_tenant(self.conn, act.tenant, now)
             j.put_code(self.conn, act.tenant, d.version, d.kind, d.filename, d.code, workflows, now)
             for name in workflows:
                 j.set_deployment(self.conn, act.tenant, name, d.version, now)
-            if act.tenant not in self.tenants:
-                self.tenants.append(act.tenant)
+            self.add_tenant(act.tenant)
             self.clients.reply(
                 d.identity,
                 d.rid,
@@ -352,7 +370,7 @@ class ActivationMessages:
                 workflows=workflows,
                 filename=d.filename,
             )
-            self._settle(act, outcome.OK, "", mono, committed=True)
+            self.settle(act, outcome.OK, "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, FailCmd) and act.state == CONNECTED:
             err = msg.error
@@ -362,14 +380,14 @@ class ActivationMessages:
             self.clients.reply(
                 d.identity, d.rid, error=ProtocolError(ErrorCode.DEPLOY_FAILED, text)
             )
-            self._settle(
+            self.settle(
                 act, outcome.ERROR, f"{err.type}: {err.message}"[:500], mono, committed=True
             )
             self._ack(act)
         else:
             self._protocol_error(act, f"unexpected {type(msg).__name__} from an inspection", mono)
 
-    def _settle(
+    def settle(
         self, act: Activation, how: str, detail: str, mono: float, *, committed: bool = False
     ) -> None:
         """Decide an activation's fate once.

@@ -71,7 +71,6 @@ from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.remote_api import RemoteApi
-from supervisor.replay_cache import ReplayCache
 from supervisor.stats import Stats
 
 MAX_LAUNCHES_PER_TICK = 32
@@ -85,7 +84,7 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why."""
 
 
-class Supervisor(ActivationMessages, Operations):
+class Supervisor(Operations):
     def __init__(
         self,
         cfg: Config,
@@ -106,8 +105,6 @@ class Supervisor(ActivationMessages, Operations):
         self.to_prepare: list[str] = []
         self.tenants: list[str] = []
         self.outbox = Outbox(self.log)
-        self.replay_cache = ReplayCache()  # code and settled journal heads, between activations
-        self.bad_peers: dict[bytes, int] = {}
         self.signals: list[int] = []
         self.draining = False
         self.drain_deadline = 0.0
@@ -124,7 +121,6 @@ class Supervisor(ActivationMessages, Operations):
         self.next_reap_scan = 0.0  # look for exits by then even without a SIGCHLD
         self.next_tenants = 0.0  # when to re-read the tenant list (others deploy too)
         self.vacuum_due = False  # retention freed pages: give some back after the commit
-        self.settled_this_tick: list[Activation] = []
         self.unsynced = False  # committed rows not fsynced yet (synchronous = "acked")
 
     # ------------------------------------------------------------------ lifecycle
@@ -253,10 +249,22 @@ class Supervisor(ActivationMessages, Operations):
             self.node,
             self.log,
             known=lambda tenant: tenant in self.tenants,
-            add_tenant=lambda tenant: self.tenants.append(tenant),
+            add_tenant=self._add_tenant,
         )
         self.node.listen()
         self.output = OutputCapture(self.poller)
+        self.messages = ActivationMessages(
+            self.conn,
+            self.sandbox,
+            self.acts,
+            self.prepared,
+            self.outbox,
+            self.clients,
+            self.output,
+            self.log,
+            config=lambda: self.cfg,
+            add_tenant=self._add_tenant,
+        )
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
                 self.fork_servers.start(self.paths.python, self.cfg.server.fork_spares)
@@ -297,6 +305,11 @@ class Supervisor(ActivationMessages, Operations):
         if mono >= self.next_tenants:  # tenants deployed through other nodes
             self.next_tenants = mono + self.node.beat_every_s
             self.tenants = j.tenant_names(self.conn)
+
+    def _add_tenant(self, tenant: str) -> None:
+        """A tenant this node had not seen: its first deploy, here or through another node."""
+        if tenant not in self.tenants:
+            self.tenants.append(tenant)
 
     def _before_rebuild(self, size: int) -> None:
         """The database is rebuilt once for incremental vacuum: tell systemd it may take a while
@@ -457,7 +470,7 @@ class Supervisor(ActivationMessages, Operations):
             for python in self.fork_servers.due(ready):
                 self._on_fork_server(python, now, mono)
             if self.sandbox in ready:
-                self._drain_sandbox(now, mono)
+                self.messages.drain(now, mono)
             self.output.ready(list(ready))
             self._reap(now, mono)
             self.janitor.tick()
@@ -475,9 +488,9 @@ class Supervisor(ActivationMessages, Operations):
             self.conn.sync()
             self.unsynced = False
         committed = time.monotonic()
-        for act in self.settled_this_tick:
+        for act in self.messages.settled_this_tick:
             act.committed_mono = committed
-        self.settled_this_tick.clear()
+        self.messages.settled_this_tick.clear()
         self.outbox.send_acknowledgements()
         if self.vacuum_due:  # after the acknowledgements: nothing waits for it
             j.give_back_space(self.conn, retention.VACUUM_PAGES)
@@ -551,7 +564,7 @@ class Supervisor(ActivationMessages, Operations):
         for act in self.acts.all():
             if act.tenant == tenant and act.instance == instance and act.state != SETTLED:
                 launcher.kill_group(act.pid)
-                self._settle(act, why, "stopped by an operator request", time.monotonic())
+                self.messages.settle(act, why, "stopped by an operator request", time.monotonic())
                 return
         # Not here: the activation holding it runs on another node, which kills it when this
         # transaction commits (its commits are fenced meanwhile: the lease is gone).
@@ -564,7 +577,7 @@ class Supervisor(ActivationMessages, Operations):
             if act.aid == aid and act.state != SETTLED:
                 launcher.kill_group(act.pid)
                 detail = "stopped by an operator request through another node"
-                self._settle(act, outcome.KILLED_BY_OPERATOR, detail, time.monotonic())
+                self.messages.settle(act, outcome.KILLED_BY_OPERATOR, detail, time.monotonic())
 
     # ------------------------------------------------------------------ scheduling & launch
 
@@ -653,14 +666,14 @@ class Supervisor(ActivationMessages, Operations):
         j.update_activation(self.conn, act.aid, instance=instance, bound_at=now)
         engine.launched(self.conn, act.tenant, instance, act.aid, now)
         if act.state == PARKED:
-            self._activate(act, now, act.bound_mono)
+            self.messages.activate(act, now, act.bound_mono)
 
     def _stop_prepared(self, act: Activation, why: str) -> None:
         """Stop a prepared activation that never got a step: recorded as `unused`."""
         self.prepared.forget(act)
         # Not forked yet (pid 0): once the fork server names it, it is killed as a straggler.
         launcher.kill_group(act.pid)
-        self._settle(act, outcome.UNUSED, why, time.monotonic(), committed=True)
+        self.messages.settle(act, outcome.UNUSED, why, time.monotonic(), committed=True)
 
     def _make_room(self, tenant: str) -> None:
         """A step of `tenant` is due and finds no free sandbox uid: give up another tenant's
@@ -790,7 +803,9 @@ class Supervisor(ActivationMessages, Operations):
                 # A spare took the request and said Hello, but its pid never came: it cannot be
                 # reaped by pid. Decide its fate (a step it started counts as a failed attempt),
                 # and `_forget` kills it by its cgroup or uid; _reap_orphans collects it.
-                self._settle(act, outcome.CRASHED, f"the fork server failed: {failed.why}", mono)
+                self.messages.settle(
+                    act, outcome.CRASHED, f"the fork server failed: {failed.why}", mono
+                )
                 self._finish_record(act, None, None, now, mono)
                 self._forget(act)
                 continue
@@ -812,7 +827,7 @@ class Supervisor(ActivationMessages, Operations):
 
     def _launch_failed(self, act: Activation, exc: OSError, mono: float) -> None:
         launcher.kill_group(act.pid)
-        self._settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
+        self.messages.settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
         if act.proc is not None:
             act.proc.wait()
         self._finish_record(act, None, None, time.time(), time.monotonic())  # no reap follows
@@ -848,7 +863,7 @@ class Supervisor(ActivationMessages, Operations):
             return
         launcher.kill_group(act.pid)
         if act.state == LAUNCHED:
-            self._settle(
+            self.messages.settle(
                 act,
                 outcome.NEVER_CONNECTED,
                 f"no Hello within {self.cfg.server.hello_timeout_s:g} s",
@@ -859,7 +874,9 @@ class Supervisor(ActivationMessages, Operations):
                 self._forget(act)
         else:
             limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
-            self._settle(act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono)
+            self.messages.settle(
+                act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono
+            )
 
     def _kill_straggler(self, act: Activation) -> None:
         """Its fate is decided but something of it is still there: the process that reported,
@@ -911,7 +928,7 @@ class Supervisor(ActivationMessages, Operations):
                 how, detail = outcome.classify_exit(
                     status, cpu_s, act.limits.cpu_seconds, oom_killed=act.oom_killed
                 )
-                self._settle(act, how, detail, mono)
+                self.messages.settle(act, how, detail, mono)
             self._finish_record(act, status, usage, now, time.monotonic())
             self._forget(act)
         if self.cfg.server.launch_mode == "fork":
@@ -975,7 +992,7 @@ class Supervisor(ActivationMessages, Operations):
         with j.transaction(self.conn):
             for act in self.acts.all():
                 launcher.kill_group(act.pid)
-                self._settle(act, how, detail, mono)
+                self.messages.settle(act, how, detail, mono)
                 if act.pid == 0:  # the fork server never answered for it: nothing to reap
                     self._finish_record(act, None, None, time.time(), mono)
                     self._forget(act)
