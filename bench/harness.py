@@ -364,6 +364,7 @@ def run_workload(
         ids = [f"{prefix}{k:06d}" for k in range(workflows)]
         assert sup.proc is not None
         sproc = psutil.Process(sup.proc.pid)
+        loop0 = client.stats().get("loop")
         cpu0, me0 = sproc.cpu_times(), psutil.Process().cpu_times()
         log(f"creating {workflows} instances (create_batch) and waiting for completion")
         t0, t0_epoch = time.perf_counter(), time.time()
@@ -376,6 +377,7 @@ def run_workload(
             )
         wall = wait_complete(client, sup, ids, timeout_s) - t0_epoch
         cpu1, me1 = sproc.cpu_times(), psutil.Process().cpu_times()
+        loop1 = client.stats().get("loop")
         log(f"all {workflows} complete in {wall:.2f} s; reading {workflows} histories")
 
         records: list[dict[str, Any]] = []
@@ -396,6 +398,11 @@ def run_workload(
         "activations_expected": activations,
         "activations_recorded": len(records),
         "prepared": prepared,
+        # the supervisor loop's iterations, commits and log syncs per activation (the bench's
+        # own status polls are in it: a few per second)
+        "loop_per_activation": {k: round((loop1[k] - loop0[k]) / activations, 2) for k in loop0}
+        if loop0 and loop1
+        else None,
         "outcomes": dict(outcomes),
         # total_ms without a prepared activation's wait for its step (see `working_ms`)
         "activation": {

@@ -448,6 +448,21 @@ def markdown(res: dict[str, Any]) -> str:
             + ", ".join(f"{name} {v['p50']:.2f}" for name, v in ph.items())
             + ".\n"
         )
+    loops = {
+        conc: run["loop_per_activation"]
+        for conc in (1, 8)
+        if (run := tp.get(f"stepvisor-fork/{conc}")) and run.get("loop_per_activation")
+    }
+    if loops:
+        parts.append(
+            "The supervisor's loop per fork-mode activation (`stepvisor stats`' `loop`): "
+            + "; ".join(
+                f"concurrency {conc}: {lp['iterations']} iterations, {lp['commits']} commits, "
+                f"{lp['syncs']} log syncs"
+                for conc, lp in loops.items()
+            )
+            + ".\n"
+        )
     rp = res["replay"]
     parts.append(
         f"## Replay scaling: {rp.get('rounds', 1)} workflows of {rp['steps']} steps, fork mode\n"

@@ -143,6 +143,11 @@ def stats_summary(s: dict[str, Any]) -> list[str]:
             f"failures: {window}: {_counts(s['failures'])}; "
             f"since start: {_counts(s['failures_since_start'])}",
         ]
+        if loop := s.get("loop"):
+            lines.append(
+                f"loop since start: {loop['iterations']:,} iterations, "
+                f"{loop['commits']:,} commits, {loop['syncs']:,} log syncs"
+            )
         for z in s["fork_servers"]:
             detail = (
                 f"pid {z['pid']}, {z['pending']} pending, {z['spares']} spares, "

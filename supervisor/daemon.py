@@ -480,13 +480,18 @@ class Supervisor(Operations):
                 if mono >= self.next_gc:
                     self._collect(now, mono)
             self.node.notify_if_woke(self.conn)
-        self.unsynced |= self.conn.total_changes != changes
+        wrote = self.conn.total_changes != changes
+        self.unsynced |= wrote
         self.outbox.send_activates()  # committed is enough for these: see outbox.py
-        if self.outbox.acknowledges and self.unsynced and self.cfg.server.synchronous == "acked":
+        synced = bool(
+            self.outbox.acknowledges and self.unsynced and self.cfg.server.synchronous == "acked"
+        )
+        if synced:
             # One fsync for everything this tick acknowledges; what no tick acknowledged yet
             # (launches, step starts, reap records) rides along.
             self.conn.sync()
             self.unsynced = False
+        self.stats.iterated(wrote=wrote, synced=synced)
         committed = time.monotonic()
         for act in self.messages.settled_this_tick:
             act.committed_mono = committed

@@ -127,6 +127,7 @@ class Operations:
                 **self.stats.window(mono),
                 "failures_since_start": self.stats.failures_since_start(),
                 "fork_servers": self.fork_servers.view(mono, self.cfg.server.fork_spares),
+                "loop": self.stats.loop._asdict(),  # since start: iterations, commits, syncs
             }
         view["tenants"] = {
             name: {

@@ -93,9 +93,11 @@ def test_stats_agree_with_the_activations_that_ran(make_daemon: Callable[..., Da
     assert set(s["tenants"]["b"]["failures"]) == {"crashed", "error"}
     [fork_server] = s["fork_servers"]
     assert fork_server["state"] == "running" and fork_server["failures"] == 0
+    loop = s["loop"]  # every result was acknowledged after a sync of the commit holding it
+    assert 0 < loop["syncs"] <= loop["commits"] <= loop["iterations"]
 
     mine = daemon.client().stats("b")  # one tenant's view holds nothing of the others
-    assert set(mine["tenants"]) == {"b"} and "fork_servers" not in mine
+    assert set(mine["tenants"]) == {"b"} and "fork_servers" not in mine and "loop" not in mine
     with pytest.raises(StepVisorError) as err:
         daemon.client().stats("nobody")
     assert err.value.code == "UNKNOWN_TENANT"
@@ -103,6 +105,7 @@ def test_stats_agree_with_the_activations_that_ran(make_daemon: Callable[..., Da
     out = daemon.cli("stats")
     assert out.returncode == 0, out.stderr
     assert "fork server" in out.stdout and "crashed 1, error " in out.stdout
+    assert "loop since start: " in out.stdout
 
 
 def test_usage_agrees_with_the_activations_and_survives_a_restart(
