@@ -89,9 +89,11 @@ class ReplayCache:
         if tail is None:
             tail = j.journal_tail(conn, tenant, instance, 0)
             self.misses += 1
-        settled = len(tail)
-        while settled and tail[settled - 1].entry.status not in SETTLED:
-            settled -= 1
+        # The head kept is the leading run of settled entries: only the last entry of a journal
+        # is ever unsettled, but what is kept must not depend on that.
+        settled = 0
+        while settled < len(tail) and tail[settled].entry.status in SETTLED:
+            settled += 1
         entries = kept + [row.entry for row in tail]
         if settled:
             size = kept_size + sum(_size(row.entry) for row in tail[:settled])

@@ -131,3 +131,15 @@ def test_heads_beyond_the_byte_budget_are_dropped_oldest_first(conn: j.Db) -> No
         started_at=T0,
     )
     assert len(cache.journal(conn, "acme", "i1")) == 2  # too big to keep at all: still right
+
+
+def test_only_a_leading_run_of_settled_entries_is_kept(conn: j.Db) -> None:
+    # A journal the engine never writes (an unsettled entry before a settled one), rewritten
+    # in the middle: what is kept must not depend on only the last entry being unsettled.
+    cache = ReplayCache()
+    step(conn, 0, at=T0)
+    step(conn, 1, "retry", at=T0 + 1)
+    step(conn, 2, at=T0 + 2)
+    check(cache, conn)
+    step(conn, 1, at=T0 + 1, result=b"7")
+    assert check(cache, conn)[1] == ("s1", "ok", b"7")
