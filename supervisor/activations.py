@@ -81,7 +81,7 @@ class Activations:
             self._exiting[act.tenant] -= 1
 
     def drop_pid(self, pid: int) -> None:
-        """Reaped without a record (the database is gone: `_kill_all`)."""
+        """Reaped without a record (the database is gone: `Reaper.kill_all`)."""
         self._by_pid.pop(pid, None)
 
     def any_pid(self) -> bool:

@@ -38,7 +38,6 @@ from supervisor import (
     launcher,
     logs,
     outcome,
-    records,
     recovery,
     retention,
     sdnotify,
@@ -70,13 +69,11 @@ from supervisor.operations import Operations
 from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
+from supervisor.reaper import Reaper
 from supervisor.remote_api import RemoteApi
 from supervisor.stats import Stats
 
 MAX_LAUNCHES_PER_TICK = 32
-# Exits are looked for when SIGCHLD says a child changed state, and at least this often anyway
-# (one waitid per running activation per tick was a tenth of the loop's time when busy).
-REAP_SCAN_S = 1.0
 SANDBOX_HWM = 16  # messages queued per activation connection (it needs three or four)
 
 
@@ -113,12 +110,10 @@ class Supervisor(Operations):
         self.notify = sdnotify.Notifier()
         self.stats = Stats(time.monotonic())
         self.next_gc = time.monotonic() + 1.0  # the first retention pass, after start-up
-        self.child_exited = True  # SIGCHLD came since the last look for exits
         self.next_deadline = math.inf  # the soonest deadline of a running activation
         # What `_schedule` found as the next wake-up, with the connection's change count then:
         # the tick's poll timeout reuses it when nothing was written since.
         self.wake_seen: tuple[int, float | None] | None = None
-        self.next_reap_scan = 0.0  # look for exits by then even without a SIGCHLD
         self.next_tenants = 0.0  # when to re-read the tenant list (others deploy too)
         self.vacuum_due = False  # retention freed pages: give some back after the commit
         self.unsynced = False  # committed rows not fsynced yet (synchronous = "acked")
@@ -264,6 +259,18 @@ class Supervisor(Operations):
             self.log,
             config=lambda: self.cfg,
             add_tenant=self._add_tenant,
+        )
+        self.reaper = Reaper(
+            self.conn,
+            self.acts,
+            self.messages,
+            self.output,
+            self.stats,
+            self.janitor,
+            self.fork_servers,
+            self.cgroups,
+            self.uids,
+            config=lambda: self.cfg,
         )
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
@@ -412,7 +419,7 @@ class Supervisor(Operations):
                     # longer matches what is committed. Stop, and let a restart recover from
                     # the database.
                     self.log.error("database.lost", error=str(exc).strip()[:500])
-                    self._kill_all()
+                    self.reaper.kill_all()
                     code = cluster.EXIT_FENCED
                     break
                 if self.draining and (not self.acts or time.monotonic() > self.drain_deadline):
@@ -472,7 +479,7 @@ class Supervisor(Operations):
             if self.sandbox in ready:
                 self.messages.drain(now, mono)
             self.output.ready(list(ready))
-            self._reap(now, mono)
+            self.reaper.reap(now, mono)
             self.janitor.tick()
             self._check_deadlines(now, mono)
             if not self.draining:
@@ -544,7 +551,7 @@ class Supervisor(Operations):
             elif signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGCHLD:
-                self.child_exited = True
+                self.reaper.child_exited = True
 
     # ------------------------------------------------------------------ recovery
 
@@ -807,12 +814,11 @@ class Supervisor(Operations):
             if act.state != LAUNCHED:
                 # A spare took the request and said Hello, but its pid never came: it cannot be
                 # reaped by pid. Decide its fate (a step it started counts as a failed attempt),
-                # and `_forget` kills it by its cgroup or uid; _reap_orphans collects it.
+                # and the reaper kills it by its cgroup or uid, and collects it as an orphan.
                 self.messages.settle(
                     act, outcome.CRASHED, f"the fork server failed: {failed.why}", mono
                 )
-                self._finish_record(act, None, None, now, mono)
-                self._forget(act)
+                self.reaper.unreaped(act, now, mono)
                 continue
             self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
             self._spawn(act, now, mono)
@@ -835,8 +841,7 @@ class Supervisor(Operations):
         self.messages.settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
         if act.proc is not None:
             act.proc.wait()
-        self._finish_record(act, None, None, time.time(), time.monotonic())  # no reap follows
-        self._forget(act)
+        self.reaper.unreaped(act, time.time(), time.monotonic())  # no reap follows
 
     def _sandbox(self, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}
@@ -859,7 +864,7 @@ class Supervisor(Operations):
     def _check_deadline(self, act: Activation, now: float, mono: float, grace: float) -> None:
         if act.state == SETTLED:
             if act.settled_mono is not None and mono > act.settled_mono + grace:
-                self._kill_straggler(act)
+                self.reaper.kill_straggler(act)
             return
         if mono <= act.deadline_mono:
             return
@@ -875,120 +880,14 @@ class Supervisor(Operations):
                 mono,
             )
             if act.pid == 0:  # still waiting for the fork server: there is nothing to reap
-                self._finish_record(act, None, None, now, mono)
-                self._forget(act)
+                self.reaper.unreaped(act, now, mono)
         else:
             limit = act.deadline_mono - (act.hello_mono or act.launched_mono)
             self.messages.settle(
                 act, outcome.WALL_TIMEOUT, f"still running after {limit:.3g} s", mono
             )
 
-    def _kill_straggler(self, act: Activation) -> None:
-        """Its fate is decided but something of it is still there: the process that reported,
-        or what it left behind (a setsid grandchild holding its pipes). Kill all of it; the
-        reap that follows records it. Once per activation."""
-        if act.lingered:
-            return
-        act.lingered = True
-        act.log.warning("activation.lingered", grace_s=self.cfg.server.settled_grace_s)
-        launcher.kill_group(act.pid)
-        self._kill_leftovers(act)
-
-    def _kill_leftovers(self, act: Activation) -> None:
-        """Kill what the activation left outside its process group (setsid, double fork): by
-        its cgroup, or without cgroups by its sandbox uid, before that uid is handed out again."""
-        if self.cgroups is not None:
-            act.oom_killed |= self.cgroups.kill(act.tenant, act.aid)
-        elif act.uid is not None:
-            launcher.kill_uid(act.uid)
-
-    def _reap(self, now: float, mono: float) -> None:
-        if not self.child_exited and mono < self.next_reap_scan:
-            return
-        # Cleared before looking: a child that exits during this pass sends a SIGCHLD the next
-        # tick handles.
-        self.child_exited = False
-        self.next_reap_scan = mono + REAP_SCAN_S
-        self._reap_exited(now, mono)
-
-    def _reap_exited(self, now: float, mono: float) -> None:
-        for pid, act in self.acts.with_pid():
-            try:
-                # Look without reaping: while the exited leader is a zombie its pid, and so its
-                # process group id, cannot be reused, so killing the group hits only what the
-                # activation left behind (a step's background children).
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    continue
-                launcher.kill_group(pid)
-                if self.cgroups is not None:  # also what left the group (setsid, double fork)
-                    act.oom_killed |= self.cgroups.kill(act.tenant, act.aid)
-                _, status, usage = os.wait4(pid, 0)
-            except ChildProcessError:
-                status, usage = 0, None
-            if act.proc is not None:
-                act.proc.returncode = os.waitstatus_to_exitcode(status)
-            self.output.drain(act)
-            cpu_s = (usage.ru_utime + usage.ru_stime) if usage else 0.0
-            if act.state != SETTLED:
-                how, detail = outcome.classify_exit(
-                    status, cpu_s, act.limits.cpu_seconds, oom_killed=act.oom_killed
-                )
-                self.messages.settle(act, how, detail, mono)
-            self._finish_record(act, status, usage, now, time.monotonic())
-            self._forget(act)
-        if self.cfg.server.launch_mode == "fork":
-            self._reap_orphans()
-
-    def _reap_orphans(self) -> None:
-        """As a child subreaper we inherit what activations orphan (after their cgroup is killed,
-        say): reap those so no zombie stays. Not while a fork request is unanswered: an unknown
-        zombie may then be that activation, whose exit status is its own to collect."""
-        while not self.fork_servers.waiting:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or self.acts.has_pid(info.si_pid):
-                return  # nothing exited, or an activation the next pass reaps properly
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(info.si_pid, 0)
-
-    def _finish_record(
-        self, act: Activation, status: int | None, usage: Any, now: float, mono: float
-    ) -> None:
-        records.finish(self.conn, self.stats, act, status, usage, now, mono)
-
-    def _forget(self, act: Activation) -> None:
-        self.acts.forget(act)
-        self.output.forget(act)
-        if act.proc is not None:
-            for stream in (act.proc.stdout, act.proc.stderr):
-                if stream is not None:
-                    stream.close()
-        self._kill_leftovers(act)
-        if self.uids is not None and act.uid is not None:
-            self.uids.release(act.uid)
-        self.janitor.remove(act.scratch, act.scratch_entries)
-
     # ------------------------------------------------------------------ drain
-
-    def _kill_all(self) -> None:
-        """Kill every activation and wait for them, recording nothing: the database cannot be
-        written. The next start (or another node) re-runs their steps."""
-        for act in self.acts.all():
-            launcher.kill_group(act.pid)
-            self._kill_leftovers(act)
-        deadline = time.monotonic() + 5.0
-        while self.acts.any_pid() and time.monotonic() < deadline:
-            for pid, _ in self.acts.with_pid():
-                try:
-                    done = os.waitpid(pid, os.WNOHANG)[0] == pid
-                except ChildProcessError:
-                    done = True
-                if done:
-                    self.acts.drop_pid(pid)
-            if self.acts.any_pid():
-                time.sleep(0.01)  # bounded: waiting for killed children to become reapable
 
     def _stop_remaining(self, how: str, detail: str) -> None:
         """Drain deadline passed, or this node was fenced: kill what still runs; its steps
@@ -999,12 +898,11 @@ class Supervisor(Operations):
                 launcher.kill_group(act.pid)
                 self.messages.settle(act, how, detail, mono)
                 if act.pid == 0:  # the fork server never answered for it: nothing to reap
-                    self._finish_record(act, None, None, time.time(), mono)
-                    self._forget(act)
+                    self.reaper.unreaped(act, time.time(), mono)
         deadline = mono + 5.0
         while self.acts.any_pid() and time.monotonic() < deadline:
             with j.transaction(self.conn):
-                self._reap_exited(time.time(), time.monotonic())
+                self.reaper.reap_exited(time.time(), time.monotonic())
             if self.acts.any_pid():
                 time.sleep(0.01)  # bounded: waiting for killed children to become reapable
         self.log.info("supervisor.drained")
