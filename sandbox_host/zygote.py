@@ -55,7 +55,7 @@ import cloudpickle  # noqa: F401
 import msgspec
 
 from protocol.launch import ExitCode, ForkReply, ForkRequest
-from sandbox_host import activation, fork_hooks, isolation, limits
+from sandbox_host import activation, fork_hooks, isolation, limits, warmup
 from sandbox_host import runtime as _runtime  # noqa: F401
 from sandbox_host.sibling import SiblingFork, probe
 from stepvisor import sdk as _sdk  # noqa: F401
@@ -331,6 +331,9 @@ def main() -> None:
     args = parser.parse_args()
     limits.die_with_parent(args.ppid)
     control = socket.socket(fileno=args.control_fd)
+    # The activation's own code run once here, so each activation need not quicken it (and copy
+    # the pages that writes) itself; see warmup.py.
+    warmup.warm()
     sys.stdout.flush()
     # Everything imported so far is shared with every activation by copy-on-write; keep the
     # collector from walking (and so writing to) those pages in each child.
