@@ -143,8 +143,14 @@ def _spare(sock: socket.socket) -> None:
         os.dup2(src, target)
     _close_all_but(len(fds), targets)
     os.chdir(request.sandbox.scratch)
-    os.environ.clear()
-    os.environ.update(request.env)
+    # Only what differs from the fork server's environment (BASE_ENV), which the spare has:
+    # clear() and update() run generic mapping code, ~40 page faults more in a fresh fork.
+    env = request.env
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
     ppid = request.ppid
     activation.run(
         request.endpoint,
