@@ -463,6 +463,18 @@ def markdown(res: dict[str, Any]) -> str:
             )
             + ".\n"
         )
+    faults = {
+        conc: run["faults_per_activation"]
+        for conc in (1, 8)
+        if (run := tp.get(f"stepvisor-fork/{conc}")) and "faults_per_activation" in run
+    }
+    if faults:
+        parts.append(
+            "Page faults per fork-mode activation (its copy-on-write after the fork, mostly; "
+            "the supervisor's reaped children): "
+            + "; ".join(f"concurrency {conc}: {n}" for conc, n in faults.items())
+            + ".\n"
+        )
     rp = res["replay"]
     parts.append(
         f"## Replay scaling: {rp.get('rounds', 1)} workflows of {rp['steps']} steps, fork mode\n"
