@@ -39,7 +39,6 @@ namespaces are cheap, so each activation makes its own (`activation.run`).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import select
@@ -329,12 +328,37 @@ def serve(control: socket.socket, nursery: Nursery, keep: int) -> None:
         control.send(_REPLIES.encode(ForkReply(id=request.id, pid=spare.pid)))
 
 
+class Arguments(NamedTuple):
+    ppid: int
+    control_fd: int
+    spares: int = 2  # processes forked ahead
+
+
+USAGE = "usage: python -I -m sandbox_host.zygote --ppid P --control-fd N [--spares K]"
+
+
+def parse_arguments(argv: list[str]) -> Arguments:
+    """The supervisor's command line for us. Not argparse: its help formatter imports shutil,
+    which loads bz2, lzma and zlib, and every activation would inherit their 30 mappings (each
+    one more to copy at every fork and to tear down at every exit)."""
+    names = {"--ppid": "ppid", "--control-fd": "control_fd", "--spares": "spares"}
+    values: dict[str, int] = {}
+    if len(argv) % 2:
+        raise SystemExit(f"{USAGE}\nan option without its value: {argv[-1]}")
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        if flag not in names or names[flag] in values:
+            raise SystemExit(f"{USAGE}\nunknown or repeated option: {flag}")
+        try:
+            values[names[flag]] = int(value)
+        except ValueError:
+            raise SystemExit(f"{USAGE}\n{flag} takes an integer, not {value!r}") from None
+    if "ppid" not in values or "control_fd" not in values:
+        raise SystemExit(f"{USAGE}\n--ppid and --control-fd are required")
+    return Arguments(**values)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="sandbox_host.zygote")
-    parser.add_argument("--ppid", type=int, required=True)
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--spares", type=int, default=2, help="processes forked ahead")
-    args = parser.parse_args()
+    args = parse_arguments(sys.argv[1:])
     limits.die_with_parent(args.ppid)
     control = socket.socket(fileno=args.control_fd)
     # The activation's own code run once here, so each activation need not quicken it (and copy
