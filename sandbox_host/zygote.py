@@ -363,7 +363,10 @@ def main() -> None:
     control = socket.socket(fileno=args.control_fd)
     # The activation's own code run once here, so each activation need not quicken it (and copy
     # the pages that writes) itself; see warmup.py.
-    warmup.warm()
+    try:
+        warmup.warm()
+    except Exception as exc:  # activations are only slower without it: serve all the same
+        print(f"sandbox_host.zygote: warm-up failed: {exc!r}", file=sys.stderr)
     sys.stdout.flush()
     # Everything imported so far is shared with every activation by copy-on-write; keep the
     # collector from walking (and so writing to) those pages in each child.
