@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import grp
 import math
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -21,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import msgspec
 import psycopg
 import zmq
 
@@ -56,15 +53,15 @@ from supervisor.client_requests import LOCAL, REMOTE, Clients
 from supervisor.config import (
     Config,
     ConfigError,
-    Limits,
     Paths,
     load,
     resolve_paths,
     with_dirs,
     with_embedded_log,
 )
-from supervisor.fork_servers import Failed, ForkServers
+from supervisor.fork_servers import ForkServers
 from supervisor.janitor import Janitor
+from supervisor.launches import Launcher, Sandboxing
 from supervisor.operations import Operations
 from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
@@ -272,6 +269,21 @@ class Supervisor(Operations):
             self.uids,
             config=lambda: self.cfg,
         )
+        self.launcher = Launcher(
+            self.conn,
+            self.paths,
+            self.node,
+            self.acts,
+            self.prepared,
+            self.messages,
+            self.reaper,
+            self.output,
+            self.fork_servers,
+            self.scratch,
+            Sandboxing(self.layers, self.cgroups, self.uids, self.root_needs_uid),
+            self.log,
+            config=lambda: self.cfg,
+        )
         if self.cfg.server.launch_mode == "fork":
             try:  # now, so the first activation does not wait for the fork server's imports
                 self.fork_servers.start(self.paths.python, self.cfg.server.fork_spares)
@@ -352,17 +364,6 @@ class Supervisor(Operations):
             raise StartupError("tenant code would run as root: the uid layer is not enabled")
         if self.uids is not None and (why := isolation.runtime_unreachable(self.paths.runtime_dir)):
             raise StartupError(why)
-
-    def _interpreter_refusal(self, limits: Limits) -> str | None:
-        """Why a tenant's own interpreter cannot run its activations now (sandbox uids could not
-        read it, say after it was reinstalled in a private place), or None. Checked at every
-        launch, cheaply; the supervisor's own was checked in full at start."""
-        if self.uids is None or not limits.python or limits.python == self.paths.python:
-            return None
-        why = isolation.interpreter_blocked(limits.python, ask=False)
-        return (
-            isolation.not_root_fix(limits.python, why, "the tenant's interpreter") if why else None
-        )
 
     def _remote_api(self) -> RemoteApi | None:
         endpoint = self.cfg.server.tcp_endpoint
@@ -475,7 +476,7 @@ class Supervisor(Operations):
                     self.clients.drain(self.remote.sock, REMOTE, now)
             # Before the activations' messages: a Hello in this tick finds its pid known.
             for python in self.fork_servers.due(ready):
-                self._on_fork_server(python, now, mono)
+                self.launcher.on_fork_server(python, now, mono)
             if self.sandbox in ready:
                 self.messages.drain(now, mono)
             self.output.ready(list(ready))
@@ -560,7 +561,7 @@ class Supervisor(Operations):
     # Host protocol for api handlers ----------------------------------------------------
 
     def launch_inspection(self, tenant: str, request: DeployRequest) -> None:
-        if why := self._interpreter_refusal(self.cfg.limits_for(tenant)):
+        if why := self.launcher.interpreter_refusal(self.cfg.limits_for(tenant)):
             raise ProtocolError(ErrorCode.DEPLOY_FAILED, why)
         if self.uids is not None and not self.uids.has_free(tenant):
             self._make_room(tenant)  # for the retry
@@ -570,7 +571,14 @@ class Supervisor(Operations):
                 " retry the deploy",
             )
         j.ensure_tenant(self.conn, tenant, time.time())  # numbered now: its sandbox group
-        self._launch(tenant, None, "inspect", time.time(), time.monotonic(), deploy=request)
+        try:
+            act = self.launcher.launch(
+                tenant, None, "inspect", time.time(), time.monotonic(), deploy=request
+            )
+        except ProtocolError:
+            self.more_due = True  # the uid picked went to another node's tenant: look again
+            raise
+        self._launched(act)
 
     def kill_instance_activation(self, tenant: str, instance: str, why: str) -> None:
         for act in self.acts.all():
@@ -648,7 +656,7 @@ class Supervisor(Operations):
         for old in stale:
             self._stop_prepared(old, "its tenant's limits changed since it was launched")
         if act is None:
-            self._launch(tenant, instance, "run", now, mono)
+            self._launched(self.launcher.launch(tenant, instance, "run", now, mono))
         else:
             self._give_step(act, instance, now)
         steady = self.prepared.launched(tenant, mono, self.cfg.server.prepared_idle_s)
@@ -666,8 +674,16 @@ class Supervisor(Operations):
                     self.uids is not None and not self.uids.has_free(tenant)
                 ):
                     break
-                self._launch(tenant, None, "run", now, mono, prepared=True)
+                self._launched(self.launcher.launch(tenant, None, "run", now, mono, prepared=True))
         self.to_prepare.clear()
+
+    def _launched(self, act: Activation | None) -> None:
+        """Watch a launched activation's hello deadline; none launched (another node took the
+        uid picked) means look again next tick."""
+        if act is None:
+            self.more_due = True
+        else:
+            self.next_deadline = min(self.next_deadline, act.deadline_mono)
 
     def _give_step(self, act: Activation, instance: str, now: float) -> None:
         """Give a prepared activation its step: it holds the instance's lease and its tenant's
@@ -695,163 +711,11 @@ class Supervisor(Operations):
             self._stop_prepared(act, "its slot was needed for a due step")
             self.more_due = True
 
-    def _launch(
-        self,
-        tenant: str,
-        instance: str | None,
-        kind: str,
-        now: float,
-        mono: float,
-        deploy: DeployRequest | None = None,
-        prepared: bool = False,
-    ) -> None:
-        limits = self.cfg.limits_for(tenant)
-        # Stamped now, not at the tick's start: earlier work in this tick (reaping the activation
-        # whose slot this one takes, say) is not this activation's.
-        launched_at, launched_mono = time.time(), time.monotonic()
-        acquired = self.uids.acquire(tenant) if self.uids is not None else None
-        uid = gid = None
-        if acquired is not None:
-            uid, claimed = acquired
-            # Committed with this tick, like the activation's own row. Another node may have
-            # given the uid to another tenant meanwhile: then it is that tenant's, and this
-            # launch waits for the next tick.
-            if claimed and (owner := j.claim_uid(self.conn, uid, tenant)) != tenant:
-                assert self.uids is not None
-                self.uids.taken(uid, owner)
-                self.more_due = True
-                if deploy is not None:
-                    raise ProtocolError(
-                        ErrorCode.UNAVAILABLE,
-                        "another node just gave the sandbox uid picked to another tenant:"
-                        " retry the deploy",
-                    )
-                return
-            gid = self.cfg.isolation.sandbox_gid_base + j.tenant_number(self.conn, tenant)
-        aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at, self.node.id)
-        if instance is not None:
-            engine.launched(self.conn, tenant, instance, aid, now)
-        token = secrets.token_hex(16)
-        act = Activation(
-            aid=aid,
-            token=token,
-            tenant=tenant,
-            kind=kind,
-            instance=instance,
-            limits=limits,
-            scratch=launcher.scratch_path(self.paths, tenant, aid),
-            uid=uid,
-            gid=gid,
-            launched_at=launched_at,
-            launched_mono=launched_mono,
-            deadline_mono=mono + self.cfg.server.hello_timeout_s,
-            deploy=deploy,
-            prepared=prepared,
-        )
-        self.acts.add(act, with_step=not prepared)
-        self.next_deadline = min(self.next_deadline, act.deadline_mono)
-        if prepared:
-            # Its slots (`max_activations`, its tenant's `max_concurrent`) are taken when a
-            # step is given to it; until then prepared ones are capped on their own.
-            self.prepared.add(act)
-        try:
-            if self.uids is not None and uid is None:
-                # Never without one: the launch paths wait for a free uid (`_schedule`,
-                # `launch_inspection`), so this is a bug; refuse rather than run as root.
-                raise OSError(errno.EAGAIN, "no free sandbox uid")
-            if self.root_needs_uid and uid is None:  # `_check_uid_reach` makes this a bug too
-                raise OSError(errno.EPERM, "no sandbox uid, and tenant code never runs as root")
-            if why := self._interpreter_refusal(limits):
-                raise OSError(errno.EACCES, why)
-            if why := self.scratch.prepare(tenant, limits.disk_mib):
-                self.log.warning("disk.limit_refused", tenant=tenant, reason=why)
-            launcher.make_scratch(self.paths, tenant, aid, uid, gid)
-            if self.cgroups is not None and (refused := self.cgroups.tenant(tenant, limits)):
-                self.log.warning("cgroup.limits_refused", tenant=tenant, refused=refused)
-            if self.cfg.server.launch_mode == "fork":
-                python = limits.python or self.paths.python
-                procs = () if self.cgroups is None else self.cgroups.prepare(tenant, aid)
-                box = msgspec.structs.replace(self._sandbox(act), cgroup_procs=procs)
-                failed = self.fork_servers.request(act, python, box, self.cfg.server.fork_spares)
-                if failed is None:
-                    return  # _on_fork_server records it when the fork server answers
-                self._fork_server_failed(failed)
-                self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-        except OSError as exc:
-            self._launch_failed(act, exc, mono)
-            return
-        self._spawn(act, now, mono)
-
-    def _spawn(self, act: Activation, now: float, mono: float) -> None:
-        try:
-            self._started(act, launcher.spawn(self.paths, act.limits, self._sandbox(act)), now)
-        except OSError as exc:
-            self._launch_failed(act, exc, mono)
-
-    def _on_fork_server(self, python: str, now: float, mono: float) -> None:
-        """Record the activations a fork server has answered for."""
-        answered, failed = self.fork_servers.answers(python, lambda a: a in self.acts)
-        for act, proc in answered:
-            if act.state == SETTLED:
-                # The fork server hands the request to a spare before it answers: descheduled in
-                # between, its activation can report and be settled first. It is still ours to
-                # reap and record, and its slot is held until then.
-                act.log.info("zygote.late_answer", pid=proc.pid, outcome=act.outcome)
-            try:
-                self._started(act, proc, now)
-            except OSError as exc:
-                self._launch_failed(act, exc, mono)
-        if failed is not None:
-            self._fork_server_failed(failed)
-
-    def _fork_server_failed(self, failed: Failed) -> None:
-        """The activations a failed fork server never answered for: spawned instead, or
-        settled when a spare had taken the request already."""
-        now, mono = time.time(), time.monotonic()
-        for act in failed.abandoned:
-            if act not in self.acts:
-                continue
-            if act.state != LAUNCHED:
-                # A spare took the request and said Hello, but its pid never came: it cannot be
-                # reaped by pid. Decide its fate (a step it started counts as a failed attempt),
-                # and the reaper kills it by its cgroup or uid, and collects it as an orphan.
-                self.messages.settle(
-                    act, outcome.CRASHED, f"the fork server failed: {failed.why}", mono
-                )
-                self.reaper.unreaped(act, now, mono)
-                continue
-            self.log.warning("zygote.fallback", detail="spawning a fresh interpreter instead")
-            self._spawn(act, now, mono)
-
-    def _started(self, act: Activation, proc: Any, now: float) -> None:
-        """The activation's process exists. A spawned one waits for us to put it in its cgroups
-        and then give it its token; a forked one has done both itself."""
-        act.proc = proc
-        act.pid = proc.pid
-        if proc.stdin is not None:
-            if self.cgroups is not None:
-                self.cgroups.add(act.tenant, act.aid, act.pid)
-            launcher.send_token(act.proc, act.token)
-        self.acts.started(act)
-        self.output.watch(act)
-        j.update_activation(self.conn, act.aid, pid=act.pid, pid_started=now)
-
-    def _launch_failed(self, act: Activation, exc: OSError, mono: float) -> None:
-        launcher.kill_group(act.pid)
-        self.messages.settle(act, outcome.CRASHED, f"could not start the activation: {exc}", mono)
-        if act.proc is not None:
-            act.proc.wait()
-        self.reaper.unreaped(act, time.time(), time.monotonic())  # no reap follows
-
-    def _sandbox(self, act: Activation) -> launcher.Sandbox:
-        on = {name: layer.enabled for name, layer in self.layers.items()}
-        return launcher.sandbox_for(on, act.limits, act.scratch, act.uid, act.gid)
-
     def _check_deadlines(self, now: float, mono: float) -> None:
         """Act on every deadline passed, and note the soonest one left for the poll timeout
         (launches later in the tick lower it): one pass over the running activations."""
         for failed in self.fork_servers.check(mono, self.cfg.server.fork_server_idle_s):
-            self._fork_server_failed(failed)
+            self.launcher.fork_server_failed(failed)
         grace = self.cfg.server.settled_grace_s
         soonest = math.inf
         for act in self.acts.all():
