@@ -40,6 +40,9 @@ class Sandboxing(NamedTuple):
 
 
 class Launcher:
+    """Starts the activations the supervisor's loop decides on, and settles those that fail to
+    start; it answers with the activation started (or None), the loop keeps the deadlines."""
+
     def __init__(
         self,
         conn: Db,
