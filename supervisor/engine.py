@@ -82,11 +82,12 @@ def release(
         # Due now: sort it by its creation time, so within a tenant the oldest instance goes
         # first and started workflows finish before new ones start (depth first, not lockstep).
         wake_at = min(wake_at, float(row["created_at"]))
+    if status != row["status"]:
+        fields["status"] = status
     j.update_instance(
         conn,
         tenant,
         instance,
-        status=status,
         wake_at=wake_at,
         lease=None,
         pause_requested=0,
@@ -337,7 +338,7 @@ def step_started(conn: Db, tenant: str, instance: str, msg: StepStarted, now: fl
         timeout_s=msg.timeout_s,
         started_at=now,
     )
-    j.update_instance(conn, tenant, instance, status=Status.RUNNING, updated_at=now)
+    j.ensure_status(conn, tenant, instance, Status.RUNNING, now)
 
 
 def step_result(conn: Db, tenant: str, instance: str, msg: StepResult, now: float) -> None:
@@ -659,15 +660,10 @@ def launched(conn: Db, tenant: str, instance: str, aid: int, now: float) -> None
     """Activation `aid` holds the instance now (its lease) and drives it."""
     row = j.get_instance(conn, tenant, instance)
     assert row is not None
-    j.update_instance(
-        conn,
-        tenant,
-        instance,
-        lease=aid,
-        status=Status.RUNNING,
-        activations=row["activations"] + 1,
-        updated_at=now,
-    )
+    fields: dict[str, Any] = {"lease": aid, "activations": row["activations"] + 1}
+    if row["status"] != Status.RUNNING:
+        fields["status"] = Status.RUNNING
+    j.update_instance(conn, tenant, instance, updated_at=now, **fields)
 
 
 def _refuse(inst: Row, op: str) -> ProtocolError:

@@ -118,10 +118,22 @@ def list_instances(
 
 
 def update_instance(conn: Db, tenant: str, instance: str, **fields: Any) -> None:
+    """Set the given columns. Pass only those that change: SQLite rewrites every index holding a
+    column that is set, to its own value too (a page more in the write-ahead log for each)."""
     cols = ", ".join(f"{name} = ?" for name in fields)
     conn.execute(
         f"UPDATE instances SET {cols} WHERE tenant = ? AND id = ?",
         (*fields.values(), tenant, instance),
+    )
+
+
+def ensure_status(conn: Db, tenant: str, instance: str, status: str, now: float) -> None:
+    """Set the instance's status (and `updated_at`) unless it has that status already: then
+    the row is not written at all, which is what a step starting finds almost always."""
+    conn.execute(
+        "UPDATE instances SET status = ?, updated_at = ? WHERE tenant = ? AND id = ?"
+        " AND status <> ?",
+        (status, now, tenant, instance, status),
     )
 
 
@@ -147,11 +159,13 @@ def expired_instances(conn: Db, tenant: str, finished_before: float, limit: int)
 
 def delete_inspections(conn: Db, tenant: str, launched_before: float, limit: int) -> int:
     """Records of activations with no instance (deploy checks, prepared activations stopped
-    unused) launched before the cutoff."""
+    unused) launched before the cutoff, oldest first: ids grow with launch time, so the
+    `(tenant, instance, id)` index finds them in order (no index of their own, which every
+    prepared activation would enter at launch and leave when it gets its step)."""
     cur = conn.execute(
         "DELETE FROM activations WHERE id IN (SELECT id FROM activations WHERE tenant = ? "
         "AND instance IS NULL AND launched_at < ? AND finished_at IS NOT NULL "
-        "ORDER BY launched_at LIMIT ?)",
+        "ORDER BY id LIMIT ?)",
         (tenant, launched_before, limit),
     )
     return cur.rowcount
@@ -197,13 +211,19 @@ def due_instances(conn: Db, tenant: str, now: float, limit: int) -> list[str]:
 
 def hold_lease(conn: Db, tenant: str, instance: str, activation: int) -> bool:
     """Whether activation `activation` still holds the instance; if so, nobody can take it from
-    it before this transaction ends (the row is locked). The fence every commit of an
-    activation's consequences passes: a node that lost its lease while paused finds out here."""
-    cur = conn.execute(
-        "UPDATE instances SET lease = lease WHERE tenant = ? AND id = ? AND lease = ?",
+    it before this transaction ends. The fence every commit of an activation's consequences
+    passes: a node that lost its lease while paused finds out here.
+
+    A read, not a write: PostgreSQL locks the row (`FOR UPDATE`, no new row version); SQLite's
+    transaction already holds the database's one write lock (`BEGIN IMMEDIATE`), so no other
+    writer can change the row before it ends, and a no-op write there would only add pages to
+    the write-ahead log."""
+    lock = " FOR UPDATE" if conn.dialect == "postgresql" else ""
+    row = conn.execute(
+        "SELECT 1 FROM instances WHERE tenant = ? AND id = ? AND lease = ?" + lock,
         (tenant, instance, activation),
-    )
-    return cur.rowcount == 1
+    ).fetchone()
+    return row is not None
 
 
 def leased_elsewhere(conn: Db, tenant: str, node: str) -> int:
