@@ -1,11 +1,13 @@
-"""ZMTP 3.0 (ZeroMQ RFC 23), the part an activation speaks: a DEALER peer with the NULL
-mechanism and a routing id, single-frame messages. Pure: bytes in, bytes out.
+"""ZMTP 3.0 (ZeroMQ RFC 23), the part activations and the supervisor speak to each other: DEALER
+peers with the NULL mechanism and a routing id, a ROUTER, single-frame messages. Pure: bytes in,
+bytes out.
 
 An activation talks to the supervisor's ROUTER with this rather than through libzmq, because a
 libzmq Context starts an I/O thread: in a process that lives for one step, making the Context,
 starting that thread and connecting through it cost about 1 ms of latency and 2 ms of CPU (every
 later munmap then also shoots down the TLB of the thread's CPU), and a tenant's process is
-simpler to confine with no second thread in it. The supervisor keeps libzmq; the wire is the same.
+simpler to confine with no second thread in it. The supervisor's end is `supervisor.sandbox_server`
+for the same reason on its side; the wire is the same, and any libzmq DEALER can speak to it.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ def check_greeting(data: bytes) -> None:
 
 def frame(body: bytes, flags: int = 0) -> bytes:
     """One frame: a short one carries its size in a byte, a long one in eight."""
-    if len(body) > 255:
-        return bytes([flags | LONG]) + struct.pack(">Q", len(body)) + body
-    return bytes([flags, len(body)]) + body
+    return frame_head(len(body), flags) + body
+
+
+def frame_head(size: int, flags: int = 0) -> bytes:
+    """What comes before a frame's body of `size` bytes."""
+    if size > 255:
+        return bytes([flags | LONG]) + struct.pack(">Q", size)
+    return bytes([flags, size])
 
 
 def ready(socket_type: bytes, identity: bytes) -> bytes:
@@ -63,6 +70,24 @@ def size_bytes(flags: int) -> int:
 
 def size(flags: int, data: bytes) -> int:
     return struct.unpack(">Q", data)[0] if flags & LONG else data[0]
+
+
+def properties(body: bytes) -> dict[bytes, bytes]:
+    """The metadata of a READY command frame's body (name byte, name, properties)."""
+    name = command_name(body)
+    pos, found = 1 + len(name), {}
+    while pos < len(body):
+        n = body[pos]
+        if pos + 1 + n + 4 > len(body):
+            raise ZmtpError("a truncated property")
+        key = body[pos + 1 : pos + 1 + n]
+        (size,) = struct.unpack(">I", body[pos + 1 + n : pos + 5 + n])
+        pos += 5 + n
+        if pos + size > len(body):
+            raise ZmtpError("a truncated property value")
+        found[key] = body[pos : pos + size]
+        pos += size
+    return found
 
 
 def command_name(body: bytes) -> bytes:

@@ -1,6 +1,7 @@
-"""The activation's one connection to the supervisor: a ZMTP DEALER peer of its sandbox ROUTER,
-whose routing id is the token. Spoken over a plain blocking Unix socket (see `protocol.zmtp` for
-why not libzmq): no thread, no Context, nothing of a parent's state."""
+"""The activation's one connection to the supervisor: a ZMTP DEALER peer of its sandbox ROUTER
+(`supervisor.sandbox_server`), whose routing id is the token. Spoken over a plain blocking Unix
+socket (see `protocol.zmtp` for why not libzmq): no thread, no Context, nothing of a parent's
+state."""
 
 from __future__ import annotations
 

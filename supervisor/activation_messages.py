@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from protocol.codec import decode_from_activation, encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import MAX_WORKFLOWS, PROTOCOL_VERSION, WORKFLOW_NAME_RE
@@ -48,6 +46,7 @@ from supervisor.outbox import Outbox
 from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.replay_cache import ReplayCache
+from supervisor.sandbox_server import SandboxServer
 
 if TYPE_CHECKING:  # a cycle at run time: client_requests takes our limits
     from supervisor.client_requests import Clients
@@ -107,7 +106,7 @@ class ActivationMessages:
     def __init__(
         self,
         conn: Db,
-        sandbox: zmq.Socket[bytes],
+        sandbox: SandboxServer,
         acts: Activations,
         prepared: Prepared,
         outbox: Outbox,
@@ -136,15 +135,13 @@ class ActivationMessages:
         self.settled_this_tick: list[Activation] = []
 
     def drain(self, now: float, mono: float) -> None:
+        self.sandbox.pump()
         for _ in range(MAX_MESSAGES_PER_TICK):
-            if not int(self.sandbox.get(zmq.EVENTS)) & zmq.POLLIN:
-                return  # asked, not tried: a failed receive raises, and that costs more
-            try:
-                frames = self.sandbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            received = self.sandbox.receive()
+            if received is None:
                 return
             mono = time.monotonic()  # this message's own arrival, for the activation's phases
-            identity = frames[0]
+            identity, frames = received
             act = self.acts.get(identity.decode("ascii", "replace"))
             if act is None:
                 if self.bad_peers.get(identity, 0) < MAX_BAD_FRAMES:
@@ -156,11 +153,11 @@ class ActivationMessages:
                 if act.late_messages == 1:  # said once: a straggler may send many
                     act.log.warning("sandbox.late_message", outcome=act.outcome)
                 continue
-            if len(frames) != 2:
+            if len(frames) != 1:
                 self._protocol_error(act, "expected one frame per message", mono)
                 continue
             try:
-                msg = decode_from_activation(frames[1])
+                msg = decode_from_activation(frames[0])
             except ProtocolError as exc:
                 self._protocol_error(act, exc.message, mono)
                 continue
@@ -241,7 +238,7 @@ class ActivationMessages:
                 # Acked at once, not after commit: this ack only orders the step's output after
                 # this point in our log. Durability does not need it: if we die before
                 # committing, the activation dies with us and the attempt re-runs as interrupted.
-                self.sandbox.send_multipart([act.identity, encode(Ack())], zmq.NOBLOCK)
+                self.sandbox.send(act.identity, encode(Ack()))
             else:
                 self.settle(act, outcome.OK, "", mono, committed=True)
                 self._ack(act)

@@ -68,6 +68,7 @@ from supervisor.output import OutputCapture
 from supervisor.prepared import Prepared
 from supervisor.reaper import Reaper
 from supervisor.remote_api import RemoteApi
+from supervisor.sandbox_server import SandboxServer
 from supervisor.stats import Stats
 
 MAX_LAUNCHES_PER_TICK = 32
@@ -221,15 +222,18 @@ class Supervisor(Operations):
             self.paths.api_endpoint, 0o660, _group(self.cfg.server.api_group), 2 * MAX_CLIENT
         )
         # Activations with their own uids must be able to connect; their tokens guard the rest.
-        # What one of them may queue here is small: ZeroMQ drops a peer whose frame is over the
-        # limit, and stops reading from one with SANDBOX_HWM messages waiting, so a flood costs
-        # the supervisor neither memory nor the other activations their turn.
-        self.sandbox = self._bind(
-            self.paths.sandbox_endpoint, 0o666 if self.uids else 0o660, -1, 2 * MAX_SANDBOX
+        # What one of them may queue here is small: a peer whose message is over the limit is
+        # dropped, and one with SANDBOX_HWM messages waiting is not read, so a flood costs the
+        # supervisor neither memory nor the other activations their turn.
+        self.sandbox = SandboxServer(
+            Path(self.paths.sandbox_endpoint.removeprefix("ipc://")),
+            mode=0o666 if self.uids else 0o660,
+            max_message=2 * MAX_SANDBOX,
+            max_queued=SANDBOX_HWM,
+            log=self.log,
         )
-        self.sandbox.setsockopt(zmq.RCVHWM, SANDBOX_HWM)
         self.poller.register(self.client, zmq.POLLIN)
-        self.poller.register(self.sandbox, zmq.POLLIN)
+        self.poller.register(self.sandbox.fileno(), zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.remote = self._remote_api()
         self.clients = Clients(
@@ -438,12 +442,11 @@ class Supervisor(Operations):
         self.fork_servers.close()
         if self.remote is not None:
             self.remote.close()
-        for sock in (self.client, self.sandbox):
-            sock.close(linger=0)
+        self.client.close(linger=0)
+        self.sandbox.close()
         self.zctx.term()
-        for ep in (self.paths.api_endpoint, self.paths.sandbox_endpoint):
-            with contextlib.suppress(OSError):
-                Path(ep.removeprefix("ipc://")).unlink()
+        with contextlib.suppress(OSError):
+            Path(self.paths.api_endpoint.removeprefix("ipc://")).unlink()
         self.node.close()
         self.conn.close()
         if self.cgroups is not None:
@@ -477,8 +480,9 @@ class Supervisor(Operations):
             # Before the activations' messages: a Hello in this tick finds its pid known.
             for python in self.fork_servers.due(ready):
                 self.launcher.on_fork_server(python, now, mono)
-            if self.sandbox in ready:
+            if self.sandbox.fileno() in ready or self.sandbox.pending:
                 self.messages.drain(now, mono)
+            self.sandbox.expire(mono)
             self.output.ready(list(ready))
             self.reaper.reap(now, mono)
             self.janitor.tick()
@@ -511,7 +515,7 @@ class Supervisor(Operations):
         self.notify.watchdog(mono, self._status)
 
     def _poll_timeout_ms(self) -> int:
-        if self.more_due or self.output.busy() or self.to_prepare:
+        if self.more_due or self.output.busy() or self.to_prepare or self.sandbox.pending:
             return 0
         mono, now = time.monotonic(), time.time()
         wait = min(1.0, self.node.next_beat - mono, self.next_deadline - mono)

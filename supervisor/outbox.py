@@ -13,11 +13,18 @@ Two kinds, sent at two moments:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
-Outgoing = tuple[zmq.Socket[bytes], list[bytes]]
+
+class Sender(Protocol):
+    """A client API socket (libzmq), or the activations' `SandboxServer`."""
+
+    def send_multipart(self, frames: list[bytes], flags: int = ..., /) -> Any: ...
+
+
+Outgoing = tuple[Sender, list[bytes]]
 
 
 class Outbox:
@@ -26,11 +33,11 @@ class Outbox:
         self._acks: list[Outgoing] = []
         self._activates: list[Outgoing] = []
 
-    def acknowledge(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    def acknowledge(self, sock: Sender, frames: list[bytes]) -> None:
         """Send once the tick has committed and, when acknowledgements wait for it, synced."""
         self._acks.append((sock, frames))
 
-    def activate(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    def activate(self, sock: Sender, frames: list[bytes]) -> None:
         """Send once the tick has committed."""
         self._activates.append((sock, frames))
 
