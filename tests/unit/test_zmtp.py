@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -58,3 +59,18 @@ def test_reserved_flags_and_nameless_commands_are_errors() -> None:
         zmtp.size_bytes(0x80)
     with pytest.raises(zmtp.ZmtpError, match="without a name"):
         zmtp.command_name(b"\x05REA")
+
+
+@given(st.binary(min_size=1, max_size=300), st.binary(max_size=300))
+def test_a_ready_commands_properties_read_back(socket_type: bytes, identity: bytes) -> None:
+    f = zmtp.ready(socket_type, identity)
+    props = zmtp.properties(f[1 + zmtp.size_bytes(f[0]) :])
+    assert props[b"Socket-Type"] == socket_type
+    assert props.get(b"Identity", b"") == identity
+
+
+@given(st.binary(max_size=64))
+def test_truncated_properties_are_errors_not_crashes(tail: bytes) -> None:
+    """Whatever follows a READY's name parses or is a ZmtpError: never another exception."""
+    with contextlib.suppress(zmtp.ZmtpError):
+        zmtp.properties(b"\x05READY" + tail)
