@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import gc
 import grp
 import math
 import os
@@ -305,6 +306,10 @@ class Supervisor(Operations):
             launch_mode=self.cfg.server.launch_mode,
             pid=os.getpid(),
         )
+        # What start-up made (modules, classes, config, recovery) lives as long as the process:
+        # out of the collector's generations, a collection walks only what the loop makes.
+        gc.collect()
+        gc.freeze()
         self.notify.ready(self._status())
 
     def _connect(self) -> j.Db:

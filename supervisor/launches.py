@@ -74,6 +74,7 @@ class Launcher:
         self.cgroups = sandbox.cgroups
         self.uids = sandbox.uids
         self.root_needs_uid = sandbox.root_needs_uid
+        self.tenant_numbers: dict[str, int] = {}  # stable once given: tenants are never removed
         self.log = log
         self.config = config  # a reload replaces the config: always the current one
 
@@ -114,7 +115,7 @@ class Launcher:
                         " retry the deploy",
                     )
                 return None
-            gid = cfg.isolation.sandbox_gid_base + j.tenant_number(self.conn, tenant)
+            gid = cfg.isolation.sandbox_gid_base + self._tenant_number(tenant)
         aid = j.insert_activation(self.conn, tenant, instance, kind, launched_at, self.node.id)
         if instance is not None:
             engine.launched(self.conn, tenant, instance, aid, now)
@@ -229,6 +230,14 @@ class Launcher:
         if act.proc is not None:
             act.proc.wait()
         self.reaper.unreaped(act, time.time(), time.monotonic())  # no reap follows
+
+    def _tenant_number(self, tenant: str) -> int:
+        number = self.tenant_numbers.get(tenant)
+        if number is None:
+            number = j.tenant_number(self.conn, tenant)
+            if number:  # 0: not numbered yet (the caller numbers it first; asked again then)
+                self.tenant_numbers[tenant] = number
+        return number
 
     def _sandbox(self, act: Activation) -> launcher.Sandbox:
         on = {name: layer.enabled for name, layer in self.layers.items()}

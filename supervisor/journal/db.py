@@ -80,6 +80,7 @@ class SqliteDb(sqlite3.Connection):
 
     dialect: Dialect = "sqlite"
     path: Path
+    wal_fd: int | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[SqliteDb]:
@@ -101,15 +102,22 @@ class SqliteDb(sqlite3.Connection):
 
     def sync(self) -> None:
         """Make every transaction committed so far durable: fsync the write-ahead log, which is
-        what `synchronous = FULL` does at each commit (checkpoints sync it themselves)."""
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # no log at all: every commit is in the (synced) database file
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        what `synchronous = FULL` does at each commit (checkpoints sync it themselves).
+
+        The log's descriptor is kept: while this connection is open SQLite keeps the file (it
+        truncates it at most, never replaces it), so opening it again for every sync is waste."""
+        if self.wal_fd is None:
+            try:
+                self.wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # no log at all: every commit is in the synced database
+                return
+        os.fsync(self.wal_fd)
+
+    def close(self) -> None:
+        if self.wal_fd is not None:
+            os.close(self.wal_fd)
+            self.wal_fd = None
+        super().close()
 
     def describe(self) -> str:
         return f"sqlite {self.path}"
