@@ -294,6 +294,7 @@ class Run:
         self._stand_ins: dict[str, Callable[..., Any]] = {}
         self._scheduled: list[tuple[float, str, bytes]] = []
         self._step: int | None = None  # the seq of the step the current activation runs
+        self._state_bytes = 0  # what the journal weighed when the current activation began
         self.activations = 0
 
     # -- what the test injects
@@ -454,11 +455,11 @@ class Run:
             inst = self._row()
             code = j.get_code(db, tenant, inst["version"])
             assert code is not None
-            act = engine.build_activate(
-                inst, code, j.journal_entries(db, tenant, self.id), env.limits, now
-            )
+            journal = j.journal_entries(db, tenant, self.id)
+            act = engine.build_activate(inst, code, journal, env.limits, now)
         self.activations += 1
         self._step = None
+        self._state_bytes = sum(engine.carried_bytes(e) for e in journal)
         runtime = Runtime(act, _EngineChannel(self), exit=_stop, run_callable=self._call)
         handlers = _log_handlers()
         try:
@@ -510,7 +511,9 @@ class Run:
                 if isinstance(msg, StepStarted):
                     self._step = msg.seq
             elif isinstance(msg, StepResult):
-                engine.step_finished(db, tenant, self.id, msg, limits, now)
+                engine.step_finished(
+                    db, tenant, self.id, msg, limits, now, state_bytes=self._state_bytes
+                )
             elif isinstance(msg, CompleteCmd | FailCmd):
                 engine.workflow_finished(db, tenant, self.id, msg, now)
         return True

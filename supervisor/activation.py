@@ -53,6 +53,7 @@ class Activation:
     hello_mono: float | None = None
     settled_mono: float | None = None
     expected_seq: int = 0
+    state_bytes: int = 0  # what its instance's journal weighed when it was activated
     seq: int | None = None
     step: str | None = None
     outcome: str | None = None

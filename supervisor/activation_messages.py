@@ -246,7 +246,9 @@ class ActivationMessages:
             if msg.seq != act.seq:
                 self._protocol_error(act, f"result for seq {msg.seq}, started {act.seq}", mono)
                 return
-            msg = engine.step_finished(self.conn, tenant, instance, msg, act.limits, now)
+            msg = engine.step_finished(
+                self.conn, tenant, instance, msg, act.limits, now, state_bytes=act.state_bytes
+            )
             self.settle(act, self._result_outcome(msg), "", mono, committed=True)
             self._ack(act)
         elif isinstance(msg, CompleteCmd | FailCmd) and act.state == CONNECTED:
@@ -314,8 +316,9 @@ class ActivationMessages:
             act.expected_seq = engine.prepare_replay(self.conn, act.tenant, act.instance, now)
             code = self.replay_cache.code(self.conn, act.tenant, inst["version"])
             assert code is not None
-            journal = self.replay_cache.journal(self.conn, act.tenant, act.instance)
-            activate = engine.build_activate(inst, code, journal, act.limits, now)
+            replay = self.replay_cache.journal(self.conn, act.tenant, act.instance)
+            act.state_bytes = replay.state_bytes
+            activate = engine.build_activate(inst, code, replay.entries, act.limits, now)
         self.outbox.activate(self.sandbox, [act.identity, encode(activate)])
 
     def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:

@@ -213,13 +213,21 @@ def over_step_limit(seq: int, limits: Limits) -> ErrorInfo | None:
     )
 
 
-def over_state_limit(
-    conn: Db, tenant: str, instance: str, adding: int, limits: Limits
-) -> ErrorInfo | None:
-    """The error a step result gets instead of being journaled when the instance's journaled
-    results would exceed `max_state_mib`: every activation of the instance carries them all."""
+def carried_bytes(e: JournalEntry) -> int:
+    """What one journal entry's result and error add to every later activation of its
+    instance: what `max_state_mib` limits."""
+    size = len(e.result or b"")
+    if e.error is not None:
+        size += len(e.error.type) + len(e.error.message) + len(e.error.traceback)
+    return size
+
+
+def over_state_limit(state_bytes: int, adding: int, limits: Limits) -> ErrorInfo | None:
+    """The error a step result gets instead of being journaled when the instance's journal
+    (weighing `state_bytes`, see `carried_bytes`) would exceed `max_state_mib`: every
+    activation of the instance carries it all."""
     cap = limits.max_state_mib * 1024 * 1024
-    total = j.state_bytes(conn, tenant, instance) + adding
+    total = state_bytes + adding
     if total <= cap:
         return None
     return ErrorInfo(
@@ -287,16 +295,23 @@ def command(
 
 
 def step_finished(
-    conn: Db, tenant: str, instance: str, msg: StepResult, limits: Limits, now: float
+    conn: Db,
+    tenant: str,
+    instance: str,
+    msg: StepResult,
+    limits: Limits,
+    now: float,
+    *,
+    state_bytes: int,
 ) -> StepResult:
     """A step's result, journaled; returns it as journaled. A value that is not JSON, or that
-    would bring the instance past `max_state_mib`, is journaled as a failed step instead, not
-    retried (the workflow may catch it)."""
+    would bring the instance past `max_state_mib` (its journal weighs `state_bytes` already),
+    is journaled as a failed step instead, not retried (the workflow may catch it)."""
     if msg.ok:
         value = msg.value or b""
         try:
             load_json(value, what="step result")
-            error = over_state_limit(conn, tenant, instance, len(value), limits)
+            error = over_state_limit(state_bytes, len(value), limits)
         except ProtocolError as exc:
             error = ErrorInfo(type="StepResultError", message=exc.message)
         if error is not None:

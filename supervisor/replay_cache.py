@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from protocol.messages import JournalEntry
 from supervisor import journal as j
+from supervisor.engine import carried_bytes
 from supervisor.journal.db import Db, Row
 
 SETTLED = frozenset({"ok", "error", "timeout"})  # an entry with one of these is never rewritten
@@ -35,13 +36,16 @@ class _Head(NamedTuple):
     entries: list[JournalEntry]  # seq 0 .. len-1, all settled
     started_at: float  # of the last entry: what a rewritten one would differ in
     size: int
+    state: int  # the entries' `carried_bytes`
+
+
+class Replay(NamedTuple):
+    entries: list[JournalEntry]  # the journal as replay sees it, in seq order
+    state_bytes: int  # what its results and errors weigh (`engine.carried_bytes`)
 
 
 def _size(e: JournalEntry) -> int:
-    size = ENTRY_OVERHEAD_BYTES + len(e.name) + len(e.result or b"")
-    if e.error is not None:
-        size += len(e.error.message) + len(e.error.traceback)
-    return size
+    return ENTRY_OVERHEAD_BYTES + len(e.name) + carried_bytes(e)
 
 
 class ReplayCache:
@@ -70,12 +74,13 @@ class ReplayCache:
                 self._code_bytes -= len(old["code"])
         return row
 
-    def journal(self, conn: Db, tenant: str, instance: str) -> list[JournalEntry]:
-        """The instance's journal as replay sees it, in seq order."""
+    def journal(self, conn: Db, tenant: str, instance: str) -> Replay:
+        """The instance's journal as replay sees it, and its weight, without reading what is
+        kept of it again."""
         key = (tenant, instance)
         head = self._heads.pop(key, None)
         kept: list[JournalEntry] = []
-        kept_size = 0
+        kept_size = kept_state = 0
         tail: list[j.TailRow] | None = None
         if head is not None:
             self._bytes -= head.size
@@ -83,6 +88,7 @@ class ReplayCache:
             tail = j.journal_tail(conn, tenant, instance, last.seq)
             if tail and tail[0].entry.seq == last.seq and tail[0].started_at == head.started_at:
                 kept, kept_size = head.entries[:-1], head.size - _size(last)
+                kept_state = head.state - carried_bytes(last)
                 self.hits += 1
             else:
                 tail = None
@@ -95,16 +101,18 @@ class ReplayCache:
         while settled < len(tail) and tail[settled].entry.status in SETTLED:
             settled += 1
         entries = kept + [row.entry for row in tail]
+        weights = [carried_bytes(row.entry) for row in tail]
         if settled:
             size = kept_size + sum(_size(row.entry) for row in tail[:settled])
             if size <= self.max_bytes:
                 stamp = tail[settled - 1].started_at
-                self._heads[key] = _Head(entries[: len(kept) + settled], stamp, size)
+                state = kept_state + sum(weights[:settled])
+                self._heads[key] = _Head(entries[: len(kept) + settled], stamp, size, state)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, old = self._heads.popitem(last=False)
                     self._bytes -= old.size
-        return entries
+        return Replay(entries, kept_state + sum(weights))
 
     def forget(self, tenant: str, instance: str) -> None:
         """Drop what is kept of an instance (it ended: no activation will replay it soon)."""
