@@ -30,18 +30,20 @@ class Channel:
         self.sock.settimeout(timeout_s)
         self.sock.connect(endpoint.removeprefix("ipc://"))
         self.token = token  # our routing id: what the supervisor knows this activation by
-        self.sock.sendall(zmtp.greeting() + zmtp.ready(b"DEALER", token.encode()))
-        self.greeted = False
+        # Our side of the handshake goes out with the first message, in one write, without
+        # waiting for the supervisor's: its server reads a peer's bytes in order, so the Hello
+        # is there when it accepts the connection, and one loop iteration takes both. (A libzmq
+        # ROUTER would drop a message that arrives before it has sent its READY.)
+        self.handshake = zmtp.greeting() + zmtp.ready(b"DEALER", token.encode())
+        self.greeted = False  # the supervisor's greeting and READY have been read
 
     def send(self, msg: object) -> None:
         """Send one message; a supervisor that has gone, or stopped reading for the timeout,
         ends the activation as one that never heard back would."""
         code = ExitCode.NO_ACK if self.greeted else ExitCode.NO_ACTIVATE
-        if not self.greeted:
-            # libzmq takes a message only once its side of the handshake is done: it has sent
-            # its READY. One arriving earlier, in the same read as ours, drops the connection.
-            self._guard(self._greet, code)
         data = zmtp.frame(encode(msg))
+        if self.handshake:
+            data, self.handshake = self.handshake + data, b""
         self._guard(lambda: self.sock.sendall(data), code)
 
     def recv(self, exit_code: int) -> object:
@@ -67,6 +69,9 @@ class Channel:
         self.greeted = True
 
     def _message(self) -> bytes:
+        if self.handshake:  # nothing sent yet: the supervisor waits for our side first
+            self.sock.sendall(self.handshake)
+            self.handshake = b""
         if not self.greeted:
             self._greet()
         while True:

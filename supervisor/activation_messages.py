@@ -5,6 +5,7 @@ every fate its loop decides (a reap, a deadline, a failed launch: `settle`)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -186,7 +187,11 @@ class ActivationMessages:
 
     def _ack(self, act: Activation) -> None:
         """Acknowledge a final message: sent once its consequences are committed (and synced)."""
-        self.outbox.acknowledge(self.sandbox, [act.identity, encode(Ack())])
+        # Its last message: nothing it says after this matters, so the connection closes with
+        # it (the loop need not wake for the hang-up when the process exits).
+        self.outbox.acknowledge(
+            functools.partial(self.sandbox.send, act.identity, encode(Ack()), last=True)
+        )
 
     def _on_message(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         if isinstance(msg, Final):
@@ -319,7 +324,7 @@ class ActivationMessages:
             replay = self.replay_cache.journal(self.conn, act.tenant, act.instance)
             act.state_bytes = replay.state_bytes
             activate = engine.build_activate(inst, code, replay.entries, act.limits, now)
-        self.outbox.activate(self.sandbox, [act.identity, encode(activate)])
+        self.outbox.activate(functools.partial(self.sandbox.send, act.identity, encode(activate)))
 
     def _on_inspect_result(self, act: Activation, msg: Any, now: float, mono: float) -> None:
         d = act.deploy

@@ -11,6 +11,7 @@ The supervisor owns one `Clients`: it reads the sockets, hands each request to i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,9 @@ class Clients:
                 )
             )
         sock = self.remote.sock if peer[:1] == REMOTE and self.remote is not None else self.local
-        self.outbox.acknowledge(sock, [peer[1:], frame])
+        self.outbox.acknowledge(
+            functools.partial(sock.send_multipart, [peer[1:], frame], zmq.NOBLOCK)
+        )
 
     def _principal(self, frame: zmq.Frame) -> str | None:
         assert self.remote is not None

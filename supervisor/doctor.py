@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import stat
@@ -17,14 +18,16 @@ from typing import Any
 
 import msgspec
 import psycopg
-import zmq
+import structlog
 
 from protocol.codec import decode_from_activation, encode, load_json
+from protocol.limits import MAX_SANDBOX_FRAME_BYTES
 from protocol.messages import Ack, Activate, FailCmd, Hello, StepResult, StepStarted
 from supervisor import dirs, disk, isolation, launcher
 from supervisor.config import Config, Paths, resolve_paths
 from supervisor.journal import pg_schema
 from supervisor.journal.db import safe_url
+from supervisor.sandbox_server import SandboxServer
 
 PROBE_TENANT = "_doctor"  # not a valid tenant name: never collides with a real one
 PROBE_SOURCE = """
@@ -129,11 +132,13 @@ def _probe(
     private.parent.mkdir(mode=0o700)
     private.write_text("secret")
     server = socket.create_server(("127.0.0.1", 0))
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(paths.sandbox_endpoint)
-    os.chmod(run_dir / "sandbox.sock", 0o666)
+    router = SandboxServer(
+        run_dir / "sandbox.sock",
+        mode=0o666,
+        max_message=2 * MAX_SANDBOX_FRAME_BYTES,
+        max_queued=16,
+        log=structlog.get_logger(),
+    )
     limits = cfg.defaults
     on = {name: layer.enabled for name, layer in layers.items()}
     uid = cfg.isolation.sandbox_uid_range[1] if on["uid"] else None
@@ -156,13 +161,19 @@ def _probe(
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if not router.poll(500):
+            if not router.pending:
+                select.select([router.fileno()], [], [], 0.5)
+            router.pump()
+            received = router.receive()
+            if received is None:
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                     return {"error": f"probe exited with {proc.returncode}: {err[-1500:]}"}
                 continue
-            ident, frame = router.recv_multipart()
-            msg = decode_from_activation(frame)
+            ident, frames = received
+            if len(frames) != 1:
+                return {"error": "the probe sent a message of several frames"}
+            msg = decode_from_activation(frames[0])
             if isinstance(msg, Hello):
                 act = Activate(
                     mode="run",
@@ -175,11 +186,11 @@ def _probe(
                     params=params,
                     now=time.time(),
                 )
-                router.send_multipart([ident, encode(act)])
+                router.send(ident, encode(act))
             elif isinstance(msg, StepStarted):
-                router.send_multipart([ident, encode(Ack())])
+                router.send(ident, encode(Ack()))
             elif isinstance(msg, StepResult):
-                router.send_multipart([ident, encode(Ack())])
+                router.send(ident, encode(Ack()))
                 if not msg.ok:
                     return {"error": f"probe step failed: {msg.error}"}
                 facts: dict[str, Any] = load_json(msg.value or b"{}")
@@ -199,7 +210,6 @@ def _probe(
                     b.rmdir()
         space.close()
         router.close()
-        ctx.term()
         server.close()
 
 

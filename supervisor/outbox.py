@@ -13,33 +13,27 @@ Two kinds, sent at two moments:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-
-class Sender(Protocol):
-    """A client API socket (libzmq), or the activations' `SandboxServer`."""
-
-    def send_multipart(self, frames: list[bytes], flags: int = ..., /) -> Any: ...
-
-
-Outgoing = tuple[Sender, list[bytes]]
+Send = Callable[[], object]  # one message's send, bound to its socket and frames
 
 
 class Outbox:
     def __init__(self, log: Any) -> None:
         self.log = log
-        self._acks: list[Outgoing] = []
-        self._activates: list[Outgoing] = []
+        self._acks: list[Send] = []
+        self._activates: list[Send] = []
 
-    def acknowledge(self, sock: Sender, frames: list[bytes]) -> None:
+    def acknowledge(self, send: Send) -> None:
         """Send once the tick has committed and, when acknowledgements wait for it, synced."""
-        self._acks.append((sock, frames))
+        self._acks.append(send)
 
-    def activate(self, sock: Sender, frames: list[bytes]) -> None:
+    def activate(self, send: Send) -> None:
         """Send once the tick has committed."""
-        self._activates.append((sock, frames))
+        self._activates.append(send)
 
     @property
     def acknowledges(self) -> bool:
@@ -52,10 +46,10 @@ class Outbox:
     def send_acknowledgements(self) -> None:
         self._send(self._acks)
 
-    def _send(self, queue: list[Outgoing]) -> None:
-        for sock, frames in queue:
+    def _send(self, queue: list[Send]) -> None:
+        for send in queue:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
+                send()
+            except zmq.ZMQError as exc:  # a client's queue is full, or it is gone
                 self.log.warning("send.dropped", error=str(exc))
         queue.clear()

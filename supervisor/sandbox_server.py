@@ -45,6 +45,7 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class _Peer:
     __slots__ = (
         "closed",
+        "closing",
         "fd",
         "identity",
         "inbox",
@@ -78,6 +79,7 @@ class _Peer:
         self.reading = True
         self.watched = True  # registered with the server's epoll
         self.queued = False  # in the server's `ready` queue
+        self.closing = False  # its last message is queued: closed once that is written
         self.closed = False
 
 
@@ -206,6 +208,8 @@ class SandboxServer:
             # gone already may have left messages to read: reading finds out that it is gone.
             with contextlib.suppress(OSError):
                 sock.send(zmtp.greeting() + zmtp.ready(b"ROUTER", b""))
+            # A peer writes its side as it connects: read it now, not a loop iteration later.
+            self._read(peer)
 
     def _read(self, peer: _Peer) -> None:
         for _ in range(READS_PER_PUMP):
@@ -298,12 +302,14 @@ class SandboxServer:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, identity: bytes, body: bytes) -> bool:
+    def send(self, identity: bytes, body: bytes, *, last: bool = False) -> bool:
         """Queue one single-frame message for the peer with this routing id; False when none
-        is connected (a ROUTER drops what it cannot route)."""
+        is connected (a ROUTER drops what it cannot route). `last`: close the connection once
+        it is written (the peer reads it before the end)."""
         peer = self.by_identity.get(identity)
-        if peer is None or peer.closed:
+        if peer is None or peer.closed or peer.closing:
             return False
+        peer.closing = last
         head = zmtp.frame_head(len(body))
         if peer.out:
             peer.out.extend((memoryview(head), memoryview(body)))
@@ -322,12 +328,9 @@ class SandboxServer:
             else:
                 peer.out.append(memoryview(body)[sent - len(head) :])
             self._watch(peer)
+        elif last:
+            self._close(peer)
         return True
-
-    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-        """`send` as the outbox calls a socket: frames are [routing id, body]."""
-        identity, body = frames
-        self.send(identity, body)
 
     def _flush(self, peer: _Peer) -> None:
         while peer.out:
@@ -342,7 +345,10 @@ class SandboxServer:
                 peer.out[0] = peer.out[0][sent:]
                 return
             peer.out.popleft()
-        self._watch(peer)
+        if peer.closing:
+            self._close(peer)
+        else:
+            self._watch(peer)
 
     # ------------------------------------------------------------------ connections
 

@@ -336,3 +336,32 @@ def test_a_peer_without_a_routing_id_gets_one_no_token_can_match(
     anon.send(b"who am i")
     [(rid, frames)] = take(server, 1)
     assert rid.startswith(b"\0") and frames == [b"who am i"]
+
+
+def test_a_last_message_is_written_whole_and_then_the_connection_ends(
+    server: SandboxServer,
+) -> None:
+    small, big = raw_dealer(server, b"small"), raw_dealer(server, b"big")
+    small.sendall(zmtp.frame(b"hi"))
+    big.sendall(zmtp.frame(b"hi"))
+    take(server, 2)
+    body = os.urandom(4 * 1024 * 1024)  # more than a socket buffer: written over several ticks
+    assert server.send(b"small", b"bye", last=True)
+    assert server.send(b"big", body, last=True)
+    assert not server.send(b"small", b"after the last")  # nothing follows a last message
+    for sock, want in ((small, b"bye"), (big, body)):
+        sock.settimeout(0)
+        data = bytearray()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            tick(server, 0.01)
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        handshake = len(zmtp.greeting() + zmtp.ready(b"ROUTER", b""))
+        assert bytes(data[handshake:]) == zmtp.frame(want)  # then the end of the stream
+    assert not server.by_fd  # both connections are gone from the server
