@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol import zmtp
 from protocol.codec import decode_from_activation, encode
@@ -365,3 +367,26 @@ def test_a_last_message_is_written_whole_and_then_the_connection_ends(
         handshake = len(zmtp.greeting() + zmtp.ready(b"ROUTER", b""))
         assert bytes(data[handshake:]) == zmtp.frame(want)  # then the end of the stream
     assert not server.by_fd  # both connections are gone from the server
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    prefix=st.sampled_from([b"", zmtp.greeting(), zmtp.greeting() + zmtp.ready(b"DEALER", b"x")]),
+    noise=st.binary(max_size=2048),
+)
+def test_any_bytes_from_a_peer_leave_the_server_serving_others(
+    server: SandboxServer, prefix: bytes, noise: bytes
+) -> None:
+    """Whatever a peer writes, the server neither raises nor stops serving a good peer."""
+    bad = raw_client(server)
+    bad.sendall(prefix + noise)
+    bad.close()
+    good = raw_dealer(server, b"good")
+    good.sendall(zmtp.frame(b"still here"))
+    got = take(server, 1) + settle(server, 3)
+    assert (b"good", [b"still here"]) in got
+    assert all(rid in (b"good", b"x") or rid.startswith(b"\0") for rid, _ in got)
+    good.close()
+    settle(server, 2)  # the server notices both closes before the next example
