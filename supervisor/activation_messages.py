@@ -177,6 +177,14 @@ class ActivationMessages:
             finally:
                 self.conn.execute("RELEASE message")
 
+    def admit(self, identity: bytes, uid: int) -> str | None:
+        """Why a connection from `uid` may not speak under this token, or None: the token of an
+        activation with a sandbox uid is good only from that uid (the sandbox server asks)."""
+        act = self.acts.get(identity.decode("ascii", "replace"))
+        if act is not None and act.uid is not None and uid != act.uid:
+            return f"a token of an activation running as uid {act.uid}, from uid {uid}"
+        return None
+
     def _fenced(self, act: Activation, mono: float) -> None:
         launcher.kill_group(act.pid)
         self.settle(act, outcome.FENCED, "the instance is no longer leased to it", mono)

@@ -232,6 +232,7 @@ class Supervisor(Operations):
             max_message=2 * MAX_SANDBOX,
             max_queued=SANDBOX_HWM,
             log=self.log,
+            admit=lambda identity, uid: self.messages.admit(identity, uid),
         )
         self.poller.register(self.client, zmq.POLLIN)
         self.poller.register(self.sandbox.fileno(), zmq.POLLIN)

@@ -16,6 +16,10 @@ What a peer can make it do is bounded, as libzmq's options bounded it (MAXMSGSIZ
 - at most `max_connections` are open at once, and `max_per_peer` per peer process (its uid
   when that is a sandbox uid, one per activation, else its pid): a tenant opening connections
   takes no one else's.
+
+`admit` lets the owner refuse a routing id to a peer by its uid as the kernel reports it: the
+supervisor lets only an activation's own sandbox uid speak under its token, so a token alone,
+leaked, is not enough.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +64,15 @@ class _Peer:
         "reading",
         "sock",
         "state",
+        "uid",
         "watched",
         "who",
     )
 
-    def __init__(self, sock: socket.socket, who: tuple[str, int], opened: float) -> None:
+    def __init__(self, sock: socket.socket, uid: int, who: tuple[str, int], opened: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.uid = uid  # as the kernel saw it connect (SO_PEERCRED)
         self.who = who  # ("uid", n) or ("pid", n): what its connections are counted by
         self.opened = opened
         self.state = GREETING
@@ -97,8 +104,12 @@ class SandboxServer:
         max_connections: int | None = None,
         max_per_peer: int = 4,
         handshake_s: float = 5.0,
+        admit: Callable[[bytes, int], str | None] | None = None,
     ) -> None:
+        """`admit(routing id, peer uid)`: why a peer with this uid may not use this routing id
+        (the kernel's word for its uid, not the peer's), or None."""
         self.path = path
+        self.admit = admit
         self.max_message = max_message
         self.max_queued = max_queued
         # A quarter of what the process may open: the rest is for pipes, the database, logs.
@@ -126,6 +137,7 @@ class SandboxServer:
         self.ready: deque[_Peer] = deque()  # peers with messages waiting, in turn
         self.generated = itertools.count(1)
         self.refused = 0  # connections closed at once: over a cap, or not ZMTP
+        self.refused_by: dict[str, int] = {}  # by kind
 
     def fileno(self) -> int:
         """Readable when a connection or the listening socket has something for `receive`."""
@@ -199,7 +211,7 @@ class SandboxServer:
                 self._refuse(sock, "too many connections", pid=pid, uid=uid)
                 continue
             sock.setblocking(False)
-            peer = _Peer(sock, who, now)
+            peer = _Peer(sock, uid, who, now)
             self.by_fd[peer.fd] = peer
             self.per_peer[who] = self.per_peer.get(who, 0) + 1
             self.handshaking[peer] = now
@@ -283,6 +295,9 @@ class SandboxServer:
                 identity = b"\x00" + next(self.generated).to_bytes(4, "big")
             if identity in self.by_identity:
                 raise zmtp.ZmtpError("a routing id already connected")
+            if self.admit is not None and (why := self.admit(identity, peer.uid)) is not None:
+                self._refuse_peer(peer, why, kind="not admitted")
+                return
             peer.identity, peer.state = identity, OPEN
             self.by_identity[identity] = peer
             del self.handshaking[peer]
@@ -375,20 +390,25 @@ class SandboxServer:
             return
         late = [p for p, opened in self.handshaking.items() if mono - opened > self.handshake_s]
         for peer in late:
-            self._refuse_peer(peer, "no handshake in time")
+            self._refuse_peer(peer, "no handshake in time", kind="handshake")
 
     def _refuse(self, sock: socket.socket, why: str, **fields: Any) -> None:
-        self._count_refused(why, **fields)
+        self._count_refused("over a cap", why, **fields)
         sock.close()
 
-    def _refuse_peer(self, peer: _Peer, why: str) -> None:
-        self._count_refused(why, token=peer.identity[:64].hex() or None)
+    def _refuse_peer(self, peer: _Peer, why: str, kind: str = "not ZMTP") -> None:
+        self._count_refused(kind, why, token=peer.identity[:64].hex() or None, uid=peer.uid)
         self._close(peer)
 
-    def _count_refused(self, why: str, **fields: Any) -> None:
+    def _count_refused(self, kind: str, why: str, **fields: Any) -> None:
+        """Log a refusal once for each kind, then every 1000th: a flood of one kind hides no
+        other, and what a peer writes cannot make more kinds."""
         self.refused += 1
-        if self.refused == 1 or self.refused % 1000 == 0:  # said once, then now and then
-            self.log.warning("sandbox.connection_refused", reason=why, count=self.refused, **fields)
+        seen = self.refused_by[kind] = self.refused_by.get(kind, 0) + 1
+        if seen == 1 or seen % 1000 == 0:
+            self.log.warning(
+                "sandbox.connection_refused", kind=kind, reason=why, count=seen, **fields
+            )
 
     def _close(self, peer: _Peer) -> None:
         """Close the connection. Messages it sent before are still delivered."""

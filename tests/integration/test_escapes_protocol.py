@@ -4,13 +4,17 @@ tenant's own status, list and history must keep answering (never INTERNAL)."""
 
 from __future__ import annotations
 
+import socket
 import textwrap
 from typing import Any
 
 import pytest
 
+from protocol import zmtp
+from protocol.codec import encode
+from protocol.messages import StepResult
 from stepvisor.client import StepVisorError
-from tests.conftest import deploy_source
+from tests.conftest import deploy_source, wait_for
 from tests.integration.arena import Arena
 
 # Runs its payload's code in the workflow body, outside any step: that is where the runtime
@@ -139,3 +143,53 @@ def test_a_forged_inspection_fails_the_deploy(arena: Arena, workflows: str, why:
     with pytest.raises(StepVisorError) as nope:
         arena.client.create("evil", "ghost", id="g")
     assert nope.value.code == "UNKNOWN_WORKFLOW"
+
+
+def test_a_leaked_token_is_no_good_from_another_uid(arena: Arena) -> None:
+    """A step leaks its own token and drops its connection, then waits. A process of another uid
+    (this test's) connects under the token and forges the step's result: the supervisor refuses
+    the connection by the uid the kernel reports, and journals nothing of it."""
+    arena.need("uid")
+    arena.client.create(
+        "evil",
+        "attack",
+        {
+            "code": textwrap.dedent(
+                """
+                import gc, time
+                (channel,) = [o for o in gc.get_objects() if type(o).__name__ == "Channel"]
+                print("TOKEN", channel.token, flush=True)
+                channel.sock.close()  # the token's routing id is free again
+                time.sleep(params["wait_s"])
+                result = "slept"
+                """
+            ),
+            "wait_s": 20,
+        },
+        id="leak",
+    )
+    wait_for(
+        lambda: arena.daemon.events("tenant.output", tenant="evil", instance="leak"), 30, "token"
+    )
+    (line,) = arena.daemon.events("tenant.output", tenant="evil", instance="leak")
+    token = line["line"].split()[1].encode()
+    path = arena.daemon.run_dir / "sandbox.sock"
+    forged = zmtp.frame(encode(StepResult(seq=0, ok=True, value=b'"forged"')))
+
+    def refused_by_uid() -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(zmtp.greeting() + zmtp.ready(b"DEALER", token) + forged)
+        while sock.recv(65536):  # the supervisor's greeting, then the end
+            pass
+        sock.close()
+        return any(
+            e["kind"] == "not admitted" for e in arena.daemon.events("sandbox.connection_refused")
+        )
+
+    wait_for(refused_by_uid, 30, "the connection refused by its uid")
+    arena.client.terminate("evil", "leak")
+    st = arena.client.wait("evil", "leak", timeout_s=60)
+    assert st["output"] != "forged" and st["status"] == "terminated", st
+    assert all(e.get("result") != "forged" for e in arena.client.history("evil", "leak")["entries"])

@@ -390,3 +390,30 @@ def test_any_bytes_from_a_peer_leave_the_server_serving_others(
     assert all(rid in (b"good", b"x") or rid.startswith(b"\0") for rid, _ in got)
     good.close()
     settle(server, 2)  # the server notices both closes before the next example
+
+
+def test_admit_refuses_a_routing_id_by_the_uid_the_kernel_reports(
+    tmp_path: Path, log: Recorder
+) -> None:
+    """The supervisor passes `admit`: a token is good only from its activation's sandbox uid.
+    The uid is the kernel's (SO_PEERCRED), whatever the peer claims."""
+    asked: list[tuple[bytes, int]] = []
+
+    def admit(identity: bytes, uid: int) -> str | None:
+        asked.append((identity, uid))
+        return "not from this uid" if identity == b"theirs" else None
+
+    srv = SandboxServer(
+        tmp_path / "s.sock", mode=0o600, max_message=MAX_MESSAGE, max_queued=4, log=log,
+        admit=admit,
+    )  # fmt: skip
+    try:
+        theirs, ours = raw_dealer(srv, b"theirs"), raw_dealer(srv, b"ours")
+        theirs.sendall(zmtp.frame(b"forged"))
+        ours.sendall(zmtp.frame(b"fine"))
+        assert take(srv, 1) + settle(srv, 3) == [(b"ours", [b"fine"])]
+        assert closed_by_server(theirs, srv)
+        assert "not from this uid" in log.reasons()
+        assert sorted(asked) == [(b"ours", os.geteuid()), (b"theirs", os.geteuid())]
+    finally:
+        srv.close()
